@@ -1,0 +1,37 @@
+"""``icegrt``: the command-line entry point; subcommands live in ``icegrt_jax.commands``.
+
+Any ``UserInputError`` (bad file, flag, config key, tensor) becomes one line on stderr and exit
+code 2; argparse usage errors also exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from icegrt_jax.errors import UserInputError
+
+EXIT_USAGE = 2
+COMMANDS = ("convert", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icegrt", description="ICE-GRT in JAX: SFT, reward model, PPO.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"icegrt_jax.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserInputError as e:
+        print(f"icegrt {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``icegrt`` subcommand, each exposing ``register(subparsers)``."""

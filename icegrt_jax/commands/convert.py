@@ -1,0 +1,40 @@
+"""``icegrt convert SRC OUT``: HF safetensors directory <-> project (Orbax) checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("convert", help="HF safetensors <-> project (Orbax) checkpoint")
+    parser.add_argument("src", help="an HF LLaMA directory or a project checkpoint directory")
+    parser.add_argument("out", help="output directory (written atomically)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="parameter dtype to store")
+    parser.add_argument("--tokenizer", help="directory whose tokenizer files to copy (default: src's)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="HF shard size limit")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """The direction is auto-detected: a project checkpoint goes to HF, anything else comes from HF."""
+    from icegrt_jax import checkpoint, hf
+
+    overrides = {"param_dtype": args.dtype} if args.dtype else {}
+    tokenizer = args.tokenizer or (args.src if _has_tokenizer(args.src) else None)
+    if checkpoint.is_project_checkpoint(args.src):
+        cfg, params = checkpoint.load_model(args.src, **overrides)
+        hf.save_hf(cfg, params, args.out, tokenizer=tokenizer, progress=True,
+                   max_shard_size=int(args.max_shard_gb * 1024**3))
+        kind = "HF"
+    else:
+        cfg, params = hf.load_hf(args.src, progress=True, **overrides)
+        checkpoint.save_model(cfg, params, args.out, tokenizer=tokenizer)
+        kind = "project"
+    print(f"wrote {kind} checkpoint {args.out} ({cfg.num_params():,} parameters, {cfg.param_dtype})")
+    return 0
+
+
+def _has_tokenizer(path: str) -> bool:
+    from icegrt_jax.hf import TOKENIZER_FILES
+
+    return any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)

@@ -1,0 +1,303 @@
+"""HuggingFace LLaMA checkpoints (safetensors) <-> our parameters, through one declarative table.
+
+Each row of ``NAME_TABLE`` maps an HF tensor name (a regex; ``(\\d+)`` is the layer index) to our
+parameter path and a layout transform. Layer tensors are stacked on our leading ``layers`` axis.
+HF stores ``nn.Linear`` weights as [out, in]; we store ``x @ W`` kernels with heads split out.
+HF's q/k projections are already in the rotate-half RoPE layout we use, so no permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from icegrt_jax.errors import UserInputError
+from icegrt_jax.models.llama import DTYPES, ModelConfigError, Llama, LlamaConfig
+from icegrt_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+# Buffers some LLaMA-1 conversions saved; they are recomputed, never loaded.
+IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+class CheckpointError(UserInputError):
+    """An HF checkpoint directory we cannot load (missing files, tensors or wrong shapes)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A pair of inverse transforms between the HF tensor and our parameter (per layer)."""
+
+    to_ours: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+    to_hf: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+
+
+IDENTITY = Layout(lambda w, c: w, lambda w, c: w)
+TRANSPOSE = Layout(lambda w, c: w.T, lambda w, c: w.T)
+Q_HEADS = Layout(  # [N*D, H] <-> [H, N, D]
+    lambda w, c: w.T.reshape(c.hidden_size, c.num_heads, c.head_dim),
+    lambda w, c: w.reshape(c.hidden_size, -1).T,
+)
+KV_HEADS = Layout(  # [K*D, H] <-> [H, K, D]
+    lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim),
+    lambda w, c: w.reshape(c.hidden_size, -1).T,
+)
+O_HEADS = Layout(  # [H, N*D] <-> [N, D, H]
+    lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+    lambda w, c: w.reshape(-1, c.hidden_size).T,
+)
+
+_LAYER = r"model\.layers\.(\d+)\."
+NAME_TABLE: tuple[tuple[str, tuple[str, ...], Layout], ...] = (
+    (r"model\.embed_tokens\.weight", ("embed",), IDENTITY),
+    (r"model\.norm\.weight", ("final_norm",), IDENTITY),
+    (r"lm_head\.weight", ("lm_head",), TRANSPOSE),
+    (_LAYER + r"input_layernorm\.weight", ("layers", "attn_norm"), IDENTITY),
+    (_LAYER + r"self_attn\.q_proj\.weight", ("layers", "wq"), Q_HEADS),
+    (_LAYER + r"self_attn\.k_proj\.weight", ("layers", "wk"), KV_HEADS),
+    (_LAYER + r"self_attn\.v_proj\.weight", ("layers", "wv"), KV_HEADS),
+    (_LAYER + r"self_attn\.o_proj\.weight", ("layers", "wo"), O_HEADS),
+    (_LAYER + r"post_attention_layernorm\.weight", ("layers", "mlp_norm"), IDENTITY),
+    (_LAYER + r"mlp\.gate_proj\.weight", ("layers", "w_gate"), TRANSPOSE),
+    (_LAYER + r"mlp\.up_proj\.weight", ("layers", "w_up"), TRANSPOSE),
+    (_LAYER + r"mlp\.down_proj\.weight", ("layers", "w_down"), TRANSPOSE),
+)
+
+
+def hf_name(pattern: str, layer: int | None) -> str:
+    """Concrete HF tensor name of a table pattern (layer index substituted)."""
+    name = pattern.replace(r"(\d+)", str(layer)) if layer is not None else pattern
+    return name.replace("\\", "")
+
+
+def expected_hf_tensors(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], Layout, int | None]]:
+    """Every HF tensor name the config implies -> (our path, layout, layer index or None)."""
+    expected = {}
+    for pattern, path, layout in NAME_TABLE:
+        if path == ("lm_head",) and cfg.tie_word_embeddings:
+            continue
+        layers = range(cfg.num_layers) if path[0] == "layers" else [None]
+        for layer in layers:
+            expected[hf_name(pattern, layer)] = (path, layout, layer)
+    return expected
+
+
+# --- params <-> pure dicts --------------------------------------------------------------------
+
+def abstract_model(cfg: LlamaConfig):
+    """(graphdef, abstract state) of ``Llama(cfg)`` without allocating anything."""
+    return nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
+
+
+def params_from_pure_dict(cfg: LlamaConfig, pure: dict) -> nnx.State:
+    """An ``nnx.State`` for ``Llama(cfg)`` holding the arrays of ``pure``."""
+    _, state = abstract_model(cfg)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def model_from_params(cfg: LlamaConfig, params: nnx.State) -> Llama:
+    """Rebuild the NNX module from its parameters (``nnx.merge`` with an abstract graphdef)."""
+    graphdef, _ = abstract_model(cfg)
+    return nnx.merge(graphdef, params)
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+# --- load ----------------------------------------------------------------------------------
+
+def _tensor_index(path: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file, from the index (sharded) or the single file."""
+    index_path = os.path.join(path, SAFE_INDEX)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index_path}: corrupted index (expected a 'weight_map' object)") from None
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    single = os.path.join(path, SAFE_SINGLE)
+    if os.path.exists(single):
+        return {name: single for name in SafetensorsFile(single).keys()}
+    found = ", ".join(sorted(os.listdir(path))) or "nothing"
+    raise CheckpointError(
+        f"{path}: no {SAFE_SINGLE} or {SAFE_INDEX} (found: {found}); only safetensors weights are loaded"
+    )
+
+
+def _check_names(path: str, found: set[str], expected: set[str]):
+    missing = sorted(expected - found)
+    unexpected = sorted(n for n in found - expected if not IGNORED_TENSORS.fullmatch(n))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensors: {', '.join(unexpected)}")
+
+
+def _open_and_check_shapes(cfg, index, expected, pure) -> dict[str, SafetensorsFile]:
+    """Open every shard and check every tensor's shape before any data is read."""
+    files: dict[str, SafetensorsFile] = {}
+    for name, (ours, layout, layer) in expected.items():
+        file = index[name]
+        if file not in files:
+            if not os.path.exists(file):
+                raise CheckpointError(f"{file}: shard named in the index is missing")
+            files[file] = SafetensorsFile(file)
+        if name not in files[file].keys():
+            raise CheckpointError(f"{file}: missing tensor {name} (listed in the index)")
+        target = _get(pure, ours)
+        slot_shape = target.shape[1:] if layer is not None else target.shape
+        want = tuple(layout.to_hf(np.empty(slot_shape, np.int8), cfg).shape)
+        got = tuple(files[file].shape(name))
+        if got != want:
+            raise CheckpointError(f"{file}: tensor {name} has shape {got}, expected {want}")
+    return files
+
+
+def load_hf_config(path: str, **overrides) -> LlamaConfig:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory")
+    return LlamaConfig.from_json_file(os.path.join(path, "config.json"), **overrides)
+
+
+def load_hf(path: str, progress: bool = False, **config_overrides) -> tuple[LlamaConfig, nnx.State]:
+    """Load an HF LLaMA directory (config.json + safetensors, single or sharded) -> (config, params).
+
+    Tensors are memory-mapped and copied one at a time into the stacked layout. Parameters keep
+    the checkpoint's ``torch_dtype`` unless ``param_dtype`` is overridden.
+    """
+    cfg = load_hf_config(path, **config_overrides)
+    index = _tensor_index(path)
+    expected = expected_hf_tensors(cfg)
+    _check_names(path, set(index), set(expected))
+    _, abstract = abstract_model(cfg)
+    pure = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), nnx.to_pure_dict(abstract))
+    files = _open_and_check_shapes(cfg, index, expected, pure)
+    for name in tqdm(sorted(expected), desc=f"load {os.path.basename(path)}", disable=not progress):
+        ours, layout, layer = expected[name]
+        target = _get(pure, ours)
+        value = layout.to_ours(files[index[name]].get(name), cfg).astype(target.dtype)
+        if layer is None:
+            target[...] = value
+        else:
+            target[layer] = value
+    return cfg, params_from_pure_dict(cfg, jax.tree.map(jnp.asarray, pure))
+
+
+# --- save ----------------------------------------------------------------------------------
+
+def hf_tensors(cfg: LlamaConfig, params: nnx.State) -> dict[str, np.ndarray]:
+    """Our parameters as HF-named numpy tensors (the table read backwards), dtype kept."""
+    pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+    out = {}
+    for name, (ours, layout, layer) in expected_hf_tensors(cfg).items():
+        value = np.asarray(_get(pure, ours))
+        value = value if layer is None else value[layer]
+        out[name] = np.ascontiguousarray(layout.to_hf(value, cfg))
+    return out
+
+
+def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[list[str]]:
+    shards, current, size = [], [], 0
+    for name in sorted(tensors, key=_natural_key):
+        nbytes = tensors[name].nbytes
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    return shards + [current]
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def save_tokenizer_files(tokenizer, directory: str):
+    if isinstance(tokenizer, (str, os.PathLike)):
+        for file in TOKENIZER_FILES:
+            src = os.path.join(tokenizer, file)
+            if os.path.exists(src):
+                shutil.copy(src, directory)
+    else:
+        tokenizer.save_pretrained(directory)
+
+
+def atomic_directory(path: str, write: Callable[[str], None]):
+    """Run ``write(tmp_dir)`` then move tmp_dir to ``path``; on failure nothing is left at ``path``."""
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        old = f"{path}.old-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def save_hf(cfg: LlamaConfig, params, path: str, tokenizer=None, max_shard_size: int = 5 * 1024**3,
+            progress: bool = False):
+    """Write an HF ``LlamaForCausalLM`` directory: safetensors (sharded + index when larger than
+    ``max_shard_size`` bytes), config.json, generation_config.json, tokenizer files when given."""
+    tensors = hf_tensors(cfg, params)
+    dtypes = {str(t.dtype) for t in tensors.values()}
+    stored_dtype = dtypes.pop() if len(dtypes) == 1 else None
+    saved_cfg = cfg.replace(param_dtype=stored_dtype) if stored_dtype in DTYPES else cfg
+
+    def write(tmp: str):
+        shards = _shards(tensors, max_shard_size)
+        weight_map = {}
+        for i, names in enumerate(tqdm(shards, desc="save shards", disable=not progress)):
+            file = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(os.path.join(tmp, file), {n: tensors[n] for n in names})
+            weight_map.update({n: file for n in names})
+        if len(shards) > 1:
+            total = sum(t.nbytes for t in tensors.values())
+            write_json(os.path.join(tmp, SAFE_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(os.path.join(tmp, "config.json"), saved_cfg.to_hf_dict())
+        write_json(os.path.join(tmp, "generation_config.json"), {
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+            "pad_token_id": cfg.pad_token_id, "_from_model_config": True,
+        })
+        if tokenizer is not None:
+            save_tokenizer_files(tokenizer, tmp)
+
+    atomic_directory(path, write)
+
+
+def write_json(path: str, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+__all__ = [
+    "CheckpointError", "ModelConfigError", "SafetensorsError", "NAME_TABLE", "load_hf", "load_hf_config",
+    "save_hf", "hf_tensors", "model_from_params", "params_from_pure_dict", "abstract_model",
+    "atomic_directory",
+]

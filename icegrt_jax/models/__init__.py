@@ -1,0 +1,1 @@
+"""Model definitions: the LLaMA decoder and its scalar-head variant."""

@@ -1,0 +1,400 @@
+"""LLaMA decoder in Flax NNX with a functional KV cache.
+
+Numerically follows transformers' ``LlamaForCausalLM``: RMSNorm computed in fp32, RoPE in the
+rotate-half layout, SwiGLU MLP, grouped-query attention. Layer parameters are stacked along a
+leading ``layers`` axis, so the same parameters run either under ``jax.lax.scan`` (compile time
+flat in depth) or as an unrolled Python loop (``scan_layers=False``).
+
+Attention masking is driven by one rule for every mode (full forward, prefill, decode):
+query slot ``q`` may attend key slot ``k`` iff ``k <= q`` and ``key_mask[k] == 1``. Without a cache
+the slots are the token positions; with a cache they are cache slots, and the caller passes the
+mask over all cache slots. Position ids are ``cumsum(key_mask) - 1`` read at the query slots, so
+left padding needs no special handling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from icegrt_jax.errors import UserInputError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+class ModelConfigError(UserInputError):
+    """A model configuration that we cannot build or do not support."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture and precision of a LLaMA model (names follow HF ``config.json``)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ModelConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}"
+            )
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ModelConfigError(f"{field} must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ModelConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count: embeddings, L x (attention + MLP + 2 norms), final norm, LM head."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
+        layer = attn + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else h * self.vocab_size
+        return self.vocab_size * h + self.num_layers * layer + h + head
+
+    # --- HF config.json ------------------------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``config.json`` transformers writes for ``LlamaForCausalLM``."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.param_dtype,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> "LlamaConfig":
+        """Build from an HF ``config.json`` dict; unsupported features raise ``ModelConfigError``."""
+        arch = hf.get("architectures") or [hf.get("model_type", "?")]
+        if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+            raise ModelConfigError(
+                f"{source}: unsupported architecture {arch[0]!r} (model_type {hf.get('model_type')!r}); "
+                "only LlamaForCausalLM is supported"
+            )
+        for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if hf.get(key, expected) != expected:
+                raise ModelConfigError(f"{source}: unsupported {key}={hf[key]!r} (expected {expected!r})")
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = hf.get(key) or {}
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise ModelConfigError(f"{source}: unsupported {key} {rope!r} (only default RoPE)")
+        try:
+            heads = hf["num_attention_heads"]
+            head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+            if head_dim * heads != hf["hidden_size"]:
+                raise ModelConfigError(f"{source}: head_dim {head_dim} x heads {heads} != hidden_size")
+            rope_params = hf.get("rope_parameters") or {}
+            fields = dict(
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=hf.get("num_key_value_heads") or heads,
+                rope_theta=float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                bos_token_id=_first_id(hf.get("bos_token_id")),
+                eos_token_id=_first_id(hf.get("eos_token_id")),
+                pad_token_id=_first_id(hf.get("pad_token_id")),
+            )
+        except KeyError as missing:
+            raise ModelConfigError(f"{source}: missing key {missing}") from None
+        dtype = hf.get("torch_dtype") or hf.get("dtype")
+        if dtype in DTYPES:
+            fields["param_dtype"] = dtype
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def from_json_file(cls, path: str, **overrides) -> "LlamaConfig":
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except FileNotFoundError:
+            raise ModelConfigError(f"{path}: not found (expected an HF config.json)") from None
+        except json.JSONDecodeError as e:
+            raise ModelConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        return cls.from_hf_dict(hf, source=path, **overrides)
+
+
+def _first_id(token_id):
+    """HF allows a list of eos ids; the model config keeps the first (the sampler takes all)."""
+    return token_id[0] if isinstance(token_id, list) and token_id else token_id
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4,
+        num_kv_heads=2, max_position_embeddings=512,
+    ),
+    "bench-small": LlamaConfig(
+        vocab_size=8000, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
+        num_kv_heads=4, max_position_embeddings=2048,
+    ),
+    "llama-7b": LlamaConfig(),
+    "llama-13b": LlamaConfig(
+        hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40
+    ),
+    "llama2-7b": LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama2-13b": LlamaConfig(
+        hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40,
+        max_position_embeddings=4096, rms_norm_eps=1e-5,
+    ),
+    "llama2-70b": LlamaConfig(
+        hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
+        max_position_embeddings=4096, rms_norm_eps=1e-5,
+    ),
+    "vicuna-7b-v1.5": LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0),
+    "vicuna-13b-v1.5": LlamaConfig(
+        hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+    """A named architecture (``tiny`` for tests; LLaMA-1/2 and Vicuna v1.5 sizes)."""
+    if name not in PRESETS:
+        raise ModelConfigError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+def _param(rngs: nnx.Rngs, shape, axes, cfg: LlamaConfig, init="normal", fan_in=None):
+    """A parameter of ``param_dtype`` carrying its logical axis names (no eager sharding)."""
+    dtype = DTYPES[cfg.param_dtype]
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        std = 0.02 if fan_in is None else fan_in ** -0.5
+        value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)).astype(dtype)
+    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked on a leading ``layers`` axis.
+
+    Kernels are stored as ``x @ W`` with heads split out: wq [L, H, N, D], wk/wv [L, H, K, D],
+    wo [L, N, D, H], w_gate/w_up [L, H, I], w_down [L, I, H].
+    """
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        L, H, I, D = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        N, K = cfg.num_heads, cfg.num_kv_heads
+        self.attn_norm = _param(rngs, (L, H), ("layers", "norm"), cfg, "ones")
+        self.wq = _param(rngs, (L, H, N, D), ("layers", "embed", "heads", "head_dim"), cfg, fan_in=H)
+        self.wk = _param(rngs, (L, H, K, D), ("layers", "embed", "kv_heads", "head_dim"), cfg, fan_in=H)
+        self.wv = _param(rngs, (L, H, K, D), ("layers", "embed", "kv_heads", "head_dim"), cfg, fan_in=H)
+        self.wo = _param(rngs, (L, N, D, H), ("layers", "heads", "head_dim", "embed"), cfg, fan_in=N * D)
+        self.mlp_norm = _param(rngs, (L, H), ("layers", "norm"), cfg, "ones")
+        self.w_gate = _param(rngs, (L, H, I), ("layers", "embed", "mlp"), cfg, fan_in=H)
+        self.w_up = _param(rngs, (L, H, I), ("layers", "embed", "mlp"), cfg, fan_in=H)
+        self.w_down = _param(rngs, (L, I, H), ("layers", "mlp", "embed"), cfg, fan_in=I)
+
+
+class Llama(nnx.Module):
+    """LLaMA causal LM. ``__call__`` returns ``(logits, new_cache)``; see the module docstring."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        self.layers = DecoderLayers(cfg, rngs)
+        self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), cfg, "ones")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(
+                rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, fan_in=cfg.hidden_size
+            )
+
+    def lm_head_kernel(self) -> jax.Array:
+        """[hidden, vocab] output projection (the transposed embedding when tied)."""
+        return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+    def hidden_states(self, tokens, key_mask, cache=None, cache_index=0):
+        """Final-norm hidden states [B, T, H] and the updated cache."""
+        return decoder_forward(self.cfg, self.embed[...], self.layers, self.final_norm[...],
+                               tokens, key_mask, cache, cache_index)
+
+    def __call__(self, tokens, key_mask, cache=None, cache_index=0):
+        hidden, cache = self.hidden_states(tokens, key_mask, cache, cache_index)
+        kernel = self.lm_head_kernel().astype(self.cfg.compute_dtype)
+        logits = jnp.einsum("bth,hv->btv", hidden, kernel, preferred_element_type=jnp.float32)
+        return logits, cache
+
+
+# --- pure building blocks ---------------------------------------------------------------------
+
+def rms_norm(x, weight, eps):
+    """y = w * x / sqrt(mean(x^2) + eps), statistics in fp32, result in x's dtype (as HF)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """cos, sin [B, T, D] of angle p * theta^(-2i/D), duplicated over both halves (HF layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1]; x is [B, T, heads, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def attention(q, k, v, allowed):
+    """Grouped-query softmax(q k^T / sqrt(D)) v without repeating k/v heads.
+
+    q [B, T, N, D]; k, v [B, S, K, D]; allowed [B, T, S] bool. Scores and softmax in fp32.
+    """
+    B, T, N, D = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (D ** -0.5)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, N, D).astype(q.dtype)
+
+
+def attention_mask_and_positions(key_mask, num_queries, offset):
+    """``allowed[b, t, s] = s <= offset + t and key_mask[b, s]``; positions = cumsum(mask) - 1."""
+    key_mask = key_mask.astype(jnp.bool_)
+    q_slots = offset + jnp.arange(num_queries)
+    k_slots = jnp.arange(key_mask.shape[1])
+    allowed = (k_slots[None, :] <= q_slots[:, None])[None] & key_mask[:, None, :]
+    positions_all = jnp.cumsum(key_mask, axis=1) - 1
+    positions = jax.lax.dynamic_slice_in_dim(positions_all, offset, num_queries, axis=1)
+    return allowed, jnp.maximum(positions, 0)
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=None):
+    """Empty KV cache: k, v [L, B, S, kv_heads, D] (kv heads only, never repeated)."""
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.compute_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _decoder_layer(cfg: LlamaConfig, w, x, cos, sin, allowed, layer_cache, cache_index):
+    """One pre-norm block: x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x))."""
+    dt = cfg.compute_dtype
+    h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("bth,hnd->btnd", h, w["wq"].astype(dt))
+    k = jnp.einsum("bth,hkd->btkd", h, w["wk"].astype(dt))
+    v = jnp.einsum("bth,hkd->btkd", h, w["wv"].astype(dt))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if layer_cache is not None:
+        k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, 1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 1)
+        layer_cache = {"k": k_all, "v": v_all}
+        k, v = k_all.astype(dt), v_all.astype(dt)
+    attn = attention(q, k, v, allowed)
+    x = x + jnp.einsum("btnd,ndh->bth", attn, w["wo"].astype(dt))
+    h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("bth,hi->bti", h, w["w_gate"].astype(dt))
+    up = jnp.einsum("bth,hi->bti", h, w["w_up"].astype(dt))
+    x = x + jnp.einsum("bti,ih->bth", jax.nn.silu(gate) * up, w["w_down"].astype(dt))
+    return x, layer_cache
+
+
+def _remat(cfg: LlamaConfig, fn):
+    if cfg.remat == "full":
+        return jax.checkpoint(fn, static_argnums=(0,))
+    if cfg.remat == "dots":
+        policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+        return jax.checkpoint(fn, policy=policy, static_argnums=(0,))
+    return fn
+
+
+def decoder_forward(cfg, embed, layers: DecoderLayers, final_norm, tokens, key_mask, cache, cache_index):
+    """Embeddings -> L decoder layers (scanned or unrolled) -> final RMSNorm.
+
+    tokens [B, T]; key_mask [B, S] over keys (S = T without cache, cache size with one);
+    cache_index: the cache slot of tokens[:, 0].
+    """
+    if cache is None and key_mask.shape[1] != tokens.shape[1]:
+        raise ValueError(f"key_mask {key_mask.shape} must match tokens {tokens.shape} without a cache")
+    offset = 0 if cache is None else cache_index
+    allowed, positions = attention_mask_and_positions(key_mask, tokens.shape[1], offset)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    x = jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype)
+    weights = {name: var[...] for name, var in vars(layers).items() if isinstance(var, nnx.Param)}
+    layer_fn = _remat(cfg, _decoder_layer)
+
+    def body(x, per_layer):
+        w, layer_cache = per_layer
+        x, layer_cache = layer_fn(cfg, w, x, cos, sin, allowed, layer_cache, cache_index)
+        return x, layer_cache
+
+    if cfg.scan_layers:
+        x, cache = jax.lax.scan(body, x, (weights, cache))
+    else:
+        outputs = []
+        for i in range(cfg.num_layers):
+            layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+            x, layer_cache = body(x, (jax.tree.map(lambda p: p[i], weights), layer_cache))
+            outputs.append(layer_cache)
+        cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outputs)
+    return rms_norm(x, final_norm, cfg.rms_norm_eps), cache

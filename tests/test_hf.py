@@ -1,0 +1,182 @@
+"""HF import/export: round trips, transformers loading our output, and clear errors on bad input."""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from helpers import hf_logits, left_padded_batch, make_hf_llama
+from icegrt_jax import cli
+from icegrt_jax.checkpoint import load_model, load_model_dir, save_model
+from icegrt_jax.hf import CheckpointError, load_hf, model_from_params, save_hf
+from icegrt_jax.models.llama import ModelConfigError
+from icegrt_jax.safetensors_io import SafetensorsError, SafetensorsFile
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    make_hf_llama(path, heads=4, kv_heads=2, tied=False)
+    return path
+
+
+def _leaves_equal_bitwise(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+@pytest.mark.parametrize("max_shard_size", [5 * 1024**3, 40_000])
+def test_export_loads_in_transformers_and_roundtrips_bitwise(hf_dir, tmp_path, max_shard_size):
+    cfg, params = load_hf(str(hf_dir))
+    out = tmp_path / "export"
+    save_hf(cfg, params, str(out), max_shard_size=max_shard_size)
+    files = os.listdir(out)
+    assert ("model.safetensors.index.json" in files) == (max_shard_size < 1e6)
+    assert {"config.json", "generation_config.json"} <= set(files)
+
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    ids, mask = left_padded_batch([7, 2], total=7, vocab=cfg.vocab_size, seed=3)
+    ours, _ = model_from_params(cfg, params)(jnp.asarray(ids), jnp.asarray(mask))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[valid], hf_logits(reloaded, ids, mask)[valid], atol=1e-4, rtol=0)
+
+    cfg2, params2 = load_hf(str(out))
+    assert cfg2 == cfg
+    _leaves_equal_bitwise(params, params2)
+
+
+def test_bf16_checkpoint_keeps_dtype(tmp_path):
+    src = tmp_path / "bf16"
+    make_hf_llama(src, dtype=torch.bfloat16, tied=True)
+    cfg, params = load_hf(str(src))
+    assert cfg.param_dtype == "bfloat16"
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    save_hf(cfg, params, str(tmp_path / "out"))
+    original = SafetensorsFile(str(src / "model.safetensors"))
+    exported = SafetensorsFile(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(original.keys()) == sorted(exported.keys())
+    for name in original.keys():
+        assert np.array_equal(original.get(name).view(np.uint16), exported.get(name).view(np.uint16)), name
+
+
+def test_project_checkpoint_roundtrip_and_cli_convert(hf_dir, tmp_path, capsys):
+    assert cli.main(["convert", str(hf_dir), str(tmp_path / "ours")]) == 0
+    assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    cfg, params = load_hf(str(hf_dir))
+    cfg_ours, params_ours = load_model(str(tmp_path / "ours"))
+    assert cfg_ours == cfg
+    _leaves_equal_bitwise(params, params_ours)
+    _leaves_equal_bitwise(params, load_model_dir(str(tmp_path / "back"))[1])
+    assert cli.main(["convert", str(hf_dir), str(tmp_path / "half"), "--dtype", "bfloat16"]) == 0
+    cfg_half, params_half = load_model_dir(str(tmp_path / "half"))
+    assert cfg_half.param_dtype == "bfloat16"
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params_half))
+
+
+def test_save_model_is_atomic_on_failure(hf_dir, tmp_path):
+    cfg, params = load_hf(str(hf_dir))
+
+    class Boom:
+        def save_pretrained(self, directory):
+            raise RuntimeError("tokenizer failed")
+
+    with pytest.raises(RuntimeError):
+        save_model(cfg, params, str(tmp_path / "ckpt"), tokenizer=Boom())
+    assert os.listdir(tmp_path) == []
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def _copy(hf_dir, tmp_path) -> str:
+    dst = tmp_path / "bad"
+    shutil.copytree(hf_dir, dst)
+    return str(dst)
+
+
+def _edit_config(path, **changes):
+    cfg_path = os.path.join(path, "config.json")
+    data = json.load(open(cfg_path))
+    data.update(changes)
+    json.dump(data, open(cfg_path, "w"))
+
+
+def _rewrite_tensors(path, edit):
+    from icegrt_jax.safetensors_io import write_safetensors
+
+    file = os.path.join(path, "model.safetensors")
+    st = SafetensorsFile(file)
+    tensors = {name: np.array(st.get(name)) for name in st.keys()}
+    del st
+    edit(tensors)
+    write_safetensors(file, tensors)
+
+
+def _truncate(path):
+    file = os.path.join(path, "model.safetensors")
+    size = os.path.getsize(file)
+    with open(file, "r+b") as f:
+        f.truncate(size - 1000)
+
+
+def _corrupt_header(path):
+    file = os.path.join(path, "model.safetensors")
+    with open(file, "r+b") as f:
+        f.seek(8)
+        f.write(b"\xff\xfe{{{")
+
+
+def _bad_header_length(path):
+    with open(os.path.join(path, "model.safetensors"), "r+b") as f:
+        f.write(struct.pack("<Q", 10**12))
+
+
+BAD_INPUTS = {
+    "missing config": (lambda p: os.remove(os.path.join(p, "config.json")), ModelConfigError, r"config\.json: not found"),
+    "architecture": (lambda p: _edit_config(p, model_type="mistral", architectures=["MistralForCausalLM"]),
+                     ModelConfigError, "unsupported architecture 'MistralForCausalLM'"),
+    "missing tensor": (lambda p: _rewrite_tensors(p, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+                       CheckpointError, r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"),
+    "unexpected tensor": (lambda p: _rewrite_tensors(p, lambda t: t.update({"model.extra.weight": np.zeros(3, np.float32)})),
+                          CheckpointError, r"unexpected tensors: model\.extra\.weight"),
+    "shape": (lambda p: _rewrite_tensors(p, lambda t: t.update({"model.norm.weight": np.ones(65, np.float32)})),
+              CheckpointError, r"model\.norm\.weight has shape \(65,\), expected \(64,\)"),
+    "truncated": (_truncate, SafetensorsError, "truncated file"),
+    "corrupted": (_corrupt_header, SafetensorsError, "corrupted header"),
+    "header length": (_bad_header_length, SafetensorsError, "truncated or corrupted"),
+    "no weights": (lambda p: os.remove(os.path.join(p, "model.safetensors")), CheckpointError,
+                   "only safetensors weights are loaded"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_checkpoint_raises_clear_error_and_cli_exits_2(hf_dir, tmp_path, capsys, case):
+    damage, error, message = BAD_INPUTS[case]
+    src = _copy(hf_dir, tmp_path)
+    damage(src)
+    with pytest.raises(error, match=message):
+        load_hf(src)
+    capsys.readouterr()
+    out = tmp_path / "converted"
+    assert cli.main(["convert", src, str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err
+    assert not out.exists() and not any(p.name.startswith("converted") for p in tmp_path.iterdir())
+
+
+def test_console_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "icegrt_jax.cli", "convert", str(tmp_path / "nope"), str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "not a directory" in result.stderr
