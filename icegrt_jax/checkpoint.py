@@ -50,3 +50,39 @@ def load_model_dir(path: str, progress: bool = False, **config_overrides) -> tup
     if is_project_checkpoint(path):
         return load_model(path, **config_overrides)
     return hf.load_hf(path, progress=progress, **config_overrides)
+
+
+class TrainCheckpointer:
+    """Orbax ``CheckpointManager`` for training: the state pytree (params, optimizer state, step,
+    RNG) plus a JSON ``meta`` dict (data position and anything else the trainer needs to resume).
+
+    Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it), the
+    newest ``keep`` are kept, and only a finished save is ever restored.
+    """
+
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        return self._manager.save(step, args=args, force=force)
+
+    def restore(self, abstract_state, step: int | None = None):
+        """(state, meta) of ``step`` (default: the newest), shaped like ``abstract_state``."""
+        step = self.latest_step() if step is None else step
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        restored = self._manager.restore(step, args=args)
+        return restored["state"], restored["meta"]
+
+    def wait(self):
+        self._manager.wait_until_finished()
+
+    def close(self):
+        self._manager.close()

@@ -13,7 +13,7 @@ import sys
 from icegrt_jax.errors import UserInputError
 
 EXIT_USAGE = 2
-COMMANDS = ("convert", "demo")
+COMMANDS = ("convert", "demo", "sft")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,370 @@
+"""Typed run configuration: dataclasses loaded from YAML with dotted command-line overrides.
+
+Precedence: dataclass defaults < the YAML file < overrides (``key.sub=value``, the value parsed as
+YAML, so ``data.train_files=[a.jsonl,b.jsonl]`` and ``model.hf_path=null`` work). An unknown key,
+a wrong-typed value, a value outside an enumeration or an inconsistent combination raises
+``ConfigError`` with one line naming the source (file or override) and the full dotted key.
+
+The section dataclasses (``ModelConfig``, ``OptimizerConfig``, ...) are generic so reward-model and
+PPO schemas can compose them the same way ``SFTConfig`` does; ``load_config`` takes any schema.
+"""
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from icegrt_jax.errors import UserInputError
+
+Schema = TypeVar("Schema")
+Problems = Iterator[tuple[str, str]]  # (key relative to the section, message); "" = the section
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(UserInputError):
+    """A configuration we cannot use; the one-line message names the source and the dotted key."""
+
+
+def choice(default: str, *allowed: str) -> Any:
+    """A string field restricted to ``allowed`` (checked by ``load_config``)."""
+    return field(default=default, metadata={"choices": allowed})
+
+
+def list_of(*items: Any) -> Any:
+    """A list field defaulting to (a fresh copy of) ``items``."""
+    return field(default_factory=lambda: [list(i) if isinstance(i, list) else i for i in items])
+
+
+@dataclass
+class ModelConfig:
+    """The model: an HF LLaMA/Vicuna directory (``hf_path``) or a built-in preset, and numerics.
+
+    Exactly one of ``hf_path`` and ``preset`` is set. The optional architecture fields override
+    the preset's (or the HF config's) values when not null.
+    """
+
+    hf_path: str | None = None
+    preset: str | None = None
+    dtype: str = choice("float32", "float32", "bfloat16")  # compute dtype
+    param_dtype: str = choice("float32", "float32", "bfloat16")
+    scan_layers: bool = True
+    remat: str = choice("none", "none", "full", "dots")
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    max_position_embeddings: int | None = None
+
+    def architecture_overrides(self) -> dict[str, int]:
+        """The architecture fields that are set, as keyword arguments for the model config."""
+        names = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "max_position_embeddings")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def problems(self) -> Problems:
+        if (self.hf_path is None) == (self.preset is None):
+            yield "", "set exactly one of 'hf_path' and 'preset'"
+        for name, value in self.architecture_overrides().items():
+            if value < 1:
+                yield name, f"must be >= 1, got {value}"
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with warmup then a decay schedule, global-norm clipping and gradient accumulation.
+
+    The learning rate rises linearly from 0 to ``lr`` over ``warmup_steps``, then follows
+    ``schedule`` down to ``lr * min_lr_ratio`` at the last step (``constant`` stays at ``lr``).
+    """
+
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = choice("cosine", "cosine", "linear", "constant")
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0  # null: no clipping
+    grad_accum_steps: int = 1
+
+    def problems(self) -> Problems:
+        yield from _at_least(self, 0, "lr", "weight_decay", "warmup_steps")
+        yield from _at_least(self, 1, "grad_accum_steps")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            yield "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            yield "max_grad_norm", f"must be > 0 or null, got {self.max_grad_norm}"
+
+
+@dataclass
+class DataConfig:
+    """Training data, prompt template, tokenizer and batching.
+
+    Files: local ``.jsonl``, ``.parquet``, ``.arrow``, a ``save_to_disk`` directory, or a hub
+    dataset name (``org/name`` or ``org/name:split``). ``tokenizer_path`` defaults to
+    ``model.hf_path``. ``truncation`` handles examples longer than ``max_length``:
+    ``drop_example`` drops them; ``drop_earliest_rounds`` removes whole earliest rounds (the
+    template preamble stays) until the example fits and drops it only when its last round alone
+    is too long. Either way the counts are reported. Batches hold ``batch_size`` examples
+    (per micro-step; ``optimizer.grad_accum_steps`` of them make a step) padded to the smallest
+    bucket that fits; the buckets are the ``bucket_boundaries`` below ``max_length``, then
+    ``max_length``. ``group_by_length`` batches examples of a bucket together (less padding).
+    """
+
+    train_files: list[str] = list_of()
+    eval_files: list[str] = list_of()
+    tokenizer_path: str | None = None
+    template: str = choice("icegrt", "icegrt")
+    max_length: int = 2048
+    truncation: str = choice("drop_example", "drop_example", "drop_earliest_rounds")
+    batch_size: int = 8
+    bucket_boundaries: list[int] = list_of(256, 512, 1024, 2048)
+    group_by_length: bool = True
+    shuffle_seed: int = 0
+
+    def problems(self) -> Problems:
+        yield from _at_least(self, 1, "max_length", "batch_size")
+        yield from _at_least(self, 0, "shuffle_seed")
+        bounds = self.bucket_boundaries
+        if any(b < 1 for b in bounds) or any(a >= b for a, b in zip(bounds, bounds[1:])):
+            yield "bucket_boundaries", f"must be positive and strictly increasing, got {bounds}"
+
+
+@dataclass
+class TrainingConfig:
+    """Run length, seeds and cadences (in optimizer steps).
+
+    The run lasts ``epochs`` passes over the training data unless ``steps`` is set, in which case
+    it lasts exactly ``steps`` optimizer steps. Evaluation runs only when ``data.eval_files`` is set.
+    """
+
+    epochs: int = 1
+    steps: int | None = None
+    seed: int = 0
+    eval_every: int = 500
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    output_dir: str = "runs/sft"
+    log_every: int = 10
+
+    def problems(self) -> Problems:
+        yield from _at_least(self, 1, "epochs", "eval_every", "save_every", "keep_checkpoints",
+                             "log_every")
+        if self.steps is not None and self.steps < 1:
+            yield "steps", f"must be >= 1 or null, got {self.steps}"
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh sizes (one may be -1: all remaining devices) and logical-axis sharding rules.
+
+    Each rule is ``[logical_axis, mesh_axis, ...]``: the logical axis is sharded over the product of
+    the listed mesh axes, or replicated when the only mesh axis is null. The logical names are the
+    ones the model puts on its parameters (``models/llama.py``) plus ``batch`` and ``length``.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: list[list[str | None]] = list_of(
+        ["batch", "data", "fsdp"],
+        ["length", None],
+        ["vocab", "tensor"],
+        ["embed", "fsdp"],
+        ["heads", "tensor"],
+        ["kv_heads", "tensor"],
+        ["mlp", "tensor"],
+        ["head_dim", None],
+        ["layers", None],
+        ["norm", None],
+    )
+
+    def axis_rules(self) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+        """The rules in flax's ``logical_axis_rules`` form: ``(logical, mesh_axis | axes | None)``."""
+        return tuple((logical, axes[0] if len(axes) == 1 else tuple(axes))
+                     for logical, *axes in self.rules)
+
+    def problems(self) -> Problems:
+        sizes = {name: getattr(self, name) for name in MESH_AXES}
+        for name, size in sizes.items():
+            if size == 0 or size < -1:
+                yield name, f"must be >= 1 or -1, got {size}"
+        if list(sizes.values()).count(-1) > 1:
+            yield "", "at most one mesh axis may be -1"
+        for i, rule in enumerate(self.rules):
+            logical, *axes = rule if rule else [None]
+            if logical is None or not axes or (None in axes and len(axes) > 1):
+                yield f"rules[{i}]", f"expected [logical, mesh_axis, ...] or [logical, null], got {rule}"
+            elif unknown := [a for a in axes if a is not None and a not in MESH_AXES]:
+                yield f"rules[{i}]", f"unknown mesh axis {unknown[0]!r}; expected one of {MESH_AXES}"
+
+
+@dataclass
+class LoggingConfig:
+    """Metric sinks: a JSON-lines file, TensorBoard, and a progress bar on the terminal."""
+
+    jsonl: bool = True
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class SFTConfig:
+    """ICE-Instruct supervised fine-tuning run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def problems(self) -> Problems:
+        if self.data.tokenizer_path is None and self.model.hf_path is None:
+            yield "data.tokenizer_path", "required when model.hf_path is not set"
+
+
+def load_config(schema_cls: type[Schema], path: str | None = None,
+                overrides: Sequence[str] = ()) -> Schema:
+    """Build ``schema_cls`` from its defaults, the YAML file at ``path`` and dotted ``overrides``."""
+    config = OmegaConf.structured(schema_cls)
+    if path is not None:
+        config = _merge(schema_cls, config, _read_yaml(path), path)
+    for item in overrides:
+        config = _merge(schema_cls, config, _parse_override(item), f"override '{item}'")
+    result = OmegaConf.to_object(config)
+    for key, message in _problems(result):
+        raise ConfigError(f"{key}: {message}")
+    return result
+
+
+def config_to_yaml(cfg: Any) -> str:
+    """The YAML text of a resolved config; ``load_config`` of it gives back an equal config."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _read_yaml(path: str) -> DictConfig:
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({_one_line(str(e))})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def _parse_override(item: str) -> DictConfig:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override '{item}': expected key=value")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"override '{item}': {_one_line(str(e))}") from None
+
+
+def _merge(schema_cls: type, config: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    """Merge ``update`` into ``config``; type and enumeration errors are blamed on ``source``."""
+    try:
+        merged = OmegaConf.merge(config, update)
+        result = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_describe(schema_cls, e)}") from None
+    for message in _value_errors(result):
+        raise ConfigError(f"{source}: {message}")
+    return merged
+
+
+def _describe(schema_cls: type, error: OmegaConfBaseException) -> str:
+    key = error.full_key
+    if isinstance(error, ConfigKeyError) and key:
+        return f"unknown key '{key}'"
+    if isinstance(error, ValidationError) and key:
+        return _type_mismatch(key, _field_type(schema_cls, key), error.value)
+    return _one_line(str(error).splitlines()[0])
+
+
+def _field_type(schema_cls: type, key: str) -> Any:
+    """The annotated type at a dotted key such as ``mesh.rules[0][1]`` (None when unknown)."""
+    tp: Any = schema_cls
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        if part.startswith("["):
+            tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        elif dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+        else:
+            return None
+    return tp
+
+
+def _type_mismatch(key: str, expected: Any, value: Any) -> str:
+    return f"'{key}' expected {_type_name(expected)}, got {value!r}"
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(args[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", "a different type")
+
+
+def _value_errors(cfg: Any, prefix: str = "") -> Iterator[str]:
+    """Values that do not match their annotation (OmegaConf lets nested lists through) or choices."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, value, allowed = prefix + f.name, getattr(cfg, f.name), f.metadata.get("choices")
+        if dataclasses.is_dataclass(value):
+            yield from _value_errors(value, key + ".")
+        elif not _matches(value, hints[f.name]):
+            yield _type_mismatch(key, hints[f.name], value)
+        elif allowed and value not in allowed:
+            yield f"'{key}' must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+
+
+def _problems(cfg: Any, prefix: str = "") -> Problems:
+    """Every section's ``problems()``, keyed by full dotted key."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _problems(value, f"{prefix}{f.name}.")
+    for key, message in getattr(cfg, "problems", lambda: ())():
+        yield (prefix + key if key else prefix.rstrip(".") or "config"), message
+
+
+def _at_least(cfg: Any, minimum: int, *names: str) -> Problems:
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            yield name, f"must be >= {minimum}, got {getattr(cfg, name)}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,137 @@
+"""The training loop every trainer shares: progress, metrics, evaluation, checkpoints, guards.
+
+``train_loop`` owns no model math. It calls ``step_fn(state, batch) -> (state, metrics)`` for
+each batch, logs metrics (JSONL + TensorBoard, process 0 only), evaluates every ``eval_every``
+steps, checkpoints every ``save_every`` steps and at the end, stops with ``NonFiniteError`` when
+a step reports a non-finite loss or gradient (that update is never applied, and the last good
+checkpoint stays the newest), and on SIGTERM/SIGINT saves a checkpoint and returns cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from icegrt_jax.config import LoggingConfig, TrainingConfig
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient; the message names the step."""
+
+
+class MetricsLogger:
+    """Scalars to ``metrics.jsonl`` and TensorBoard under ``directory`` (process 0 only)."""
+
+    def __init__(self, directory: str, cfg: LoggingConfig):
+        self._jsonl = self._tensorboard = None
+        if jax.process_index() != 0:
+            return
+        os.makedirs(directory, exist_ok=True)
+        if cfg.jsonl:
+            self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+        if cfg.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]):
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._jsonl.flush()
+        if self._tensorboard:
+            for name, value in metrics.items():
+                self._tensorboard.add_scalar(name, value, step)
+
+    def close(self):
+        for sink in (self._jsonl, self._tensorboard):
+            if sink:
+                sink.close()
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set ``requested`` instead of killing the process (preemption)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Device scalars -> Python floats (one host transfer for the whole dict)."""
+    return {name: float(np.asarray(value)) for name, value in jax.device_get(metrics).items()}
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    stopped_early: bool  # preempted by a signal
+    last_metrics: dict[str, float]
+
+
+def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int, checkpointer,
+               meta_fn: Callable[[], dict], training: TrainingConfig, logging: LoggingConfig,
+               output_dir: str, eval_fn: Callable[[Any], dict] | None = None,
+               tokens_fn: Callable[[Any], int] | None = None, desc: str = "train") -> LoopResult:
+    """Run ``step_fn`` from ``state.step`` up to ``total_steps``; see the module docstring.
+
+    ``meta_fn()`` returns the JSON-able resume information saved with each checkpoint (the data
+    position after the last consumed batch). ``tokens_fn(batch)`` counts tokens for tokens/s.
+    """
+    start = int(state.step)
+    logger = MetricsLogger(output_dir, logging)
+    show = logging.progress and jax.process_index() == 0
+    metrics: dict[str, float] = {}
+    stopped = False
+    try:
+        with StopRequest() as stop, tqdm(total=total_steps, initial=start, desc=desc, disable=not show) as bar:
+            for step in range(start + 1, total_steps + 1):
+                began = time.perf_counter()
+                batch = next(batches)
+                state, device_metrics = step_fn(state, batch)
+                metrics = to_floats(device_metrics)
+                if metrics.pop("finite", 1.0) != 1.0:
+                    raise NonFiniteError(
+                        f"step {step}: non-finite loss or gradient (loss={metrics.get('loss')}, "
+                        f"grad_norm={metrics.get('grad_norm')}); the update was not applied; "
+                        f"last good checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory}")
+                elapsed = time.perf_counter() - began
+                metrics["step_time_s"] = elapsed
+                if tokens_fn is not None:
+                    metrics["tokens_per_s"] = tokens_fn(batch) / elapsed
+                if step % training.log_every == 0 or step == total_steps:
+                    logger.log(step, metrics)
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+                bar.update(1)
+                if eval_fn is not None and (step % training.eval_every == 0 or step == total_steps):
+                    logger.log(step, {f"eval/{k}": v for k, v in eval_fn(state).items()})
+                if step % training.save_every == 0 or step == total_steps or stop.requested:
+                    checkpointer.save(step, state, meta_fn(), force=True)
+                if stop.requested:
+                    stopped = True
+                    break
+    finally:
+        checkpointer.wait()
+        logger.close()
+    return LoopResult(state=state, stopped_early=stopped, last_metrics=metrics)

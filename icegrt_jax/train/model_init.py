@@ -1,0 +1,35 @@
+"""Model set-up shared by the trainers: an HF/project checkpoint or a preset initialised at random."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from icegrt_jax.checkpoint import load_model_dir
+from icegrt_jax.config import ConfigError, ModelConfig
+from icegrt_jax.models.llama import Llama, LlamaConfig, preset
+
+
+def model_config(cfg: ModelConfig, base: LlamaConfig) -> LlamaConfig:
+    """``base`` with the config's numerics and architecture overrides applied."""
+    return base.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
+                        remat=cfg.remat, **cfg.architecture_overrides())
+
+
+def init_model(cfg: ModelConfig, seed: int, min_vocab: int | None = None) -> tuple[LlamaConfig, nnx.State]:
+    """(config, params) from ``hf_path`` (HF or project checkpoint) or a random ``preset``.
+
+    ``min_vocab`` (the tokenizer's size) must fit in the model's vocabulary.
+    """
+    if cfg.hf_path is not None:
+        if overrides := cfg.architecture_overrides():
+            raise ConfigError(f"model.{next(iter(overrides))}: architecture overrides apply only with model.preset")
+        loaded, params = load_model_dir(cfg.hf_path, progress=True, param_dtype=cfg.param_dtype)
+        llama = model_config(cfg, loaded)
+    else:
+        llama = model_config(cfg, preset(cfg.preset))
+        params = None
+    if min_vocab is not None and llama.vocab_size < min_vocab:
+        raise ConfigError(f"model.vocab_size: {llama.vocab_size} is smaller than the tokenizer's {min_vocab} tokens")
+    if params is None:
+        _, params = nnx.split(Llama(llama, nnx.Rngs(seed)))
+    return llama, params

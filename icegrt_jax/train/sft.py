@@ -1,0 +1,142 @@
+"""ICE-Instruct: supervised fine-tuning with the loss on assistant tokens only (paper section 3.1).
+
+Loss: L = sum_t m_t * -log p(y_t | x_<=t) / sum_t m_t over the whole (accumulated) batch, with
+``m`` the batch's ``loss_mask``. Log-probs come from ``losses.chunked_token_logprobs`` so the
+[B, T, V] logits are never materialised. Everything is validated (config, tokenizer, data,
+model) before the output directory is touched; a rerun of the same command resumes from the
+newest checkpoint and continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from icegrt_jax.checkpoint import TrainCheckpointer, save_model
+from icegrt_jax.config import SFTConfig, config_to_yaml
+from icegrt_jax.data.batching import BatchIterator, DataPosition, bucket_lengths, eval_batches
+from icegrt_jax.data.sources import load_conversations
+from icegrt_jax.data.templates import get_template
+from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id, tokenize_conversations
+from icegrt_jax.hf import abstract_model
+from icegrt_jax.losses import chunked_token_logprobs
+from icegrt_jax.train.loop import train_loop
+from icegrt_jax.train.model_init import init_model
+from icegrt_jax.train.state import (accumulate_gradients, apply_gradients, init_train_state,
+                                    learning_rate_schedule, make_optimizer, split_micro_batches)
+
+LOGPROB_CHUNK = 1024  # tokens per chunk of the LM-head projection
+
+
+def masked_nll_sum(graphdef, params, batch):
+    """(sum of -log p over loss_mask, number of loss tokens)."""
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+    kernel = model.lm_head_kernel().astype(hidden.dtype)
+    logprobs = chunked_token_logprobs(hidden, kernel, batch["targets"], LOGPROB_CHUNK)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return -jnp.sum(logprobs * mask), jnp.sum(mask)
+
+
+def make_train_step(graphdef, tx, schedule, accum_steps: int):
+    """Jitted ``(state, batch) -> (state, metrics)``; the old state's buffers are donated."""
+
+    def sum_loss(params, micro_batch):
+        nll, count = masked_nll_sum(graphdef, params, micro_batch)
+        return nll, (count, {})
+
+    def step(state, batch):
+        micro = split_micro_batches(batch, accum_steps)
+        grads, loss, tokens, _ = accumulate_gradients(sum_loss, state.params, micro)
+        lr = schedule(state.step)
+        state, metrics = apply_gradients(state, grads, loss, tx)
+        return state, {"loss": loss, "loss_tokens": tokens, "lr": lr, **metrics}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id):
+    """Held-out token-mean NLL and perplexity of a state's params."""
+    nll_fn = jax.jit(functools.partial(masked_nll_sum, graphdef))
+
+    def evaluate(state) -> dict[str, float]:
+        total, count = 0.0, 0.0
+        for batch in eval_batches(examples, batch_size=batch_size, buckets=buckets, pad_id=pad_id):
+            nll, n = nll_fn(state.params, {k: jnp.asarray(v) for k, v in batch.items()})
+            total, count = total + float(nll), count + float(n)
+        loss = total / max(count, 1.0)
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+
+    return evaluate
+
+
+@dataclasses.dataclass
+class PreparedData:
+    tokenizer: object
+    train: list
+    eval: list
+    reports: dict
+
+
+def prepare_data(cfg: SFTConfig) -> PreparedData:
+    """Tokenizer, tokenised train/eval examples and the truncation reports (nothing written)."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path or cfg.model.hf_path)
+    template = get_template(cfg.data.template)
+
+    def tokenized(files):
+        if not files:
+            return [], None
+        return tokenize_conversations(load_conversations(files), tokenizer, template,
+                                      max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+
+    train, train_report = tokenized(cfg.data.train_files)
+    evaluation, eval_report = tokenized(cfg.data.eval_files)
+    return PreparedData(tokenizer, train, evaluation, {"train": train_report, "eval": eval_report})
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """Train (or resume) an SFT run; returns the last metrics. Writes under training.output_dir:
+    config.yaml, metrics.jsonl, checkpoints/, final/ (a project checkpoint with the tokenizer)."""
+    data = prepare_data(cfg)
+    llama, params = init_model(cfg.model, cfg.training.seed, min_vocab=len(data.tokenizer))
+    buckets = bucket_lengths(cfg.data.bucket_boundaries, cfg.data.max_length)
+    pad_id = pad_token_id(data.tokenizer)
+    batches = BatchIterator(data.train, batch_size=cfg.data.batch_size, buckets=buckets, pad_id=pad_id,
+                            seed=cfg.data.shuffle_seed, group_by_length=cfg.data.group_by_length)
+    total_steps = cfg.training.steps or cfg.training.epochs * batches.batches_per_epoch
+    tx = make_optimizer(cfg.optimizer, total_steps)
+    state = init_train_state(params, tx, cfg.training.seed)
+
+    out = cfg.training.output_dir
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        f.write(config_to_yaml(cfg))
+    for split, report in data.reports.items():
+        if report is not None:
+            print(f"[sft] {split} data: {report.summary()}")
+    checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(state)
+        batches.position = DataPosition(**meta["data_position"])
+        print(f"[sft] resumed from step {int(state.step)} ({checkpointer.directory})")
+
+    graphdef, _ = abstract_model(llama)
+    step_fn = make_train_step(graphdef, tx, learning_rate_schedule(cfg.optimizer, total_steps),
+                              cfg.optimizer.grad_accum_steps)
+    eval_fn = (make_eval_fn(graphdef, data.eval, cfg.data.batch_size, buckets, pad_id) if data.eval else None)
+    result = train_loop(
+        state=state, step_fn=lambda s, b: step_fn(s, {k: jnp.asarray(v) for k, v in b.items()}),
+        batches=batches, total_steps=total_steps, checkpointer=checkpointer,
+        meta_fn=lambda: {"data_position": dataclasses.asdict(batches.position)},
+        training=cfg.training, logging=cfg.logging, output_dir=out, eval_fn=eval_fn,
+        tokens_fn=lambda b: int(b["attention_mask"].sum()), desc="sft")
+    checkpointer.close()
+    if not result.stopped_early:
+        save_model(llama, result.state.params, os.path.join(out, "final"), tokenizer=data.tokenizer)
+    return result.last_metrics

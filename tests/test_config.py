@@ -1,0 +1,110 @@
+"""Config loading: YAML + dotted overrides into typed dataclasses, one-line errors naming the key."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from icegrt_jax.config import (
+    ConfigError, DataConfig, ModelConfig, SFTConfig, config_to_yaml, load_config,
+)
+from icegrt_jax.data.templates import TEMPLATES
+from icegrt_jax.data.tokenize import TRUNCATION_POLICIES
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MINIMAL = ["model.preset=tiny", "data.tokenizer_path=tok"]
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def load_error(path=None, overrides=()):
+    with pytest.raises(ConfigError) as error:
+        load_config(SFTConfig, path, list(overrides))
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
+    path = write_yaml(tmp_path, "model:\n  preset: tiny\noptimizer:\n  lr: 2e-5\n  warmup_steps: 7\n"
+                                "data:\n  tokenizer_path: tok\n  train_files: [a.jsonl]\n")
+    overrides = ["optimizer.warmup_steps=9", "data.train_files=[b.jsonl,c.jsonl]",
+                 "training.steps=null", "mesh.rules=[[batch,data,fsdp],[embed,null]]"]
+    cfg = load_config(SFTConfig, path, overrides)
+    assert isinstance(cfg, SFTConfig) and isinstance(cfg.model, ModelConfig)
+    assert cfg.optimizer.lr == 2e-5 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.optimizer.warmup_steps == 9
+    assert cfg.data.train_files == ["b.jsonl", "c.jsonl"]
+    assert cfg.training.steps is None and cfg.data.max_length == DataConfig().max_length
+    assert cfg.mesh.axis_rules() == (("batch", ("data", "fsdp")), ("embed", None))
+
+
+def test_unknown_keys_are_named(tmp_path):
+    path = write_yaml(tmp_path, "model:\n  preset: tiny\noptimizer:\n  lrr: 1.0\n")
+    assert load_error(path) == f"{path}: unknown key 'optimizer.lrr'"
+    assert load_error(None, [*MINIMAL, "training.stepz=3"]) == (
+        "override 'training.stepz=3': unknown key 'training.stepz'")
+
+
+def test_wrong_types_are_named_with_the_expected_type(tmp_path):
+    path = write_yaml(tmp_path, "model:\n  preset: tiny\ntraining:\n  seed: abc\n")
+    assert load_error(path) == f"{path}: 'training.seed' expected int, got 'abc'"
+    assert load_error(None, [*MINIMAL, "training.steps=abc"]) == (
+        "override 'training.steps=abc': 'training.steps' expected int or null, got 'abc'")
+    assert "'data.bucket_boundaries[1]' expected int" in load_error(
+        None, [*MINIMAL, "data.bucket_boundaries=[8,x]"])
+    assert "'data.train_files' expected a list of str" in load_error(
+        None, [*MINIMAL, "data.train_files=[[a.jsonl]]"])
+
+
+def test_enumerations_name_the_key_and_the_allowed_values():
+    assert load_error(None, [*MINIMAL, "model.dtype=fp16"]) == (
+        "override 'model.dtype=fp16': 'model.dtype' must be one of 'float32', 'bfloat16', got 'fp16'")
+    message = load_error(None, [*MINIMAL, "data.truncation=cut"])
+    assert "'data.truncation' must be one of 'drop_example', 'drop_earliest_rounds'" in message
+
+
+def test_enumerations_match_the_data_modules():
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(DataConfig)}
+    assert set(choices["template"]) == set(TEMPLATES)
+    assert set(choices["truncation"]) == set(TRUNCATION_POLICIES)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.tokenizer_path=tok"], "model: set exactly one of 'hf_path' and 'preset'"),
+    (["model.preset=tiny"], "data.tokenizer_path: required when model.hf_path is not set"),
+    ([*MINIMAL, "data.batch_size=0"], "data.batch_size: must be >= 1, got 0"),
+    ([*MINIMAL, "data.bucket_boundaries=[64,32]"], "data.bucket_boundaries: must be positive and"),
+    ([*MINIMAL, "mesh.data=-1", "mesh.fsdp=-1"], "mesh: at most one mesh axis may be -1"),
+    ([*MINIMAL, "mesh.rules=[[embed,model]]"], "mesh.rules[0]: unknown mesh axis 'model'"),
+    ([*MINIMAL, "foo"], "override 'foo': expected key=value"),
+])
+def test_inconsistent_values_are_named(overrides, message):
+    assert load_error(None, overrides).startswith(message)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    assert load_error(str(tmp_path / "none.yaml")) == f"{tmp_path / 'none.yaml'}: no such config file"
+    path = write_yaml(tmp_path, "model: [unclosed\n")
+    assert load_error(path).startswith(f"{path}: invalid YAML")
+    path = write_yaml(tmp_path, "- a\n- b\n")
+    assert load_error(path) == f"{path}: expected a mapping at the top level"
+
+
+def test_saved_yaml_loads_back_to_an_equal_config(tmp_path):
+    cfg = load_config(SFTConfig, None, [*MINIMAL, "optimizer.lr=3e-4", "data.eval_files=[e.jsonl]"])
+    path = write_yaml(tmp_path, config_to_yaml(cfg))
+    assert load_config(SFTConfig, path, []) == cfg
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "vicuna-7b.yaml", "vicuna-13b.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(SFTConfig, str(CONFIGS / name), [])
+    assert cfg.data.template == "icegrt" and cfg.data.train_files
+    if name == "demo.yaml":
+        assert cfg.model.preset == "tiny" and cfg.data.train_files == ["data/demo/sft_train.jsonl"]
+    else:
+        assert cfg.model.hf_path and cfg.model.dtype == "bfloat16" and cfg.optimizer.lr == 2e-5

@@ -1,0 +1,195 @@
+"""ICE-Instruct SFT: learning, exact resume after SIGKILL, preemption, guards and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from icegrt_jax import cli
+from icegrt_jax.checkpoint import TrainCheckpointer, load_model
+from icegrt_jax.config import LoggingConfig, OptimizerConfig, SFTConfig, TrainingConfig, load_config
+from icegrt_jax.train.loop import NonFiniteError, train_loop
+from icegrt_jax.train.sft import run_sft
+from icegrt_jax.train.state import accumulate_gradients, apply_gradients, init_train_state
+
+RECORDS = [
+    {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
+    {"prompt": "Write a short poem about the sea.", "response": "Waves roll in and out again."},
+    {"conversations": [
+        {"role": "user", "content": "Numbers: 1 2 3?"}, {"role": "assistant", "content": "4 5 6."},
+        {"role": "user", "content": "The quick brown fox?"}, {"role": "assistant", "content": "Jumps over the lazy dog."},
+    ]},
+    {"prompt": "Numbers: 7 8?", "response": "9 0 1 2."},
+]
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+@pytest.fixture
+def sft_setup(tmp_path, tiny_tokenizer_dir):
+    write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    write_jsonl(tmp_path / "eval.jsonl", RECORDS[:2])
+    config = {
+        "model": {"preset": "tiny", "vocab_size": 512, "hidden_size": 64, "num_layers": 2},
+        "optimizer": {"lr": 3e-3, "warmup_steps": 2, "schedule": "cosine", "min_lr_ratio": 0.1, "max_grad_norm": 1.0},
+        "data": {"train_files": [str(tmp_path / "train.jsonl")], "eval_files": [str(tmp_path / "eval.jsonl")],
+                 "tokenizer_path": tiny_tokenizer_dir, "max_length": 128, "batch_size": 4,
+                 "bucket_boundaries": [64, 128]},
+        "training": {"steps": 12, "seed": 0, "eval_every": 6, "save_every": 3, "keep_checkpoints": 2,
+                     "output_dir": str(tmp_path / "run"), "log_every": 1},
+        "logging": {"progress": False, "tensorboard": True},
+    }
+    path = tmp_path / "sft.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return tmp_path, str(path)
+
+
+def test_tiny_model_overfits_small_batch(sft_setup):
+    tmp_path, config = sft_setup
+    cfg = load_config(SFTConfig, config, ["training.steps=80", "training.save_every=80", "optimizer.lr=1e-2",
+                                          "optimizer.warmup_steps=5"])
+    metrics = run_sft(cfg)
+    assert metrics["loss"] < 0.05
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    first = next(m for m in lines if "loss" in m)
+    assert first["loss"] > 2.0
+    assert any("eval/loss" in m for m in lines)
+    assert os.listdir(tmp_path / "run" / "tensorboard")
+    assert os.path.isdir(tmp_path / "run" / "final" / "params")
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import icegrt_jax.train.sft as sft
+    kill_at, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
+    make = sft.make_train_step
+    def make_killing_step(*args, **kwargs):
+        step = make(*args, **kwargs)
+        def killing_step(state, batch):
+            if int(state.step) == kill_at:
+                os.kill(os.getpid(), sig)
+            return step(state, batch)
+        return killing_step
+    sft.make_train_step = make_killing_step
+    from icegrt_jax.cli import main
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def run_killed(config, output_dir, kill_at, sig):
+    cmd = [sys.executable, "-c", KILLER, str(kill_at), sig, "sft", "--config", config, f"training.output_dir={output_dir}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _params(path):
+    return jax.tree.leaves(load_model(str(path))[1])
+
+
+def test_exact_resume_after_sigkill(sft_setup):
+    tmp_path, config = sft_setup
+    assert cli.main(["sft", "--config", config, f"training.output_dir={tmp_path / 'straight'}"]) == 0
+
+    killed = run_killed(config, tmp_path / "resumed", kill_at=7, sig="SIGKILL")
+    assert killed.returncode == -signal.SIGKILL
+    assert not os.path.exists(tmp_path / "resumed" / "final")
+    # The save at step 6 is asynchronous: SIGKILL may land before it commits, never half-way.
+    assert TrainCheckpointer(str(tmp_path / "resumed" / "checkpoints")).latest_step() in (3, 6)
+    assert cli.main(["sft", "--config", config, f"training.output_dir={tmp_path / 'resumed'}"]) == 0
+
+    for a, b in zip(_params(tmp_path / "straight" / "final"), _params(tmp_path / "resumed" / "final"), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigterm_saves_checkpoint_and_exits_cleanly(sft_setup):
+    tmp_path, config = sft_setup
+    result = run_killed(config, tmp_path / "preempted", kill_at=4, sig="SIGTERM")
+    assert result.returncode == 0, result.stderr
+    assert TrainCheckpointer(str(tmp_path / "preempted" / "checkpoints")).latest_step() == 5
+    assert not os.path.exists(tmp_path / "preempted" / "final")
+
+
+def test_gradient_accumulation_is_exact():
+    """Micro-batches of unequal token counts: grad(sum NLL / total tokens) whatever the split."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)
+    weights = jnp.asarray(rng.integers(0, 2, size=(4, 6)), jnp.float32).at[0].set(1.0)
+    params = {"w": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+
+    def sum_loss(p, batch):
+        per_token = (batch["x"] @ p["w"]) ** 2
+        return jnp.sum(per_token * batch["m"]), (jnp.sum(batch["m"]), {})
+
+    def mean_loss(p):
+        return jnp.sum(((x @ p["w"]) ** 2) * weights) / jnp.sum(weights)
+
+    for accum in (1, 2, 4):
+        micro = {"x": x.reshape(accum, 4 // accum, 6, 3), "m": weights.reshape(accum, 4 // accum, 6)}
+        grads, loss, total, _ = accumulate_gradients(sum_loss, params, micro)
+        np.testing.assert_allclose(grads["w"], jax.grad(mean_loss)(params)["w"], rtol=1e-5)
+        np.testing.assert_allclose(loss, mean_loss(params), rtol=1e-6)
+        assert float(total) == float(weights.sum())
+
+
+def test_non_finite_update_is_skipped_and_loop_stops(tmp_path):
+    params = {"w": jnp.ones(3)}
+    tx = optax.adam(0.1)
+    state = init_train_state(params, tx, 0)
+    skipped, metrics = apply_gradients(state, {"w": jnp.array([1.0, jnp.nan, 0.0])}, jnp.float32(1.0), tx)
+    assert metrics["finite"] == 0 and int(skipped.step) == 0
+    np.testing.assert_array_equal(skipped.params["w"], params["w"])
+
+    def step_fn(state, batch):
+        grads = {"w": jnp.full(3, batch)}
+        return apply_gradients(state, grads, jnp.sum(grads["w"]), tx)[0], {"loss": jnp.sum(grads["w"]),
+                                                                           "finite": jnp.isfinite(batch) * 1.0}
+
+    checkpointer = TrainCheckpointer(str(tmp_path / "ckpt"), keep=3, async_save=False)
+    with pytest.raises(NonFiniteError, match="step 3: non-finite.*last good checkpoint: step 2"):
+        train_loop(state=state, step_fn=step_fn, batches=iter([1.0, 2.0, np.nan, 4.0]), total_steps=4,
+                   checkpointer=checkpointer, meta_fn=dict, training=TrainingConfig(save_every=1, log_every=1),
+                   logging=LoggingConfig(progress=False), output_dir=str(tmp_path))
+    assert checkpointer.latest_step() == 2
+
+
+BAD_DATA = {
+    "malformed line": ('{"prompt": "a", "response": "b"}\n{"prompt": "c",\n', r"train\.jsonl:2"),
+    "missing field": ('{"prompt": "a"}\n', "response"),
+    "empty response": ('{"prompt": "a", "response": ""}\n', "response"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_is_one_line_exit_2_nothing_written(sft_setup, capsys, case):
+    tmp_path, config = sft_setup
+    text, message = BAD_DATA[case]
+    (tmp_path / "train.jsonl").write_text(text)
+    assert cli.main(["sft", "--config", config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert __import__("re").search(message, err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lrr=1", "optimizer.lrr"),
+    ("training.steps=abc", "training.steps"),
+    ("data.train_files=[/nonexistent/x.jsonl]", "/nonexistent/x.jsonl"),
+])
+def test_bad_config_is_one_line_exit_2_nothing_written(sft_setup, capsys, override, message):
+    tmp_path, config = sft_setup
+    assert cli.main(["sft", "--config", config, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "run").exists()
