@@ -6,11 +6,14 @@ command that takes ``--model DIR`` works with both.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from icegrt_jax import hf
 from icegrt_jax.models.llama import LlamaConfig
@@ -22,27 +25,70 @@ def is_project_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, PARAMS_SUBDIR))
 
 
-def save_model(cfg: LlamaConfig, params: nnx.State, path: str, tokenizer=None):
-    """Write config.json and the Orbax params atomically (a temp dir renamed into place)."""
+SCORE_ARCHITECTURE = "LlamaForSequenceClassification"
+
+
+def save_model(cfg: LlamaConfig, params: nnx.State, path: str, tokenizer=None, kind: str = "causal_lm",
+               extra_json: dict[str, dict] | None = None):
+    """Write config.json, the Orbax params and ``extra_json`` files (name -> object) atomically
+    (a temp dir renamed into place). A ``score`` model is marked as LlamaForSequenceClassification."""
 
     def write(tmp: str):
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(tmp, PARAMS_SUBDIR), nnx.to_pure_dict(params))
         checkpointer.wait_until_finished()
-        hf.write_json(os.path.join(tmp, "config.json"), cfg.to_hf_dict())
+        if jax.process_index() != 0:  # the arrays are written by every process, the rest by one
+            return
+        config = cfg.to_hf_dict()
+        if kind == "score":
+            config.update(architectures=[SCORE_ARCHITECTURE], num_labels=1)
+        hf.write_json(os.path.join(tmp, "config.json"), config)
+        for name, obj in (extra_json or {}).items():
+            hf.write_json(os.path.join(tmp, name), obj)
         if tokenizer is not None:
             hf.save_tokenizer_files(tokenizer, tmp)
 
-    hf.atomic_directory(path, write)
+    write_directory(path, write)
+
+
+def write_directory(path: str, write):
+    """``hf.atomic_directory`` for one process. With several, all of them ``write`` into one
+    shared temporary directory (Orbax coordinates the array shards) and process 0 moves it into
+    place; barriers keep the processes in step."""
+    if jax.process_count() == 1:
+        return hf.atomic_directory(path, write)
+    path = os.path.abspath(path)
+    tmp, old = f"{path}.tmp-shared", f"{path}.old-shared"
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    multihost_utils.sync_global_devices(f"{tmp}: created")
+    write(tmp)
+    multihost_utils.sync_global_devices(f"{tmp}: written")
+    if primary:
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    multihost_utils.sync_global_devices(f"{tmp}: moved")
+
+
+def model_kind(path: str) -> str:
+    """"score" for a saved reward model / critic, else "causal_lm"."""
+    with open(os.path.join(path, "config.json")) as f:
+        return "score" if SCORE_ARCHITECTURE in (json.load(f).get("architectures") or []) else "causal_lm"
 
 
 def load_model(path: str, **config_overrides) -> tuple[LlamaConfig, nnx.State]:
-    """Restore (config, params) written by ``save_model``, in the stored dtype unless overridden."""
+    """Restore (config, params) written by ``save_model`` (a ``Llama`` or, for a saved score
+    model, a ``ScoreModel``), in the stored dtype unless ``param_dtype`` is overridden."""
     cfg = hf.load_hf_config(path, **config_overrides)
-    _, abstract = hf.abstract_model(cfg)
+    kind = model_kind(path)
+    _, abstract = hf.abstract_model(cfg, kind)
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(abstract))
     pure = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, PARAMS_SUBDIR)), target)
-    return cfg, hf.params_from_pure_dict(cfg, pure)
+    return cfg, hf.params_from_pure_dict(cfg, pure, kind)
 
 
 def load_model_dir(path: str, progress: bool = False, **config_overrides) -> tuple[LlamaConfig, nnx.State]:
@@ -73,10 +119,19 @@ class TrainCheckpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         return self._manager.save(step, args=args, force=force)
 
-    def restore(self, abstract_state, step: int | None = None):
-        """(state, meta) of ``step`` (default: the newest), shaped like ``abstract_state``."""
+    def restore(self, abstract_state, step: int | None = None, shardings=None):
+        """(state, meta) of ``step`` (default: the newest), shaped like ``abstract_state`` and laid
+        out by ``shardings`` (a matching tree of ``jax.sharding.Sharding``; default: the shardings
+        of ``abstract_state``'s arrays, none for shapes). The mesh that wrote the checkpoint does
+        not matter: each process reads the slices its devices need."""
         step = self.latest_step() if step is None else step
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
+        def shaped(x, sharding):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+        if shardings is None:
+            target = jax.tree.map(lambda x: shaped(x, getattr(x, "sharding", None)), abstract_state)
+        else:
+            target = jax.tree.map(shaped, abstract_state, shardings)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         restored = self._manager.restore(step, args=args)
         return restored["state"], restored["meta"]

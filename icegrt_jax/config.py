@@ -236,6 +236,45 @@ class SFTConfig:
             yield "data.tokenizer_path", "required when model.hf_path is not set"
 
 
+@dataclass
+class RewardLossConfig:
+    """The reward model's pairwise loss and how rankings become pairs (paper section 3.2).
+
+    ``margin_ranking``: max(0, margin - R(s, a_i) + R(s, a_j)) (the paper's); ``bradley_terry``:
+    -log sigmoid(R(s, a_i) - R(s, a_j) - margin) (set ``margin: 0`` for the standard form).
+    Rankings give the ``top_k`` best x ``bottom_k`` worst responses as (better, worse) pairs.
+    """
+
+    type: str = choice("margin_ranking", "margin_ranking", "bradley_terry")
+    margin: float = 1.0
+    top_k: int = 2
+    bottom_k: int = 2
+
+    def problems(self) -> Problems:
+        yield from _at_least(self, 1, "top_k", "bottom_k")
+        yield from _at_least(self, 0, "margin")
+
+
+@dataclass
+class RewardConfig:
+    """ICE-Reward: a scalar-head model trained on ranked responses.
+
+    ``model`` initialises the backbone (an SFT checkpoint, an HF LLaMA directory, or a preset
+    from scratch); the score head is always fresh. ``data.batch_size`` counts pairs.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def problems(self) -> Problems:
+        yield from SFTConfig.problems(self)
+
+
 def load_config(schema_cls: type[Schema], path: str | None = None,
                 overrides: Sequence[str] = ()) -> Schema:
     """Build ``schema_cls`` from its defaults, the YAML file at ``path`` and dotted ``overrides``."""

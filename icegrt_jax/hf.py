@@ -22,6 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from icegrt_jax.errors import UserInputError
+from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import DTYPES, ModelConfigError, Llama, LlamaConfig
 from icegrt_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
@@ -97,21 +98,25 @@ def expected_hf_tensors(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], La
 
 # --- params <-> pure dicts --------------------------------------------------------------------
 
-def abstract_model(cfg: LlamaConfig):
-    """(graphdef, abstract state) of ``Llama(cfg)`` without allocating anything."""
-    return nnx.split(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))))
+MODEL_KINDS = {"causal_lm": Llama, "score": ScoreModel}
 
 
-def params_from_pure_dict(cfg: LlamaConfig, pure: dict) -> nnx.State:
-    """An ``nnx.State`` for ``Llama(cfg)`` holding the arrays of ``pure``."""
-    _, state = abstract_model(cfg)
+def abstract_model(cfg: LlamaConfig, kind: str = "causal_lm"):
+    """(graphdef, abstract state) of ``Llama(cfg)`` (or ``ScoreModel`` for kind "score"),
+    without allocating anything."""
+    return nnx.split(nnx.eval_shape(lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(0))))
+
+
+def params_from_pure_dict(cfg: LlamaConfig, pure: dict, kind: str = "causal_lm") -> nnx.State:
+    """An ``nnx.State`` for the model of ``kind`` holding the arrays of ``pure``."""
+    _, state = abstract_model(cfg, kind)
     nnx.replace_by_pure_dict(state, pure)
     return state
 
 
-def model_from_params(cfg: LlamaConfig, params: nnx.State) -> Llama:
+def model_from_params(cfg: LlamaConfig, params: nnx.State, kind: str = "causal_lm"):
     """Rebuild the NNX module from its parameters (``nnx.merge`` with an abstract graphdef)."""
-    graphdef, _ = abstract_model(cfg)
+    graphdef, _ = abstract_model(cfg, kind)
     return nnx.merge(graphdef, params)
 
 

@@ -43,3 +43,43 @@ def hf_logits(model, ids, mask) -> np.ndarray:
     positions = (mask_t.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         return model(input_ids=ids_t, attention_mask=mask_t, position_ids=positions).logits.float().numpy()
+
+
+KILLER = """
+import os, signal, sys, importlib, time
+from icegrt_jax.checkpoint import TrainCheckpointer
+module = importlib.import_module(sys.argv[1])
+kill_at, sig = int(sys.argv[2]), getattr(signal, sys.argv[3])
+output_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("training.output_dir="))
+make = module.make_train_step
+
+def wait_for_a_committed_checkpoint():
+    checkpoints = TrainCheckpointer(os.path.join(output_dir, "checkpoints"))
+    deadline = time.time() + 60
+    while checkpoints.latest_step() is None and time.time() < deadline:
+        time.sleep(0.05)
+        checkpoints = TrainCheckpointer(os.path.join(output_dir, "checkpoints"))
+
+def make_killing_step(*args, **kwargs):
+    step = make(*args, **kwargs)
+    def killing_step(state, batch):
+        if int(state.step) == kill_at:
+            wait_for_a_committed_checkpoint()
+            os.kill(os.getpid(), sig)
+        return step(state, batch)
+    return killing_step
+module.make_train_step = make_killing_step
+from icegrt_jax.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def run_cli_killed_at(trainer_module: str, kill_at: int, sig: str, cli_args: list[str]):
+    """Run ``icegrt *cli_args`` in a subprocess that sends itself ``sig`` (e.g. "SIGKILL") just
+    before the optimizer step ``kill_at + 1`` of ``trainer_module``'s ``make_train_step``, once
+    at least one checkpoint has committed (a later asynchronous save may still be in flight)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", KILLER, trainer_module, str(kill_at), sig, *cli_args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -3,9 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import run_cli_killed_at
 from icegrt_jax import cli
 from icegrt_jax.checkpoint import TrainCheckpointer, load_model
 from icegrt_jax.config import LoggingConfig, OptimizerConfig, SFTConfig, TrainingConfig, load_config
@@ -70,27 +68,9 @@ def test_tiny_model_overfits_small_batch(sft_setup):
     assert os.path.isdir(tmp_path / "run" / "final" / "params")
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import icegrt_jax.train.sft as sft
-    kill_at, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
-    make = sft.make_train_step
-    def make_killing_step(*args, **kwargs):
-        step = make(*args, **kwargs)
-        def killing_step(state, batch):
-            if int(state.step) == kill_at:
-                os.kill(os.getpid(), sig)
-            return step(state, batch)
-        return killing_step
-    sft.make_train_step = make_killing_step
-    from icegrt_jax.cli import main
-    sys.exit(main(sys.argv[3:]))
-""")
-
-
 def run_killed(config, output_dir, kill_at, sig):
-    cmd = [sys.executable, "-c", KILLER, str(kill_at), sig, "sft", "--config", config, f"training.output_dir={output_dir}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return run_cli_killed_at("icegrt_jax.train.sft", kill_at, sig,
+                             ["sft", "--config", config, f"training.output_dir={output_dir}"])
 
 
 def _params(path):

@@ -1,0 +1,147 @@
+"""Reward-model data: labelers' rankings (the paper's) or ready-made pairs -> (chosen, rejected).
+
+Two JSONL record shapes are accepted, and may be mixed in one file:
+
+- Rankings (paper section 3.2 / 4.1)::
+
+    {"prompt": "...", "responses": ["r0", "r1", "r2", "r3", "r4"],
+     "rankings": [[3, 0, 4, 1, 2], [3, 4, 0, 1, 2], [0, 3, 4, 2, 1]]}
+
+  ``rankings`` holds one best-first permutation of the response indices per labeler. Their
+  consensus is ``aggregate_rankings`` (Borda count, ties by head-to-head majority, then index)
+  and the pairs are ``ranking_to_pairs(consensus, top_k, bottom_k)``: 5 responses -> 4 pairs.
+  Every ranking record of a dataset must have the same number of responses and of labelers
+  (the paper: 5 and 3); a record that differs is an error naming its line, since mixed counts
+  usually mean a broken export. Pairs whose two response texts are identical (sampling can
+  repeat itself) carry no preference: they are dropped and counted in the report.
+- Pairs (HH-RLHF / UltraFeedback-binarised shape)::
+
+    {"prompt": "...", "chosen": "...", "rejected": "..."}
+
+  identical ``chosen`` and ``rejected`` is an error naming the line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from icegrt_jax.data.rankings import InvalidRankingError, aggregate_rankings, ranking_to_pairs
+from icegrt_jax.data.sources import DataError, iter_records, required_text
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str
+
+
+@dataclasses.dataclass
+class PreferenceReport:
+    """What a preference dataset held, and labeler agreement over its ranking records."""
+
+    ranking_records: int = 0
+    pair_records: int = 0
+    pairs: int = 0
+    identical_pairs_dropped: int = 0
+    responses_per_prompt: int | None = None
+    labelers_per_prompt: int | None = None
+    kendall_w_sum: float = 0.0
+    kendall_tau_sum: float = 0.0
+
+    @property
+    def mean_kendall_w(self) -> float | None:
+        return self.kendall_w_sum / self.ranking_records if self.ranking_records else None
+
+    @property
+    def mean_kendall_tau(self) -> float | None:
+        if not self.ranking_records or (self.labelers_per_prompt or 0) < 2:
+            return None
+        return self.kendall_tau_sum / self.ranking_records
+
+    def metrics(self) -> dict[str, float]:
+        out = {"ranking_records": self.ranking_records, "pair_records": self.pair_records,
+               "pairs": self.pairs, "identical_pairs_dropped": self.identical_pairs_dropped}
+        for name in ("mean_kendall_w", "mean_kendall_tau"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    def summary(self) -> str:
+        text = (f"{self.pairs} pairs from {self.ranking_records} ranking records and "
+                f"{self.pair_records} pair records; {self.identical_pairs_dropped} identical pairs dropped")
+        if self.ranking_records:
+            text += (f"; {self.responses_per_prompt} responses x {self.labelers_per_prompt} labelers a prompt, "
+                     f"Kendall's W {self.mean_kendall_w:.3f}")
+            if self.mean_kendall_tau is not None:
+                text += f", mean Kendall tau {self.mean_kendall_tau:.3f}"
+        return text
+
+
+def load_preferences(specs: Sequence[str], top_k: int = 2, bottom_k: int = 2
+                     ) -> tuple[list[PreferencePair], PreferenceReport]:
+    """All (chosen, rejected) pairs of the given files, and the report."""
+    if not specs:
+        raise DataError("no preference files given")
+    pairs: list[PreferencePair] = []
+    report = PreferenceReport()
+    for spec in specs:
+        for where, record in iter_records(spec):
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+            if "rankings" in record or "responses" in record:
+                pairs += _ranking_pairs(record, where, top_k, bottom_k, report)
+            else:
+                pairs.append(_explicit_pair(record, where))
+                report.pair_records += 1
+    report.pairs = len(pairs)
+    if not pairs:
+        raise DataError(f"{', '.join(specs)}: no preference pairs")
+    return pairs, report
+
+
+def _explicit_pair(record: dict, where: str) -> PreferencePair:
+    prompt = required_text(record, "prompt", where)
+    chosen, rejected = required_text(record, "chosen", where), required_text(record, "rejected", where)
+    if chosen == rejected:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
+    return PreferencePair(prompt, chosen, rejected, where)
+
+
+def _ranking_pairs(record: dict, where: str, top_k: int, bottom_k: int,
+                   report: PreferenceReport) -> list[PreferencePair]:
+    prompt = required_text(record, "prompt", where)
+    responses, rankings = record.get("responses"), record.get("rankings")
+    if not isinstance(responses, list) or not responses:
+        raise DataError(f"{where}: field 'responses' must be a non-empty list of strings")
+    texts = [required_text({"r": r}, "r", where, name=f"responses[{i}]") for i, r in enumerate(responses)]
+    if not isinstance(rankings, list) or not rankings or not all(isinstance(r, list) for r in rankings):
+        raise DataError(f"{where}: field 'rankings' must be a non-empty list of rankings (one per labeler)")
+    _check_counts(report, len(texts), len(rankings), where)
+    try:
+        for ranking in rankings:
+            if len(ranking) != len(texts):
+                raise InvalidRankingError(f"ranks {len(ranking)} responses, expected {len(texts)}")
+        consensus = aggregate_rankings(rankings)
+        index_pairs = ranking_to_pairs(consensus.order, top_k, bottom_k)
+    except InvalidRankingError as e:
+        raise DataError(f"{where}: field 'rankings': {e}") from None
+    report.ranking_records += 1
+    report.kendall_w_sum += consensus.kendall_w
+    report.kendall_tau_sum += consensus.mean_kendall_tau or 0.0
+    kept = [(i, j) for i, j in index_pairs if texts[i] != texts[j]]
+    report.identical_pairs_dropped += len(index_pairs) - len(kept)
+    return [PreferencePair(prompt, texts[i], texts[j], where) for i, j in kept]
+
+
+def _check_counts(report: PreferenceReport, responses: int, labelers: int, where: str):
+    if report.responses_per_prompt is None:
+        report.responses_per_prompt, report.labelers_per_prompt = responses, labelers
+    elif responses != report.responses_per_prompt:
+        raise DataError(f"{where}: field 'responses' has {responses} responses; earlier records have "
+                        f"{report.responses_per_prompt}")
+    elif labelers != report.labelers_per_prompt:
+        raise DataError(f"{where}: field 'rankings' has {labelers} labelers; earlier records have "
+                        f"{report.labelers_per_prompt}")

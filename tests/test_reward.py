@@ -1,0 +1,136 @@
+"""ICE-Reward: ranking data -> pairs, learning a preference, exact resume, bad input."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import run_cli_killed_at
+from icegrt_jax import cli
+from icegrt_jax.checkpoint import TrainCheckpointer, load_model, model_kind
+from icegrt_jax.config import RewardConfig, load_config
+from icegrt_jax.data.preferences import load_preferences
+from icegrt_jax.data.sources import DataError
+from icegrt_jax.train.reward import run_reward
+
+WORDS = ["fox", "dog", "sea", "waves", "poem", "short", "lazy", "quick", "brown", "capital"]
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def synthetic_preferences(n, seed):
+    """Pairs whose preferred response ends with 'Paris.' and the other with 'France.'."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for _ in range(n):
+        body = " ".join(rng.choice(WORDS, size=rng.integers(2, 5)))
+        prompt = "What is the " + " ".join(rng.choice(WORDS, size=2)) + "?"
+        records.append({"prompt": prompt, "chosen": f"{body} Paris.", "rejected": f"{body} France."})
+    return records
+
+
+def ranking_record(prompt="Write a short poem about the sea."):
+    return {"prompt": prompt, "responses": ["r0 waves", "r1 sea", "r2 fox", "r3 dog", "r4 lazy"],
+            "rankings": [[3, 0, 4, 1, 2], [3, 4, 0, 1, 2], [0, 3, 4, 2, 1]]}
+
+
+def test_five_way_rankings_give_the_papers_four_pairs(tmp_path):
+    write_jsonl(tmp_path / "rank.jsonl", [ranking_record()])
+    pairs, report = load_preferences([str(tmp_path / "rank.jsonl")])
+    # Borda points: r3 = 4+4+3 = 11, r0 = 3+2+4 = 9, r4 = 2+3+2 = 7, r1 = 1+1+0 = 2, r2 = 0+0+1 = 1
+    assert [(p.chosen[:2], p.rejected[:2]) for p in pairs] == [("r3", "r1"), ("r3", "r2"), ("r0", "r1"), ("r0", "r2")]
+    assert {p.prompt for p in pairs} == {"Write a short poem about the sea."}
+    assert report.labelers_per_prompt == 3 and report.responses_per_prompt == 5
+    assert 0.0 < report.mean_kendall_w <= 1.0
+
+
+@pytest.fixture
+def reward_setup(tmp_path, tiny_tokenizer_dir):
+    write_jsonl(tmp_path / "train.jsonl", synthetic_preferences(48, seed=0))
+    write_jsonl(tmp_path / "eval.jsonl", synthetic_preferences(32, seed=1))
+    config = {
+        "model": {"preset": "tiny", "vocab_size": 512},
+        "optimizer": {"lr": 3e-3, "warmup_steps": 3, "schedule": "cosine", "min_lr_ratio": 0.1},
+        "data": {"train_files": [str(tmp_path / "train.jsonl")], "eval_files": [str(tmp_path / "eval.jsonl")],
+                 "tokenizer_path": tiny_tokenizer_dir, "max_length": 64, "batch_size": 8,
+                 "bucket_boundaries": [32, 64]},
+        "training": {"steps": 40, "seed": 0, "eval_every": 20, "save_every": 20, "keep_checkpoints": 2,
+                     "output_dir": str(tmp_path / "run"), "log_every": 5},
+        "logging": {"progress": False},
+    }
+    (tmp_path / "reward.yaml").write_text(json.dumps(config))
+    return tmp_path, str(tmp_path / "reward.yaml")
+
+
+@pytest.mark.parametrize("loss", ["margin_ranking", "bradley_terry"])
+def test_learns_a_preference_to_95_percent_held_out(reward_setup, loss):
+    tmp_path, config = reward_setup
+    overrides = [f"loss.type={loss}"] + (["loss.margin=0"] if loss == "bradley_terry" else [])
+    metrics = run_reward(load_config(RewardConfig, config, overrides))
+    assert metrics["final/accuracy"] >= 0.95
+    final = tmp_path / "run" / "final"
+    assert model_kind(str(final)) == "score"
+    stats = json.loads((final / "reward_stats.json").read_text())
+    assert stats["split"] == "eval" and stats["score_std"] > 0
+    load_model(str(final))
+
+
+def test_exact_resume_after_sigkill(reward_setup):
+    tmp_path, config = reward_setup
+    short = ["training.steps=8", "training.save_every=3", "training.eval_every=8"]
+    assert cli.main(["reward", "--config", config, *short, f"training.output_dir={tmp_path / 'straight'}"]) == 0
+    args = ["reward", "--config", config, *short, f"training.output_dir={tmp_path / 'resumed'}"]
+    killed = run_cli_killed_at("icegrt_jax.train.reward", 5, "SIGKILL", args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert TrainCheckpointer(str(tmp_path / "resumed" / "checkpoints")).latest_step() == 3  # 6 never ran
+    assert cli.main(args) == 0
+    straight = jax.tree.leaves(load_model(str(tmp_path / "straight" / "final"))[1])
+    resumed = jax.tree.leaves(load_model(str(tmp_path / "resumed" / "final"))[1])
+    for a, b in zip(straight, resumed, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _with(record, **changes):
+    return {**record, **changes}
+
+
+BAD_RECORDS = {
+    "not a permutation": ([_with(ranking_record(), rankings=[[3, 0, 4, 1, 1], [3, 4, 0, 1, 2], [0, 3, 4, 2, 1]])],
+                          r"train\.jsonl:1: field 'rankings'.*appears more than once"),
+    "ranking length": ([_with(ranking_record(), rankings=[[3, 0, 4, 1], [3, 4, 0, 1, 2], [0, 3, 4, 2, 1]])],
+                       r"train\.jsonl:1: field 'rankings'.*expected 5"),
+    "response count": ([ranking_record(), _with(ranking_record(), responses=["a", "b", "c", "d"],
+                                                rankings=[[0, 1, 2, 3]] * 3)],
+                       r"train\.jsonl:2: field 'responses' has 4 responses; earlier records have 5"),
+    "labeler count": ([ranking_record(), _with(ranking_record(), rankings=[[0, 1, 2, 3, 4]] * 2)],
+                      r"train\.jsonl:2: field 'rankings' has 2 labelers; earlier records have 3"),
+    "identical pair": ([{"prompt": "p", "chosen": "same", "rejected": "same"}],
+                       r"train\.jsonl:1: 'chosen' and 'rejected' are identical"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_preference_data_is_one_line_exit_2_nothing_written(reward_setup, capsys, case):
+    tmp_path, config = reward_setup
+    records, message = BAD_RECORDS[case]
+    write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(DataError, match=message):
+        load_preferences([str(tmp_path / "train.jsonl")])
+    assert cli.main(["reward", "--config", config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_identical_ranked_responses_are_dropped_and_counted(tmp_path):
+    record = _with(ranking_record(), responses=["same", "same", "b", "c", "same"])
+    write_jsonl(tmp_path / "rank.jsonl", [record])
+    pairs, report = load_preferences([str(tmp_path / "rank.jsonl")])
+    # consensus [3, 0, 4, 1, 2]: pairs (3,1) (3,2) (0,1) (0,2); (0,1) is "same" vs "same"
+    assert len(pairs) == 3 and report.identical_pairs_dropped == 1
