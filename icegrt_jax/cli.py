@@ -13,7 +13,7 @@ import sys
 from icegrt_jax.errors import UserInputError
 
 EXIT_USAGE = 2
-COMMANDS = ("convert", "demo", "sft", "reward")
+COMMANDS = ("convert", "demo", "sft", "reward", "ppo")
 
 
 def build_parser() -> argparse.ArgumentParser:

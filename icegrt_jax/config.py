@@ -10,6 +10,7 @@ PPO schemas can compose them the same way ``SFTConfig`` does; ``load_config`` ta
 """
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -273,6 +274,137 @@ class RewardConfig:
 
     def problems(self) -> Problems:
         yield from SFTConfig.problems(self)
+
+
+@dataclass
+class PromptDataConfig:
+    """PPO prompts: records with a ``prompt`` field (other fields are ignored), rendered with the
+    training template's prompt segment; prompts longer than ``max_prompt_length`` tokens are
+    dropped and counted. ``prompts_per_iteration`` prompts are sampled per PPO iteration."""
+
+    prompt_files: list[str] = list_of()
+    tokenizer_path: str | None = None
+    template: str = choice("icegrt", "icegrt")
+    max_prompt_length: int = 512
+    prompts_per_iteration: int = 64
+    shuffle_seed: int = 0
+
+    def problems(self) -> Problems:
+        yield from _at_least(self, 1, "max_prompt_length", "prompts_per_iteration")
+
+
+@dataclass
+class RolloutConfig:
+    """How the actor samples responses; ``max_new_tokens`` is the maximum response length."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+    def problems(self) -> Problems:
+        if self.temperature <= 0:
+            yield "temperature", f"must be > 0 for PPO (log-probs divide by it), got {self.temperature}"
+        if not 0 < self.top_p <= 1:
+            yield "top_p", f"must be in (0, 1], got {self.top_p}"
+        yield from _at_least(self, 0, "top_k")
+        yield from _at_least(self, 1, "max_new_tokens")
+
+
+@dataclass
+class RewardModelConfig:
+    """The frozen reward model R(s, a): a saved ICE-Reward checkpoint (``path``) or a Python scorer
+    ``function: "module:function"`` called as ``f(prompts: list[str], responses: list[str]) ->
+    list[float]``. ``normalize``: ``none``; ``stats`` uses the checkpoint's reward_stats.json
+    (score - mean) / std; ``running`` uses running moments of the scores seen so far. Then
+    ``clip`` bounds |score|, and ``missing_eos_penalty`` is subtracted from responses that never
+    emitted EOS (truncated at the maximum response length)."""
+
+    path: str | None = None
+    function: str | None = None
+    normalize: str = choice("none", "none", "stats", "running")
+    clip: float | None = None
+    missing_eos_penalty: float | None = None
+
+    def problems(self) -> Problems:
+        if (self.path is None) == (self.function is None):
+            yield "", "set exactly one of 'path' and 'function'"
+        if self.normalize == "stats" and self.path is None:
+            yield "normalize", "'stats' needs a reward model checkpoint ('path')"
+        if self.clip is not None and self.clip <= 0:
+            yield "clip", f"must be > 0 or null, got {self.clip}"
+
+
+@dataclass
+class PPOLossConfig:
+    """PPO with GAE and KL control (paper section 3.3; defaults: the paper's section 4).
+
+    Per iteration: ``epochs`` passes over the rollouts in ``minibatches`` shuffled minibatches,
+    each split into ``optimizer.grad_accum_steps`` micro-batches. KL control: ``kl_target`` null
+    keeps ``kl_coef`` fixed, else the adaptive controller of Ziegler et al. (2019) with
+    ``kl_horizon``. ``critic_warmup_iterations``: the first iterations update the critic only.
+    ``critic_init``: ``actor`` (ICE-Instruct backbone, fresh value head, as in the paper) or
+    ``reward`` (the reward model, head included).
+    """
+
+    epochs: int = 1
+    minibatches: int = 1
+    clip_eps: float = 0.2
+    dual_clip: float | None = None
+    value_clip: float | None = 0.2
+    gamma: float = 0.95
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    kl_estimator: str = choice("k1", "k1", "k2", "k3")
+    whiten_advantages: bool = True
+    entropy_coef: float = 0.0
+    aggregate: str = choice("token_mean", "token_mean", "seq_mean_token_mean")
+    critic_warmup_iterations: int = 0
+    critic_init: str = choice("actor", "actor", "reward")
+
+    def problems(self) -> Problems:
+        yield from _at_least(self, 1, "epochs", "minibatches", "kl_horizon")
+        yield from _at_least(self, 0, "kl_coef", "entropy_coef", "critic_warmup_iterations")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                yield name, f"must be in [0, 1], got {getattr(self, name)}"
+        if not 0 < self.clip_eps < 1:
+            yield "clip_eps", f"must be in (0, 1), got {self.clip_eps}"
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            yield "dual_clip", f"must be > 1 or null, got {self.dual_clip}"
+
+
+@dataclass
+class PPOConfig:
+    """ICE-GRT: PPO with actor, critic, frozen reference and frozen reward model.
+
+    ``model`` is ICE-Instruct: it initialises the actor and the reference (and the critic's
+    backbone). ``training.steps`` counts PPO iterations (default: one pass over the prompts).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    actor_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-6))
+    critic_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-7))
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardModelConfig = field(default_factory=RewardModelConfig)
+    ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def problems(self) -> Problems:
+        yield from SFTConfig.problems(self)
+        if self.ppo.critic_init == "reward" and self.reward.path is None:
+            yield "ppo.critic_init", "'reward' needs reward.path"
+        rows = self.data.prompts_per_iteration
+        step_rows = self.ppo.minibatches * math.lcm(self.actor_optimizer.grad_accum_steps,
+                                                    self.critic_optimizer.grad_accum_steps)
+        if rows % step_rows:
+            yield "data.prompts_per_iteration", (f"{rows} is not divisible by ppo.minibatches x "
+                                                 f"grad_accum_steps = {step_rows}")
 
 
 def load_config(schema_cls: type[Schema], path: str | None = None,

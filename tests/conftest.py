@@ -1,6 +1,18 @@
-"""Shared fixtures."""
+"""Shared fixtures, and a persistent XLA compilation cache for the whole run.
+
+The trainers' tests compile the same programs several times (a straight run, a killed run in a
+subprocess, its resumption); the cache, shared with subprocesses through the environment,
+compiles each program once per test session.
+"""
+
+import os
+import tempfile
 
 import pytest
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="icegrt-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 TOKENIZER_CORPUS = [
     "Below is an instruction that describes a task. "

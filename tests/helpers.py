@@ -49,9 +49,10 @@ KILLER = """
 import os, signal, sys, importlib, time
 from icegrt_jax.checkpoint import TrainCheckpointer
 module = importlib.import_module(sys.argv[1])
-kill_at, sig = int(sys.argv[2]), getattr(signal, sys.argv[3])
+factory, kill_on_call, sig = sys.argv[2], int(sys.argv[3]), getattr(signal, sys.argv[4])
 output_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("training.output_dir="))
-make = module.make_train_step
+make = getattr(module, factory)
+calls = 0
 
 def wait_for_a_committed_checkpoint():
     checkpoints = TrainCheckpointer(os.path.join(output_dir, "checkpoints"))
@@ -62,24 +63,30 @@ def wait_for_a_committed_checkpoint():
 
 def make_killing_step(*args, **kwargs):
     step = make(*args, **kwargs)
-    def killing_step(state, batch):
-        if int(state.step) == kill_at:
+    def killing_step(*step_args):
+        global calls
+        calls += 1
+        if calls == kill_on_call:
             wait_for_a_committed_checkpoint()
             os.kill(os.getpid(), sig)
-        return step(state, batch)
+        return step(*step_args)
     return killing_step
-module.make_train_step = make_killing_step
+setattr(module, factory, make_killing_step)
 from icegrt_jax.cli import main
-sys.exit(main(sys.argv[4:]))
+sys.exit(main(sys.argv[5:]))
 """
 
 
-def run_cli_killed_at(trainer_module: str, kill_at: int, sig: str, cli_args: list[str]):
-    """Run ``icegrt *cli_args`` in a subprocess that sends itself ``sig`` (e.g. "SIGKILL") just
-    before the optimizer step ``kill_at + 1`` of ``trainer_module``'s ``make_train_step``, once
-    at least one checkpoint has committed (a later asynchronous save may still be in flight)."""
+def run_cli_killed_at(trainer_module: str, kill_on_call: int, sig: str, cli_args: list[str],
+                      factory: str = "make_train_step"):
+    """Run ``icegrt *cli_args`` in a subprocess that sends itself ``sig`` (e.g. "SIGKILL") on the
+    ``kill_on_call``-th call of the function ``trainer_module.<factory>`` builds, once at least
+    one checkpoint has committed (a later asynchronous save may still be in flight)."""
+    import os
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-c", KILLER, trainer_module, str(kill_at), sig, *cli_args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-c", KILLER, trainer_module, factory, str(kill_on_call), sig, *cli_args]
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

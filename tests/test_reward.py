@@ -86,7 +86,7 @@ def test_exact_resume_after_sigkill(reward_setup):
     short = ["training.steps=8", "training.save_every=3", "training.eval_every=8"]
     assert cli.main(["reward", "--config", config, *short, f"training.output_dir={tmp_path / 'straight'}"]) == 0
     args = ["reward", "--config", config, *short, f"training.output_dir={tmp_path / 'resumed'}"]
-    killed = run_cli_killed_at("icegrt_jax.train.reward", 5, "SIGKILL", args)
+    killed = run_cli_killed_at("icegrt_jax.train.reward", 6, "SIGKILL", args)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert TrainCheckpointer(str(tmp_path / "resumed" / "checkpoints")).latest_step() == 3  # 6 never ran
     assert cli.main(args) == 0

@@ -69,7 +69,7 @@ def test_tiny_model_overfits_small_batch(sft_setup):
 
 
 def run_killed(config, output_dir, kill_at, sig):
-    return run_cli_killed_at("icegrt_jax.train.sft", kill_at, sig,
+    return run_cli_killed_at("icegrt_jax.train.sft", kill_at + 1, sig,
                              ["sft", "--config", config, f"training.output_dir={output_dir}"])
 
 

@@ -1,0 +1,435 @@
+"""Batched generation with a KV cache: one jitted prefill, then an on-device ``lax.while_loop``.
+
+``generate(model_or_params, prompts, SamplingParams(...)) -> GenerationResult``
+
+Layout of one batch (all shapes bucketed, see below)::
+
+    cache slots:  [ left-padded prompt (P slots) | new tokens (N slots) ]
+    prefill:      the prompt block in one call; only the last position is projected to logits
+    decode:       lax.while_loop; step i samples token i from the previous logits, writes it,
+                  runs the model on it at slot P + i; stops when every row has stopped or
+                  max_new_tokens is reached
+
+A row stops at its first EOS (the EOS is kept, padding follows), at ``max_new_tokens``, or when
+prompt + response would exceed the model's context (``max_position_embeddings``).
+
+Bucketing (bounded compilation). Programs are compiled per shape, so shapes come from buckets:
+
+- prompt width P: the smallest of ``PROMPT_BUCKETS`` (powers of two from 16) >= the longest
+  prompt of the batch;
+- new-token slots N: the smallest of ``NEW_TOKEN_BUCKETS`` (powers of two from 16) >=
+  ``max_new_tokens`` (the exact limit is a runtime value, so 40 and 64 share one program);
+- cache size = P + N;
+- prompts per batch: the smallest power of two >= the batch's prompt count (at most
+  ``batch_size``); the extra rows are dummies that start finished and are dropped.
+
+Prefill compiles once per (batch bucket, P, N); decode once per (batch bucket, P, N,
+num_samples, the static sampling options: greedy, top_k, whether top-p filters). Temperature,
+top_p's value, max_new_tokens, the EOS ids (padded to a multiple of 4) and the seed are runtime
+values. ``TRACE_COUNTS``
+counts the traces of each jitted function (tests use it to check the bound).
+
+``num_samples`` samples per prompt share one prefill: the prompt's cache is repeated
+``num_samples`` times along the batch axis on device before decoding.
+
+Sampling and log-probs. With ``z`` the fp32 logits of a step and ``T`` the temperature:
+
+- greedy (``greedy=True`` or ``T == 0``): the token is ``argmax z`` (first index on ties) and its
+  log-prob is ``log_softmax(z)[token]`` (T does not enter);
+- otherwise ``s = z / T``; top-k keeps the ``k`` largest ``s`` (ties with the k-th are kept);
+  top-p then keeps the smallest prefix of tokens sorted by descending probability whose mass
+  reaches ``top_p`` (a token is kept iff the mass of the tokens strictly before it is < top_p;
+  ties with the last kept value are kept); removed tokens get ``-inf``, giving ``f``. The token is
+  drawn from ``softmax(f)`` and its log-prob is ``log_softmax(f)[token]``: the log-prob under the
+  distribution it was sampled from, renormalised over the kept tokens. With ``top_k=0`` and
+  ``top_p=1`` this is exactly ``log_softmax(z / T)[token]``, which PPO recomputes from a full
+  forward by dividing the logits by the same temperature.
+
+RNG and determinism. Row (prompt ``i`` of the caller's list, sample ``j``) draws step ``t`` with
+``fold_in(fold_in(fold_in(PRNGKey(seed), i), j), t)``, so a row's randomness depends only on
+(seed, i, j, t), not on the batch it shares or the order of processing. Results are therefore
+bitwise reproducible for a given seed and inputs, and a prompt's samples do not depend on the
+other prompts in its batch as long as the batch has the same bucketed shape (rows never read
+each other). When the batch bucket, prompt bucket or new-token bucket differs, floating-point
+reduction order inside XLA's kernels may differ in the last bits and, rarely, flip a sample
+whose draw sits on a boundary (or a greedy near-tie). A caller that needs fresh samples for the
+same prompt list (each PPO iteration) passes a new seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections import Counter
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from icegrt_jax.errors import UserInputError
+from icegrt_jax.models.llama import LlamaConfig, init_cache
+
+MIN_BUCKET = 16
+PROMPT_BUCKETS: tuple[int, ...] = tuple(2 ** i for i in range(4, 18))  # 16 ... 131072
+NEW_TOKEN_BUCKETS: tuple[int, ...] = PROMPT_BUCKETS
+TRACE_COUNTS: Counter = Counter()  # jitted function name -> number of traces (= compilations)
+
+
+class SamplingError(UserInputError):
+    """Invalid sampling options or prompts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. Hashable; validated on construction.
+
+    temperature: divides the logits; 0 means greedy. top_k: keep the k most likely tokens
+    (0: off). top_p: nucleus mass in (0, 1] (1: off). greedy: argmax regardless of the rest.
+    max_new_tokens: response length limit (EOS included). eos_token_ids: tokens that end a row;
+    None means the model config's ``eos_token_id``, () means never stop early.
+    num_samples: responses per prompt (the paper ranks 5). seed: see the module docstring.
+    pad_id: written after a row stops and into prompt padding; None means the model's
+    ``pad_token_id`` (0 when it has none). The mask, never the pad id, says what is real.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    max_new_tokens: int = 128
+    eos_token_ids: tuple[int, ...] | None = None
+    num_samples: int = 1
+    seed: int = 0
+    pad_id: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_ids, (list, int)):
+            ids = [self.eos_token_ids] if isinstance(self.eos_token_ids, int) else self.eos_token_ids
+            object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in ids))
+        if not self.temperature >= 0 or math.isinf(self.temperature):
+            raise SamplingError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SamplingError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise SamplingError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise SamplingError(f"num_samples must be a positive integer, got {self.num_samples!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise SamplingError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+    def static_options(self) -> "StaticOptions":
+        """The options compiled into the decode program (the rest are runtime values)."""
+        return StaticOptions(self.is_greedy, self.top_k, self.top_p < 1.0)
+
+
+class GenerationResult(NamedTuple):
+    """Rows are prompt-major: row ``r`` is sample ``r % num_samples`` of prompt ``r // num_samples``.
+
+    With P the prompt bucket of the longest prompt and N = max_new_tokens, every [R, P + N] array
+    holds the left-padded prompt in columns [0, P) and the response from column P.
+
+    tokens [R, P+N] int32: prompt + response, ``pad_id`` elsewhere.
+    logprobs [R, P+N] float32: log-prob of each response token under the distribution it was
+      sampled from (module docstring); 0 outside ``mask``.
+    mask [R, P+N] int32: 1 on response tokens, the EOS included; 0 on prompt and padding.
+    attention_mask [R, P+N] int32: 1 on real prompt tokens and on response tokens.
+    lengths [R] int32: response lengths (EOS included).
+    finished_by_eos [R] bool: True if the row ended with EOS, False if truncated (by
+      max_new_tokens or the model's context).
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    mask: np.ndarray
+    attention_mask: np.ndarray
+    lengths: np.ndarray
+    finished_by_eos: np.ndarray
+
+    def response_tokens(self, row: int) -> np.ndarray:
+        """The response of ``row`` (EOS included), without padding."""
+        return self.tokens[row][self.mask[row].astype(bool)]
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n."""
+    for size in buckets:
+        if size >= n:
+            return size
+    raise SamplingError(f"length {n} exceeds the largest bucket {buckets[-1]}")
+
+
+def batch_bucket(n: int) -> int:
+    """Batch rows are padded to a power of two."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# --- per-step sampling (pure) ------------------------------------------------------------------
+
+class StaticOptions(NamedTuple):
+    """The sampling options that change the compiled program."""
+
+    greedy: bool
+    top_k: int
+    filter_top_p: bool
+
+
+def filter_logits(scaled, top_k: int, top_p=None):
+    """Top-k then top-p filtering of ``scaled`` [R, V] (removed entries -> -inf); see module doc.
+
+    ``top_k`` is static (0: off); ``top_p`` is a traced scalar or None (off).
+    """
+    neg_inf = jnp.array(-jnp.inf, scaled.dtype)
+    ranked = None
+    if top_k and top_k < scaled.shape[-1]:
+        ranked = jax.lax.top_k(scaled, top_k)[0]  # descending
+        scaled = jnp.where(scaled < ranked[:, -1:], neg_inf, scaled)
+    if top_p is not None:
+        if ranked is None:
+            ranked = -jnp.sort(-scaled, axis=-1)
+        # Normalised over every kept token: with ties at the k-th value more than k are kept.
+        probs = jnp.exp(ranked - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: mass_before[0] = 0
+        threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
+        scaled = jnp.where(scaled < threshold, neg_inf, scaled)
+    return scaled
+
+
+def sample_step(logits, keys, static: StaticOptions, temperature, top_p):
+    """One token per row from fp32 ``logits`` [R, V] -> (tokens [R] int32, logprobs [R] f32)."""
+    if static.greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = filter_logits(logits / temperature, static.top_k,
+                               top_p if static.filter_top_p else None)
+        tokens = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def row_keys(seed, prompt_index, num_samples: int):
+    """Keys [R] for prompt-major rows: fold_in(fold_in(PRNGKey(seed), prompt), sample)."""
+    base = jax.random.PRNGKey(seed)
+    samples = jnp.arange(num_samples)
+
+    def for_prompt(i):
+        prompt_key = jax.random.fold_in(base, i)
+        return jax.vmap(lambda j: jax.random.fold_in(prompt_key, j))(samples)
+
+    keys = jax.vmap(for_prompt)(prompt_index)
+    return keys.reshape(-1, *keys.shape[2:])
+
+
+# --- jitted programs ---------------------------------------------------------------------------
+
+def _lm_head_last(model, hidden):
+    kernel = model.lm_head_kernel().astype(model.cfg.compute_dtype)
+    return jnp.einsum("bh,hv->bv", hidden, kernel, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_slots"))
+def _prefill(graphdef, params, tokens, prompt_mask, *, new_slots):
+    """Write the prompts into a fresh cache of P + N slots; logits [B, V] at the last slot."""
+    TRACE_COUNTS["prefill"] += 1
+    model = nnx.merge(graphdef, params)
+    batch, width = tokens.shape
+    cache = init_cache(model.cfg, batch, width + new_slots)
+    key_mask = jnp.pad(prompt_mask, ((0, 0), (0, new_slots)))
+    hidden, cache = model.hidden_states(tokens, key_mask, cache, 0)
+    return _lm_head_last(model, hidden[:, -1]), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static", "num_samples"))
+def _decode(graphdef, params, cache, logits, prompt_mask, prompt_index, row_limit, seed,
+            temperature, top_p, pad_id, eos, *, static: StaticOptions, num_samples: int):
+    """The decode loop. Per prompt: prompt_mask [B, P], prompt_index [B], row_limit [B] (0 for a
+    dummy row); eos [E] (-1 entries match nothing). Returns response tokens, logprobs, mask
+    [R, N] and finished_by_eos [R].
+
+    The key mask's response part doubles as the response mask: slot P + t is marked real when
+    token t is written by a row that had not stopped before it."""
+    TRACE_COUNTS["decode"] += 1
+    model = nnx.merge(graphdef, params)
+    width = prompt_mask.shape[1]
+    new_slots = cache["k"].shape[2] - width
+    if num_samples > 1:
+        cache = jax.tree.map(lambda c: jnp.repeat(c, num_samples, axis=1), cache)
+        logits = jnp.repeat(logits, num_samples, axis=0)
+        prompt_mask = jnp.repeat(prompt_mask, num_samples, axis=0)
+        row_limit = jnp.repeat(row_limit, num_samples, axis=0)
+    rows = logits.shape[0]
+    keys = row_keys(seed, prompt_index, num_samples)
+    key_mask = jnp.pad(prompt_mask.astype(jnp.int32), ((0, 0), (0, new_slots)))
+
+    def sample_into(state, logits):
+        step, cache, key_mask, out_tok, out_lp, done, by_eos = state
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        token, logp = sample_step(logits, step_keys, static, temperature, top_p)
+        token = jnp.where(done, pad_id, token)
+        logp = jnp.where(done, 0.0, logp)
+        hit_eos = ~done & jnp.isin(token, eos)
+        out_tok = jax.lax.dynamic_update_slice_in_dim(out_tok, token[:, None], step, 1)
+        out_lp = jax.lax.dynamic_update_slice_in_dim(out_lp, logp[:, None], step, 1)
+        key_mask = jax.lax.dynamic_update_slice_in_dim(key_mask, (~done).astype(jnp.int32)[:, None],
+                                                        width + step, 1)
+        done = done | hit_eos | (step + 1 >= row_limit)
+        return (step + 1, cache, key_mask, out_tok, out_lp, done, by_eos | hit_eos)
+
+    def cond(state):
+        step, *_, done, _ = state
+        return (step < new_slots) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, key_mask, out_tok = state[:4]
+        last = jax.lax.dynamic_slice_in_dim(out_tok, step - 1, 1, axis=1)
+        step_logits, cache = model(last, key_mask, cache, width + step - 1)
+        return sample_into((step, cache) + state[2:], step_logits[:, 0])
+
+    state = (jnp.int32(0), cache, key_mask,
+             jnp.full((rows, new_slots), pad_id, jnp.int32), jnp.zeros((rows, new_slots), jnp.float32),
+             row_limit <= 0, jnp.zeros((rows,), bool))
+    state = sample_into(state, logits)
+    _, _, key_mask, out_tok, out_lp, _, by_eos = jax.lax.while_loop(cond, body, state)
+    return out_tok, out_lp, key_mask[:, width:], by_eos
+
+
+# --- host side ---------------------------------------------------------------------------------
+
+def split_model(model_or_params):
+    """(graphdef, params, cfg) of an nnx ``Llama`` or a ``(graphdef, params)`` pair."""
+    if isinstance(model_or_params, tuple) and len(model_or_params) == 2:
+        graphdef, params = model_or_params
+        cfg = nnx.merge(graphdef, params).cfg
+    elif isinstance(model_or_params, nnx.Module):
+        graphdef, params = nnx.split(model_or_params)
+        cfg = model_or_params.cfg
+    else:
+        raise TypeError(f"expected an nnx Llama or a (graphdef, params) pair, got {type(model_or_params).__name__}")
+    if not isinstance(cfg, LlamaConfig):
+        raise TypeError("the model has no LlamaConfig `cfg`")
+    return graphdef, params, cfg
+
+
+def check_prompts(prompts, cfg: LlamaConfig) -> list[np.ndarray]:
+    """The prompts as int32 arrays; ``SamplingError`` for an empty list, an empty prompt, one
+    that leaves no room in the context, or ids outside the vocabulary."""
+    if prompts is None or len(prompts) == 0:
+        raise SamplingError("no prompts given (the prompt list is empty)")
+    checked = []
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise SamplingError(f"prompt {i}: expected a 1-D sequence of token ids, got shape {ids.shape} "
+                                f"of {ids.dtype}")
+        if ids.size == 0:
+            raise SamplingError(f"prompt {i} is empty (it needs at least one token, e.g. BOS)")
+        if ids.size >= cfg.max_position_embeddings:
+            raise SamplingError(f"prompt {i} has {ids.size} tokens; the model's context is "
+                                f"{cfg.max_position_embeddings}, which leaves no room for a response")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise SamplingError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+        checked.append(ids.astype(np.int32))
+    return checked
+
+
+def generate(model_or_params, prompts: Sequence[Sequence[int]], params: SamplingParams,
+             *, batch_size: int | None = None, progress: bool = False) -> GenerationResult:
+    """Generate ``params.num_samples`` responses for each prompt (lists/arrays of token ids).
+
+    ``batch_size`` prompts run per batch (default: all at once); with several batches the prompts
+    are processed shortest first so each batch pads less, and the result is in the caller's order.
+    See the module docstring for shapes, bucketing, log-probs and RNG semantics.
+    """
+    graphdef, state, cfg = split_model(model_or_params)
+    prompts = check_prompts(prompts, cfg)
+    if batch_size is not None and batch_size < 1:
+        raise SamplingError(f"batch_size must be positive, got {batch_size}")
+    batch_size = batch_size or len(prompts)
+    pad_id = params.pad_id if params.pad_id is not None else (cfg.pad_token_id or 0)
+    eos_ids = params.eos_token_ids
+    if eos_ids is None:
+        eos_ids = () if cfg.eos_token_id is None else (cfg.eos_token_id,)
+    static = params.static_options()
+    eos = np.full((-(-max(len(eos_ids), 1) // 4) * 4,), -1, np.int32)
+    eos[:len(eos_ids)] = eos_ids
+    n, new = params.num_samples, params.max_new_tokens
+    new_slots = bucket(new, NEW_TOKEN_BUCKETS)
+    width = bucket(max(len(p) for p in prompts), PROMPT_BUCKETS)
+
+    rows = len(prompts) * n
+    tokens = np.full((rows, width + new), pad_id, np.int32)
+    logprobs = np.zeros((rows, width + new), np.float32)
+    prompt_mask = np.zeros((rows, width + new), np.int32)
+    by_eos = np.zeros((rows,), bool)
+    mask = np.zeros((rows, width + new), np.int32)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if batch_size < len(prompts) \
+        else list(range(len(prompts)))
+    chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    bar = _progress_bar(len(prompts), progress)
+    for chunk in chunks:
+        out_tok, out_lp, out_mask, eos_flags = _generate_batch(
+            graphdef, state, cfg, [prompts[i] for i in chunk], np.asarray(chunk, np.int32),
+            static, params, new_slots, pad_id, eos)
+        for c, i in enumerate(chunk):
+            p = prompts[i]
+            dst = slice(i * n, (i + 1) * n)
+            tokens[dst, width - len(p):width] = p
+            prompt_mask[dst, width - len(p):width] = 1
+            tokens[dst, width:] = out_tok[c * n:(c + 1) * n, :new]
+            logprobs[dst, width:] = out_lp[c * n:(c + 1) * n, :new]
+            mask[dst, width:] = out_mask[c * n:(c + 1) * n, :new]
+            by_eos[dst] = eos_flags[c * n:(c + 1) * n]
+        bar.update(len(chunk))
+    bar.close()
+    return GenerationResult(tokens, logprobs, mask, prompt_mask | mask, mask.sum(1).astype(np.int32), by_eos)
+
+
+def _generate_batch(graphdef, state, cfg, prompts, prompt_index, static, params, new_slots, pad_id, eos):
+    count = len(prompts)
+    padded = batch_bucket(count)
+    width = bucket(max(len(p) for p in prompts), PROMPT_BUCKETS)
+    tokens = np.full((padded, width), pad_id, np.int32)
+    mask = np.zeros((padded, width), np.int32)
+    tokens[count:, -1] = pad_id  # dummy rows: one token, so no row attends to nothing
+    mask[count:, -1] = 1
+    limit = np.zeros((padded,), np.int32)
+    index = np.zeros((padded,), np.int32)
+    index[:count] = prompt_index
+    for row, p in enumerate(prompts):
+        tokens[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+        limit[row] = min(params.max_new_tokens, cfg.max_position_embeddings - len(p))
+    logits, cache = _prefill(graphdef, state, tokens, mask, new_slots=new_slots)
+    out_tok, out_lp, out_mask, by_eos = _decode(
+        graphdef, state, cache, logits, mask, index, limit, np.uint32(params.seed),
+        np.float32(params.temperature or 1.0), np.float32(params.top_p), np.int32(pad_id), eos,
+        static=static, num_samples=params.num_samples)
+    rows = count * params.num_samples
+    return tuple(np.asarray(x)[:rows] for x in (out_tok, out_lp, out_mask, by_eos))
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="prompt", desc="generate")

@@ -1,0 +1,118 @@
+"""PPO experience: forward passes over sampled rollouts, reward-model scoring, shaped rewards, GAE.
+
+Alignment. A rollout row holds ``tokens [L]`` (left-padded prompt, then the response). The
+action at index ``t`` of every ``[R, L-1]`` array is token ``tokens[t+1]``, chosen in state
+``tokens[:t+1]``: ``logprobs[t] = log pi(tokens[t+1] | tokens[:t+1])``, ``values[t] = V(tokens[:t+1])``
+and ``mask[t] = response_mask[t+1]`` (1 on response tokens, EOS included). Every formula comes
+from ``icegrt_jax.rl`` and ``icegrt_jax.losses``; this module only composes them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from icegrt_jax import rl
+from icegrt_jax.config import ConfigError, PPOLossConfig
+from icegrt_jax.data.templates import Template
+from icegrt_jax.data.tokenize import tokenize_prompt
+from icegrt_jax.losses import entropy_from_logits, token_logprobs
+from icegrt_jax.models.heads import score_at_last_token
+
+
+def sequence_logprobs(graphdef, params, tokens, attention_mask, temperature: float):
+    """(log pi(a_t | s_t), entropy of pi(. | s_t)), both [R, L-1], with pi = softmax(logits / T)
+    (the distribution the sampler draws from when top_k = 0 and top_p = 1)."""
+    logits, _ = nnx.merge(graphdef, params)(tokens, attention_mask)
+    logits = logits[:, :-1] / temperature
+    return token_logprobs(logits, tokens[:, 1:]), entropy_from_logits(logits)
+
+
+def critic_values(graphdef, params, tokens, attention_mask):
+    """V(s_t) [R, L-1] from a ScoreModel critic."""
+    return nnx.merge(graphdef, params)(tokens, attention_mask)[:, :-1]
+
+
+@flax.struct.dataclass
+class Advantages:
+    rewards: jax.Array
+    advantages: jax.Array  # whitened when configured
+    raw_advantages: jax.Array
+    returns: jax.Array
+
+
+def compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef, cfg: PPOLossConfig) -> Advantages:
+    """r = shaped_rewards(score, KL); (A, G) = gae(r, V); A_hat = masked_whiten(A) if configured."""
+    rewards = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+    advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    whitened = rl.masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages
+    return Advantages(rewards, whitened, advantages, returns)
+
+
+# --- scores ------------------------------------------------------------------------------------
+
+def reward_model_scores(graphdef, params, tokens, attention_mask):
+    """R(s, a) [R] at each row's last real token (the EOS, or the last token when truncated)."""
+    values = nnx.merge(graphdef, params)(tokens, attention_mask)
+    return score_at_last_token(values, attention_mask)
+
+
+def load_score_function(spec: str) -> Callable:
+    """``"module:function"`` -> the function, or a ConfigError naming ``reward.function``."""
+    module_name, _, name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"reward.function: cannot import {spec!r} (expected 'module:function')") from None
+    if not callable(function):
+        raise ConfigError(f"reward.function: {spec!r} is not callable")
+    return function
+
+
+def same_tokenizer(a, b) -> bool:
+    """Token ids can pass straight through when both vocabularies and special tokens agree."""
+    return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
+
+
+def retokenize_for_reward(tokenizer, template: Template, prompts: list[str], responses: list[str],
+                          finished_by_eos: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded (tokens, attention_mask) of template prompt + response (+ EOS when the
+    response ended with one) in the reward model's tokenizer."""
+    rows = []
+    for prompt, response, ended in zip(prompts, responses, finished_by_eos):
+        ids = list(tokenize_prompt(tokenizer, template, prompt))
+        ids += tokenizer(template.response(response), add_special_tokens=False)["input_ids"]
+        rows.append(ids + ([tokenizer.eos_token_id] if ended else []))
+    width = max(len(r) for r in rows)
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+    return tokens, mask
+
+
+def shape_scores(raw, finished_by_eos, moments: rl.RunningMoments, normalize: str, stats: dict | None,
+                 clip: float | None, missing_eos_penalty: float | None):
+    """score = clip(normalise(raw) - penalty * [no EOS], +-clip); returns (scores, moments).
+
+    ``normalize``: "stats" uses the reward model's saved mean/std; "running" first merges this
+    batch into the running moments (Welford/Chan), then standardises with them.
+    """
+    moments = rl.update_running_moments(moments, raw)
+    if normalize == "stats":
+        scores = (raw - stats["score_mean"]) / (stats["score_std"] + 1e-8)
+    elif normalize == "running":
+        scores = rl.normalize_with_moments(raw, moments)
+    else:
+        scores = raw
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (1.0 - finished_by_eos.astype(scores.dtype))
+    if clip is not None:
+        scores = jnp.clip(scores, -clip, clip)
+    return scores, moments

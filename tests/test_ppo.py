@@ -1,0 +1,155 @@
+"""ICE-GRT PPO: the loop on tiny random models, learning, KL control, reward placement,
+advantage normalisation, independent learning rates, exact resume mid-iteration, bad input."""
+
+import json
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import run_cli_killed_at
+from icegrt_jax import cli, rl
+from icegrt_jax.checkpoint import load_model
+from icegrt_jax.config import PPOConfig, PPOLossConfig, load_config
+from icegrt_jax.train.model_init import init_model
+from icegrt_jax.train.ppo import run_ppo
+from icegrt_jax.train.rollout import compute_advantages
+
+SCORER = "ppo_scorers:letter_e_share"
+
+
+@pytest.fixture
+def ppo_setup(tmp_path, tiny_tokenizer_dir):
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for i in range(32):
+            f.write(json.dumps({"prompt": f"Write {i} words about the sea."}) + "\n")
+    config = {
+        "model": {"preset": "tiny", "vocab_size": 400},
+        "actor_optimizer": {"lr": 3e-3, "schedule": "constant"},
+        "critic_optimizer": {"lr": 3e-3, "schedule": "constant"},
+        "data": {"prompt_files": [str(tmp_path / "prompts.jsonl")], "tokenizer_path": tiny_tokenizer_dir,
+                 "prompts_per_iteration": 16},
+        "rollout": {"max_new_tokens": 8},
+        "reward": {"function": SCORER},
+        "ppo": {"kl_coef": 0.01, "minibatches": 2, "epochs": 2},
+        "training": {"steps": 24, "save_every": 100, "log_every": 1, "output_dir": str(tmp_path / "run")},
+        "logging": {"progress": False},
+    }
+    (tmp_path / "ppo.yaml").write_text(json.dumps(config))
+    return tmp_path, str(tmp_path / "ppo.yaml")
+
+
+def _metrics(path):
+    return [json.loads(line) for line in open(path / "metrics.jsonl")]
+
+
+def test_learns_from_a_programmatic_scorer_while_kl_stays_bounded(ppo_setup):
+    tmp_path, config = ppo_setup
+    free = _run(config, tmp_path / "free", "ppo.kl_coef=0.01")
+    tied = _run(config, tmp_path / "tied", "ppo.kl_coef=1.0")
+    first, last = np.mean([m["score_raw_mean"] for m in free[:4]]), np.mean([m["score_raw_mean"] for m in free[-4:]])
+    assert last > first + 0.05, (first, last)  # the share of 'e' rises clearly (0.05 -> ~0.2 here)
+    assert max(m["kl"] for m in free) < 30.0  # nats per 8-token response: bounded, not diverging
+    tied_last = np.mean([m["score_raw_mean"] for m in tied[-4:]])
+    assert np.mean([m["kl"] for m in tied[-6:]]) < 0.5 * np.mean([m["kl"] for m in free[-6:]])
+    assert tied_last < last - 0.05  # the KL penalty holds the policy near the reference
+    for key in ("score_mean", "score_std", "kl", "kl_coef", "policy_loss", "value_loss", "clip_frac", "approx_kl",
+                "entropy", "value_clip_frac", "response_length", "truncation_rate", "advantage_mean", "return_mean",
+                "explained_variance", "time_generate_s", "time_score_s", "time_update_s", "tokens_per_s"):
+        assert np.isfinite(free[-1][key]), key
+
+
+def _run(config, out, *overrides):
+    run_ppo(load_config(PPOConfig, config, [f"training.output_dir={out}", *overrides]))
+    return _metrics(out)
+
+
+def test_reward_lands_on_eos_or_last_generated_token():
+    # Row 0: prompt [5, 6], response [7, EOS=2] then padding. Row 1: prompt [5], response [8, 9, 10]
+    # truncated at max_new_tokens (no EOS). Scores are fractional: an integer cast would show.
+    tokens = np.array([[0, 5, 6, 7, 2, 0], [0, 0, 5, 8, 9, 10]])
+    response_mask = np.array([[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]])
+    mask = jnp.asarray(response_mask[:, 1:])
+    zeros = jnp.zeros(mask.shape)
+    scores = jnp.array([0.75, -1.25])
+    adv = compute_advantages(scores, zeros, zeros, zeros, mask, 0.0, PPOLossConfig())
+    expected = np.zeros(mask.shape, np.float32)
+    expected[0, 3] = 0.75  # action index 3 emits tokens[0, 4] = EOS
+    expected[1, 4] = -1.25  # action index 4 emits tokens[1, 5] = 10, the last generated token
+    np.testing.assert_array_equal(np.asarray(adv.rewards), expected)
+    assert adv.rewards.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+def test_advantage_normalisation_switch(whiten):
+    rng = np.random.default_rng(0)
+    mask = jnp.asarray(np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    logprobs, ref, values = (jnp.asarray(rng.normal(size=(3, 5)), jnp.float32) for _ in range(3))
+    scores = jnp.asarray(rng.normal(size=3), jnp.float32)
+    cfg = PPOLossConfig(whiten_advantages=whiten, gamma=0.95, lam=0.9)
+    adv = compute_advantages(scores, logprobs, ref, values, mask, 0.1, cfg)
+    rewards = rl.shaped_rewards(scores, logprobs, ref, mask, 0.1)
+    raw, returns = rl.gae(rewards, values, mask, 0.95, 0.9)
+    np.testing.assert_allclose(adv.raw_advantages, raw, rtol=1e-6)
+    np.testing.assert_allclose(adv.returns, returns, rtol=1e-6)
+    expected = rl.masked_whiten(raw, mask) if whiten else raw
+    np.testing.assert_allclose(adv.advantages, expected, rtol=1e-5, atol=1e-6)
+    if whiten:
+        on = np.asarray(mask, bool)
+        assert abs(np.asarray(adv.advantages)[on].mean()) < 1e-5
+
+
+def _initial_params(config):
+    cfg = load_config(PPOConfig, config, [])
+    return init_model(cfg.model, cfg.training.seed)[1]
+
+
+def _changed(a, b):
+    return any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_actor_and_critic_learning_rates_are_independent(ppo_setup):
+    tmp_path, config = ppo_setup
+    initial = _initial_params(config)
+    for frozen, lr_key in (("actor", "actor_optimizer.lr=0"), ("critic", "critic_optimizer.lr=0")):
+        out = tmp_path / frozen
+        run_ppo(load_config(PPOConfig, config, [f"training.output_dir={out}", "training.steps=1", lr_key]))
+        actor = load_model(str(out / "final"))[1]
+        critic = load_model(str(out / "final-critic"))[1]
+        critic_backbone = {k: critic[k] for k in ("embed", "layers", "final_norm")}
+        actor_backbone = {k: initial[k] for k in ("embed", "layers", "final_norm")}
+        assert _changed(actor, initial) == (frozen == "critic")
+        assert _changed(critic_backbone, actor_backbone) == (frozen == "actor")
+
+
+def test_exact_resume_after_sigkill_mid_iteration(ppo_setup):
+    tmp_path, config = ppo_setup
+    short = ["training.steps=4", "training.save_every=1", "ppo.epochs=1"]
+    assert cli.main(["ppo", "--config", config, *short, f"training.output_dir={tmp_path / 'straight'}"]) == 0
+    args = ["ppo", "--config", config, *short, f"training.output_dir={tmp_path / 'resumed'}"]
+    # 2 critic updates per iteration: the 6th is the second minibatch of iteration 3
+    killed = run_cli_killed_at("icegrt_jax.train.ppo", 6, "SIGKILL", args, factory="make_critic_update")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert cli.main(args) == 0
+    for name in ("final", "final-critic"):
+        straight = jax.tree.leaves(load_model(str(tmp_path / "straight" / name))[1])
+        resumed = jax.tree.leaves(load_model(str(tmp_path / "resumed" / name))[1])
+        for a, b in zip(straight, resumed, strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), name
+    assert _metrics(tmp_path / "straight")[-1]["kl"] == _metrics(tmp_path / "resumed")[-1]["kl"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward.function=nowhere:nothing", "reward.function: cannot import 'nowhere:nothing'"),
+    ("data.prompts_per_iteration=15", "data.prompts_per_iteration: 15 is not divisible"),
+    ("data.prompt_files=[/nonexistent/p.jsonl]", "/nonexistent/p.jsonl"),
+    ("rollout.temperature=0", "rollout.temperature"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(ppo_setup, capsys, override, message):
+    tmp_path, config = ppo_setup
+    assert cli.main(["ppo", "--config", config, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()

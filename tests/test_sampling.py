@@ -1,0 +1,304 @@
+"""The rollout sampler: parity with transformers' greedy generate, filtering, the sampling
+distribution, log-prob definition, RNG semantics, bounded compilation and input errors."""
+
+import dataclasses
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from helpers import make_hf_llama
+from icegrt_jax.errors import UserInputError
+from icegrt_jax.hf import load_hf, model_from_params
+from icegrt_jax.sampling import (
+    PROMPT_BUCKETS,
+    TRACE_COUNTS,
+    SamplingError,
+    SamplingParams,
+    StaticOptions,
+    batch_bucket,
+    bucket,
+    filter_logits,
+    generate,
+    row_keys,
+    sample_step,
+)
+
+# Tests share shapes and static sampling options where they can: each new combination is a
+# compilation (seconds on a shared CPU).
+LENGTHS = [5, 9, 3, 12, 7]  # all in the 16-token prompt bucket, batch bucket 8
+NEW = 10  # in the 16-token new-token bucket
+GREEDY = SamplingParams(greedy=True, max_new_tokens=NEW, eos_token_ids=())
+SAMPLED = SamplingParams(temperature=0.8, top_k=4, top_p=0.9, max_new_tokens=NEW, eos_token_ids=(),
+                         num_samples=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(torch model, our Llama) with the same random weights (vocab 96, context 256, pad 0)."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch_model = make_hf_llama(path)
+    cfg, params = load_hf(str(path))
+    return torch_model, model_from_params(cfg, params)
+
+
+def random_prompts(lengths, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).astype(np.int32) for n in lengths]
+
+
+def left_pad(prompts, pad=0):
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad, np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    return ids, mask
+
+
+def hf_greedy(torch_model, prompts, new, eos):
+    ids, mask = left_pad(prompts)
+    with torch.no_grad():
+        out = torch_model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                   do_sample=False, max_new_tokens=new, eos_token_id=eos, pad_token_id=0,
+                                   return_dict_in_generate=True, output_logits=True)
+    response = out.sequences[:, ids.shape[1]:].numpy()
+    logits = torch.stack(out.logits, 1).float().numpy()  # [B, steps, V]
+    return response, logits
+
+
+def full_forward_logits(model, result, rows=slice(None)):
+    """Logits of every position of the generated sequences from one cache-free forward."""
+    tokens, mask = result.tokens[rows], result.attention_mask[rows]
+    logits, _ = jax.jit(lambda t, m: model(t, m))(jnp.asarray(tokens), jnp.asarray(mask))
+    return np.asarray(logits)
+
+
+def test_greedy_matches_transformers_token_for_token_with_eos(tiny):
+    torch_model, model = tiny
+    prompts = random_prompts(LENGTHS, model.cfg.vocab_size)
+    free, _ = hf_greedy(torch_model, prompts, NEW, eos=None)
+    # An EOS id that greedy decoding reaches in some rows but not in others.
+    eos = next(int(t) for t in free[0, 1:] if not all(t in row for row in free))
+    expected, hf_logits = hf_greedy(torch_model, prompts, NEW, eos=eos)
+
+    result = generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=NEW, eos_token_ids=(eos,)))
+    width = result.tokens.shape[1] - NEW
+    ours = result.tokens[:, width:]
+    steps = expected.shape[1]  # transformers stops once every row has finished
+    np.testing.assert_array_equal(ours[:, :steps], expected)
+    assert (ours[:, steps:] == 0).all()
+
+    ended = (expected == eos).any(1)
+    assert ended.any() and not ended.all()
+    np.testing.assert_array_equal(result.finished_by_eos, ended)
+    first_eos = np.where(ended, (expected == eos).argmax(1) + 1, NEW)
+    np.testing.assert_array_equal(result.lengths, first_eos)
+    np.testing.assert_array_equal(result.mask[:, width:], np.arange(NEW)[None] < first_eos[:, None])
+    assert (result.mask[:, :width] == 0).all()
+    for row, p in enumerate(prompts):  # the prompt is left-padded into the first `width` columns
+        np.testing.assert_array_equal(result.tokens[row, width - len(p):width], p)
+        np.testing.assert_array_equal(result.attention_mask[row, :width], np.arange(width) >= width - len(p))
+
+    # Greedy log-prob: log_softmax(logits)[argmax], against transformers' raw logits.
+    ref = jax.nn.log_softmax(hf_logits, -1)
+    ref = np.take_along_axis(ref, expected[..., None], -1)[..., 0]
+    valid = result.mask[:, width:width + steps].astype(bool)
+    np.testing.assert_allclose(result.logprobs[:, width:width + steps][valid], ref[valid], atol=1e-4)
+    assert (result.logprobs[result.mask == 0] == 0).all()
+
+
+def test_top_k_1_equals_greedy_for_every_sample_and_temperature_0_is_greedy(tiny):
+    _, model = tiny
+    prompts = random_prompts(LENGTHS, model.cfg.vocab_size, seed=1)
+    greedy = generate(model, prompts, GREEDY)
+    # 3 samples a prompt from one prefill: all equal to greedy when only the argmax is allowed.
+    top1 = generate(model, prompts, SamplingParams(temperature=0.7, top_k=1, max_new_tokens=NEW,
+                                                   eos_token_ids=(), seed=3, num_samples=3))
+    np.testing.assert_array_equal(top1.tokens, np.repeat(greedy.tokens, 3, axis=0))
+    np.testing.assert_array_equal(top1.mask, np.repeat(greedy.mask, 3, axis=0))
+    assert (top1.logprobs == 0).all()  # one allowed token: probability 1
+    cold = generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW, eos_token_ids=()))
+    np.testing.assert_array_equal(cold.tokens, greedy.tokens)
+    np.testing.assert_array_equal(cold.logprobs, greedy.logprobs)
+
+
+def reference_allowed(scaled, top_k, top_p):
+    """Plain-Python top-k then top-p (module docstring's definition); returns the kept ids."""
+    order = sorted(range(len(scaled)), key=lambda i: -scaled[i])
+    kept = set(order)
+    if top_k:
+        kth = scaled[order[min(top_k, len(order)) - 1]]
+        kept = {i for i in kept if scaled[i] >= kth}
+    ranked = [i for i in order if i in kept]
+    probs = np.exp(scaled[ranked] - scaled[ranked].max())
+    probs /= probs.sum()
+    mass, threshold = 0.0, None
+    for i, p in zip(ranked, probs):
+        if mass >= top_p:
+            break
+        threshold, mass = scaled[i], mass + p
+    return {i for i in kept if scaled[i] >= threshold}, np.cumsum(probs) - probs
+
+
+def test_sampled_tokens_stay_in_the_allowed_set_and_logprobs_follow_the_definition(tiny):
+    _, model = tiny
+    prompts = random_prompts(LENGTHS, model.cfg.vocab_size, seed=2)
+    result = generate(model, prompts, SAMPLED)
+    logits = full_forward_logits(model, result)
+    width = result.tokens.shape[1] - NEW
+    assert result.mask[:, width:].all()
+    binding = Counter()
+    for row in range(result.tokens.shape[0]):
+        for col in range(width, width + NEW):
+            scaled = logits[row, col - 1] / SAMPLED.temperature
+            allowed, _ = reference_allowed(scaled, SAMPLED.top_k, SAMPLED.top_p)
+            binding[len(allowed) < SAMPLED.top_k] += 1
+            token = result.tokens[row, col]
+            assert token in allowed
+            ref = scaled[sorted(allowed)]
+            ref_logp = scaled[token] - (ref.max() + np.log(np.exp(ref - ref.max()).sum()))
+            np.testing.assert_allclose(result.logprobs[row, col], ref_logp, atol=1e-4)
+    assert binding[True] and binding[False]  # top-p cut below top-k at some steps, not at all
+
+
+_filter = jax.jit(filter_logits, static_argnums=1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(logits=st.lists(st.floats(-4, 4, width=32), min_size=8, max_size=8),
+       top_k=st.integers(0, 9), top_p=st.floats(0.01, 1.0))
+def test_filter_logits_matches_plain_python(logits, top_k, top_p):
+    scaled = np.asarray(logits, np.float32)
+    allowed, mass_before = reference_allowed(scaled, top_k, top_p)
+    assume(np.abs(mass_before - top_p).min() > 1e-4)  # float rounding decides exact boundary cases
+    out = np.asarray(_filter(jnp.asarray(scaled)[None], top_k, None if top_p == 1.0 else top_p))[0]
+    assert set(np.flatnonzero(np.isfinite(out))) == allowed
+    np.testing.assert_array_equal(out[sorted(allowed)], scaled[sorted(allowed)])
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (1.5, 6, 1.0), (0.7, 0, 0.8),
+                                                       (1.3, 6, 0.85)])
+def test_sampled_frequencies_pass_chi_square(temperature, top_k, top_p):
+    """20000 draws from a fixed 8-token distribution with the sampler's per-row keys against
+    softmax(filtered(logits / T)); never a token outside the allowed set."""
+    logits = np.log(np.array([0.3, 0.2, 0.15, 0.12, 0.1, 0.07, 0.04, 0.02], np.float32))
+    draws = 20000
+    keys = row_keys(np.uint32(11), jnp.arange(draws), 1)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)
+    static = StaticOptions(greedy=False, top_k=top_k, filter_top_p=top_p < 1)
+    tokens, logp = jax.jit(sample_step, static_argnums=2)(
+        jnp.broadcast_to(jnp.asarray(logits), (draws, 8)), keys, static, temperature, top_p)
+    tokens, logp = np.asarray(tokens), np.asarray(logp)
+    scaled = logits / temperature
+    allowed, _ = reference_allowed(scaled, top_k, top_p)
+    allowed = sorted(allowed)
+    probs = np.exp(scaled[allowed].astype(np.float64) - scaled[allowed].max())
+    probs /= probs.sum()
+    assert set(tokens) <= set(allowed)
+    counts = np.array([(tokens == t).sum() for t in allowed])
+    assert stats.chisquare(counts, probs * draws).pvalue > 1e-3
+    np.testing.assert_allclose(logp, np.log(probs)[np.searchsorted(allowed, tokens)], atol=1e-5)
+
+
+def test_rng_is_per_row_and_reproducible(tiny):
+    _, model = tiny
+    vocab = model.cfg.vocab_size
+    params = SAMPLED
+    prompts = random_prompts(LENGTHS, vocab, seed=1)
+    first = generate(model, prompts, params)
+    again = generate(model, prompts, params)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    # Other prompts in the batch (same bucketed shapes) do not change prompt 0's samples.
+    others = [prompts[0]] + random_prompts(LENGTHS[1:], vocab, seed=9)
+    mixed = generate(model, others, params)
+    np.testing.assert_array_equal(mixed.tokens[:3], first.tokens[:3])
+    np.testing.assert_array_equal(mixed.logprobs[:3], first.logprobs[:3])
+    # The samples of a prompt differ, and a new seed gives new samples.
+    assert (first.tokens[0] != first.tokens[1]).any()
+    reseeded = generate(model, prompts, dataclasses.replace(params, seed=8))
+    assert (reseeded.tokens != first.tokens).any()
+
+
+def test_batches_keep_the_callers_order_and_samples_do_not_depend_on_the_batching(tiny):
+    _, model = tiny
+    prompts = random_prompts(LENGTHS, model.cfg.vocab_size, seed=3)
+    single = generate(model, prompts, SAMPLED)
+    chunked = generate(model, prompts, SAMPLED, batch_size=2)  # sorted by length, then restored
+    # Other batch shapes may change the last bits of the logits (documented); on these prompts
+    # no sample sits on a boundary, so the draws are identical.
+    np.testing.assert_array_equal(chunked.tokens, single.tokens)
+    np.testing.assert_allclose(chunked.logprobs, single.logprobs, atol=1e-5)
+
+
+def test_rows_stop_at_the_models_context(tiny):
+    _, model = tiny
+    context = model.cfg.max_position_embeddings
+    prompts = random_prompts([context - 3, 4], model.cfg.vocab_size, seed=5)
+    result = generate(model, prompts, GREEDY)
+    np.testing.assert_array_equal(result.lengths, [3, NEW])
+    assert not result.finished_by_eos.any()
+
+
+def test_compilations_stay_within_the_bucket_count(tiny):
+    _, model = tiny
+    vocab = model.cfg.vocab_size
+    rng = np.random.default_rng(0)
+    before = dict(TRACE_COUNTS)
+    shapes = set()
+    for batch in range(8):  # temperature, top_p, max_new_tokens, EOS ids and seed are runtime values
+        count = int(rng.integers(1, 6))
+        lengths = rng.integers(1, 30, count)
+        params = dataclasses.replace(
+            SAMPLED, temperature=float(rng.uniform(0.5, 1.5)), top_p=float(rng.uniform(0.5, 0.99)),
+            max_new_tokens=int(rng.integers(1, 16)), seed=batch, eos_token_ids=(2, int(rng.integers(3, 9))))
+        generate(model, random_prompts(lengths, vocab, seed=batch), params, batch_size=2)
+        for start in range(0, count, 2):  # the batches generate() runs (sorted by length)
+            chunk = sorted(lengths)[start:start + 2]
+            shapes.add((batch_bucket(len(chunk)), bucket(max(chunk), PROMPT_BUCKETS)))
+    bound = len({b for b, _ in shapes}) * len({p for _, p in shapes})
+    assert bound <= 2 * 2  # batch buckets {1, 2} x prompt buckets {16, 32}
+    for name in ("prefill", "decode"):
+        assert TRACE_COUNTS[name] - before.get(name, 0) <= len(shapes) <= bound
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SamplingParams(max_new_tokens=0), "max_new_tokens"),
+    (lambda: SamplingParams(max_new_tokens=-3), "max_new_tokens"),
+    (lambda: SamplingParams(temperature=-0.5), "temperature"),
+    (lambda: SamplingParams(top_p=0.0), "top_p"),
+    (lambda: SamplingParams(top_p=1.5), "top_p"),
+    (lambda: SamplingParams(top_k=-1), "top_k"),
+    (lambda: SamplingParams(num_samples=0), "num_samples"),
+])
+def test_bad_sampling_params_raise_clear_errors(make, message):
+    with pytest.raises(SamplingError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([], "empty"),
+    ([[5, 6], []], "prompt 1 is empty"),
+    ([[5] * 256], "prompt 0 has 256 tokens; the model's context is 256"),
+    ([[5, 96]], "outside"),
+])
+def test_bad_prompts_raise_clear_errors(tiny, prompts, message):
+    _, model = tiny
+    with pytest.raises(UserInputError, match=message):
+        generate(model, prompts, SamplingParams())
+
+
+def test_accepts_graphdef_and_params(tiny):
+    _, model = tiny
+    prompts = random_prompts(LENGTHS, model.cfg.vocab_size)
+    params = GREEDY
+    np.testing.assert_array_equal(generate(nnx.split(model), prompts, params).tokens,
+                                  generate(model, prompts, params).tokens)
