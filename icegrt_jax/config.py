@@ -408,11 +408,21 @@ class PPOConfig:
 
 
 def load_config(schema_cls: type[Schema], path: str | None = None,
-                overrides: Sequence[str] = ()) -> Schema:
-    """Build ``schema_cls`` from its defaults, the YAML file at ``path`` and dotted ``overrides``."""
+                overrides: Sequence[str] = (), section: str | None = None) -> Schema:
+    """Build ``schema_cls`` from its defaults, the YAML file at ``path`` and dotted ``overrides``.
+
+    A file may hold several runs' configs under top-level keys (``configs/demo.yaml`` has
+    ``sft``, ``reward`` and ``ppo``): with ``section`` set and present in the file, only that
+    subtree is read (errors then name ``path[section]``).
+    """
     config = OmegaConf.structured(schema_cls)
     if path is not None:
-        config = _merge(schema_cls, config, _read_yaml(path), path)
+        loaded = _read_yaml(path)
+        if section is not None and section in loaded:
+            loaded, path = loaded[section], f"{path}[{section}]"
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: expected a mapping")
+        config = _merge(schema_cls, config, loaded, path)
     for item in overrides:
         config = _merge(schema_cls, config, _parse_override(item), f"override '{item}'")
     result = OmegaConf.to_object(config)

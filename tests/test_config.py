@@ -108,3 +108,23 @@ def test_shipped_configs_load(name):
         assert cfg.model.preset == "tiny" and cfg.data.train_files == ["data/demo/sft_train.jsonl"]
     else:
         assert cfg.model.hf_path and cfg.model.dtype == "bfloat16" and cfg.optimizer.lr == 2e-5
+
+
+def test_shipped_configs_load_with_the_papers_ppo_hyperparameters():
+    from icegrt_jax.config import PPOConfig
+
+    cfg = load_config(PPOConfig, "configs/vicuna-13b-ppo.yaml")
+    assert (cfg.actor_optimizer.lr, cfg.critic_optimizer.lr) == (5e-6, 5e-7)
+    assert (cfg.ppo.clip_eps, cfg.ppo.gamma, cfg.model.dtype) == (0.2, 0.95, "bfloat16")
+
+
+def test_section_of_a_multi_run_file(tmp_path):
+    from icegrt_jax.config import RewardConfig
+
+    path = tmp_path / "multi.yaml"
+    path.write_text("sft:\n  model: {preset: tiny}\n  data: {tokenizer_path: t}\n"
+                    "reward:\n  model: {preset: tiny}\n  data: {tokenizer_path: t}\n  loss: {margin: 2.0}\n")
+    assert load_config(RewardConfig, str(path), section="reward").loss.margin == 2.0
+    with pytest.raises(ConfigError, match=r"multi\.yaml\[reward\]: unknown key 'loss.nope'"):
+        path.write_text("reward:\n  loss: {nope: 1}\n")
+        load_config(RewardConfig, str(path), section="reward")

@@ -14,6 +14,6 @@ def run(args) -> int:
     from icegrt_jax.config import PPOConfig, load_config
     from icegrt_jax.train.ppo import run_ppo
 
-    metrics = run_ppo(load_config(PPOConfig, args.config, args.overrides))
+    metrics = run_ppo(load_config(PPOConfig, args.config, args.overrides, section="ppo"))
     print(f"[ppo] done: score {metrics.get('score_raw_mean', float('nan')):.4f}, kl {metrics.get('kl', float('nan')):.4f}")
     return 0

@@ -14,7 +14,7 @@ def run(args) -> int:
     from icegrt_jax.config import RewardConfig, load_config
     from icegrt_jax.train.reward import run_reward
 
-    metrics = run_reward(load_config(RewardConfig, args.config, args.overrides))
+    metrics = run_reward(load_config(RewardConfig, args.config, args.overrides, section="reward"))
     accuracy = metrics.get("final/accuracy")
     print(f"[reward] done: loss {metrics.get('loss', float('nan')):.4f}"
           + (f", accuracy {accuracy:.3f}" if accuracy is not None else ""))

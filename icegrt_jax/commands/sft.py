@@ -14,6 +14,6 @@ def run(args) -> int:
     from icegrt_jax.config import SFTConfig, load_config
     from icegrt_jax.train.sft import run_sft
 
-    metrics = run_sft(load_config(SFTConfig, args.config, args.overrides))
+    metrics = run_sft(load_config(SFTConfig, args.config, args.overrides, section="sft"))
     print(f"[sft] done: loss {metrics.get('loss', float('nan')):.4f}")
     return 0
