@@ -80,13 +80,18 @@ def model_kind(path: str) -> str:
         return "score" if SCORE_ARCHITECTURE in (json.load(f).get("architectures") or []) else "causal_lm"
 
 
-def load_model(path: str, **config_overrides) -> tuple[LlamaConfig, nnx.State]:
+def load_model(path: str, sharding: jax.sharding.Sharding | None = None,
+               **config_overrides) -> tuple[LlamaConfig, nnx.State]:
     """Restore (config, params) written by ``save_model`` (a ``Llama`` or, for a saved score
-    model, a ``ScoreModel``), in the stored dtype unless ``param_dtype`` is overridden."""
+    model, a ``ScoreModel``), in the stored dtype unless ``param_dtype`` is overridden. Every
+    array is laid out by ``sharding`` (default: whole on this process's first device), whatever
+    mesh wrote the checkpoint."""
     cfg = hf.load_hf_config(path, **config_overrides)
     kind = model_kind(path)
     _, abstract = hf.abstract_model(cfg, kind)
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(abstract))
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          nnx.to_pure_dict(abstract))
     pure = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, PARAMS_SUBDIR)), target)
     return cfg, hf.params_from_pure_dict(cfg, pure, kind)
 

@@ -127,7 +127,7 @@ class DataConfig:
     train_files: list[str] = list_of()
     eval_files: list[str] = list_of()
     tokenizer_path: str | None = None
-    template: str = choice("icegrt", "icegrt")
+    template: str = choice("icegrt", "icegrt", "raw")
     max_length: int = 2048
     truncation: str = choice("drop_example", "drop_example", "drop_earliest_rounds")
     batch_size: int = 8
@@ -284,7 +284,7 @@ class PromptDataConfig:
 
     prompt_files: list[str] = list_of()
     tokenizer_path: str | None = None
-    template: str = choice("icegrt", "icegrt")
+    template: str = choice("icegrt", "icegrt", "raw")
     max_prompt_length: int = 512
     prompts_per_iteration: int = 64
     shuffle_seed: int = 0
@@ -295,12 +295,14 @@ class PromptDataConfig:
 
 @dataclass
 class RolloutConfig:
-    """How the actor samples responses; ``max_new_tokens`` is the maximum response length."""
+    """How the actor samples responses; ``max_new_tokens`` is the maximum response length, and a
+    response ends at the first of ``stop_token_ids`` (kept as its last token)."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    stop_token_ids: list[int] | None = None  # null: the tokenizer's EOS; []: always max_new_tokens
 
     def problems(self) -> Problems:
         if self.temperature <= 0:
@@ -412,13 +414,14 @@ def load_config(schema_cls: type[Schema], path: str | None = None,
     """Build ``schema_cls`` from its defaults, the YAML file at ``path`` and dotted ``overrides``.
 
     A file may hold several runs' configs under top-level keys (``configs/demo.yaml`` has
-    ``sft``, ``reward`` and ``ppo``): with ``section`` set and present in the file, only that
+    ``sft``, ``reward`` and ``ppo``): with ``section`` set, present in the file, and the file's
+    keys not all fields of ``schema_cls`` (``PPOConfig`` has a field named ``ppo``), only that
     subtree is read (errors then name ``path[section]``).
     """
     config = OmegaConf.structured(schema_cls)
     if path is not None:
         loaded = _read_yaml(path)
-        if section is not None and section in loaded:
+        if _is_run_section(schema_cls, loaded, section):
             loaded, path = loaded[section], f"{path}[{section}]"
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"{path}: expected a mapping")
@@ -429,6 +432,11 @@ def load_config(schema_cls: type[Schema], path: str | None = None,
     for key, message in _problems(result):
         raise ConfigError(f"{key}: {message}")
     return result
+
+
+def _is_run_section(schema_cls: type, loaded: DictConfig, section: str | None) -> bool:
+    fields = {f.name for f in dataclasses.fields(schema_cls)}
+    return section is not None and section in loaded and not set(loaded.keys()) <= fields
 
 
 def config_to_yaml(cfg: Any) -> str:

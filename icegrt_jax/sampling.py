@@ -18,7 +18,8 @@ Bucketing (bounded compilation). Programs are compiled per shape, so shapes come
 - prompt width P: the smallest of ``PROMPT_BUCKETS`` (powers of two from 16) >= the longest
   prompt of the batch;
 - new-token slots N: the smallest of ``NEW_TOKEN_BUCKETS`` (powers of two from 16) >=
-  ``max_new_tokens`` (the exact limit is a runtime value, so 40 and 64 share one program);
+  ``max_new_tokens`` (the exact limit is a runtime value, so 40 and 64 share one program), or
+  >= the room the context leaves after the shortest prompt when that is smaller;
 - cache size = P + N;
 - prompts per batch: the smallest power of two >= the batch's prompt count (at most
   ``batch_size``); the extra rows are dummies that start finished and are dropped.
@@ -26,8 +27,8 @@ Bucketing (bounded compilation). Programs are compiled per shape, so shapes come
 Prefill compiles once per (batch bucket, P, N); decode once per (batch bucket, P, N,
 num_samples, the static sampling options: greedy, top_k, whether top-p filters). Temperature,
 top_p's value, max_new_tokens, the EOS ids (padded to a multiple of 4) and the seed are runtime
-values. ``TRACE_COUNTS``
-counts the traces of each jitted function (tests use it to check the bound).
+values. ``TRACE_COUNTS`` counts the traces of each jitted function (tests use it to check the
+bound).
 
 ``num_samples`` samples per prompt share one prefill: the prompt's cache is repeated
 ``num_samples`` times along the batch axis on device before decoding.
@@ -127,7 +128,7 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0
 
-    def static_options(self) -> "StaticOptions":
+    def static_options(self) -> StaticOptions:
         """The options compiled into the decode program (the rest are runtime values)."""
         return StaticOptions(self.is_greedy, self.top_k, self.top_p < 1.0)
 
@@ -135,8 +136,9 @@ class SamplingParams:
 class GenerationResult(NamedTuple):
     """Rows are prompt-major: row ``r`` is sample ``r % num_samples`` of prompt ``r // num_samples``.
 
-    With P the prompt bucket of the longest prompt and N = max_new_tokens, every [R, P + N] array
-    holds the left-padded prompt in columns [0, P) and the response from column P.
+    With P the prompt bucket of the longest prompt and N = max_new_tokens (or, when smaller, the
+    room the model's context leaves after the shortest prompt), every [R, P + N] array holds the
+    left-padded prompt in columns [0, P) and the response from column P.
 
     tokens [R, P+N] int32: prompt + response, ``pad_id`` elsewhere.
     logprobs [R, P+N] float32: log-prob of each response token under the distribution it was
@@ -364,15 +366,17 @@ def generate(model_or_params, prompts: Sequence[Sequence[int]], params: Sampling
     eos = np.full((-(-max(len(eos_ids), 1) // 4) * 4,), -1, np.int32)
     eos[:len(eos_ids)] = eos_ids
     n, new = params.num_samples, params.max_new_tokens
-    new_slots = bucket(new, NEW_TOKEN_BUCKETS)
+    room = cfg.max_position_embeddings - min(len(p) for p in prompts)
+    new_slots = bucket(min(new, room), NEW_TOKEN_BUCKETS)
+    cols = min(new, room)  # response columns some row can fill
     width = bucket(max(len(p) for p in prompts), PROMPT_BUCKETS)
 
     rows = len(prompts) * n
-    tokens = np.full((rows, width + new), pad_id, np.int32)
-    logprobs = np.zeros((rows, width + new), np.float32)
-    prompt_mask = np.zeros((rows, width + new), np.int32)
+    tokens = np.full((rows, width + cols), pad_id, np.int32)
+    logprobs = np.zeros((rows, width + cols), np.float32)
+    prompt_mask = np.zeros((rows, width + cols), np.int32)
     by_eos = np.zeros((rows,), bool)
-    mask = np.zeros((rows, width + new), np.int32)
+    mask = np.zeros((rows, width + cols), np.int32)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if batch_size < len(prompts) \
         else list(range(len(prompts)))
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -386,9 +390,9 @@ def generate(model_or_params, prompts: Sequence[Sequence[int]], params: Sampling
             dst = slice(i * n, (i + 1) * n)
             tokens[dst, width - len(p):width] = p
             prompt_mask[dst, width - len(p):width] = 1
-            tokens[dst, width:] = out_tok[c * n:(c + 1) * n, :new]
-            logprobs[dst, width:] = out_lp[c * n:(c + 1) * n, :new]
-            mask[dst, width:] = out_mask[c * n:(c + 1) * n, :new]
+            tokens[dst, width:] = out_tok[c * n:(c + 1) * n, :cols]
+            logprobs[dst, width:] = out_lp[c * n:(c + 1) * n, :cols]
+            mask[dst, width:] = out_mask[c * n:(c + 1) * n, :cols]
             by_eos[dst] = eos_flags[c * n:(c + 1) * n]
         bar.update(len(chunk))
     bar.close()

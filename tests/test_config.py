@@ -102,10 +102,10 @@ def test_saved_yaml_loads_back_to_an_equal_config(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "vicuna-7b.yaml", "vicuna-13b.yaml"])
 def test_shipped_configs_load(name):
-    cfg = load_config(SFTConfig, str(CONFIGS / name), [])
+    cfg = load_config(SFTConfig, str(CONFIGS / name), [], section="sft")
     assert cfg.data.template == "icegrt" and cfg.data.train_files
     if name == "demo.yaml":
-        assert cfg.model.preset == "tiny" and cfg.data.train_files == ["data/demo/sft_train.jsonl"]
+        assert cfg.model.hf_path == "runs/demo/pretrain/final"  # the demo's stage 0 output
     else:
         assert cfg.model.hf_path and cfg.model.dtype == "bfloat16" and cfg.optimizer.lr == 2e-5
 
@@ -113,7 +113,7 @@ def test_shipped_configs_load(name):
 def test_shipped_configs_load_with_the_papers_ppo_hyperparameters():
     from icegrt_jax.config import PPOConfig
 
-    cfg = load_config(PPOConfig, "configs/vicuna-13b-ppo.yaml")
+    cfg = load_config(PPOConfig, "configs/vicuna-13b-ppo.yaml", section="ppo")  # as `icegrt ppo` reads it
     assert (cfg.actor_optimizer.lr, cfg.critic_optimizer.lr) == (5e-6, 5e-7)
     assert (cfg.ppo.clip_eps, cfg.ppo.gamma, cfg.model.dtype) == (0.2, 0.95, "bfloat16")
 

@@ -1,46 +1,38 @@
-"""``icegrt demo``: the main job on the embedded tiny default, one stage after another.
+"""``icegrt demo [--out DIR] [--fast]``: the whole ICE-GRT pipeline on the embedded default.
 
-Stages that exist so far: a tiny LLaMA initialised from the embedded ``tiny`` preset is exported
-to HF safetensors, imported back, converted to a project checkpoint and back to HF, and checked
-to be bitwise identical at every hop. Each stage writes into ``--out`` and is skipped on rerun
-when its output is already complete.
+Generates the data and a tokenizer, pretrains a tiny LLaMA, trains ICE-Instruct, samples and ranks
+responses with simulated labelers, trains ICE-Reward and ICE-GRT, evaluates, exports the policy to
+HF format and writes ``DIR/report.md``. Rerunning skips finished stages and resumes the rest
+(docs/demo.md).
 """
 
 from __future__ import annotations
 
-import os
-
 
 def register(subparsers):
-    parser = subparsers.add_parser("demo", help="run the pipeline on the embedded tiny default")
+    parser = subparsers.add_parser("demo", help="run the whole pipeline on the embedded tiny default")
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fast", action="store_true", help="smaller data and shorter training (minutes)")
+    parser.add_argument("--config", help="demo config (default: configs/demo.yaml)")
+    parser.add_argument("--seed", type=int, help="seed of the data, labelers and trainers (default: the config's)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import os
+    import sys
+
     import jax
-    import numpy as np
-    from flax import nnx
 
-    from icegrt_jax import checkpoint, hf
-    from icegrt_jax.models.llama import Llama, preset
+    from icegrt_jax.demo.pipeline import StageInterrupted, load_run, run_demo
 
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, "base-hf")
-    if not os.path.exists(os.path.join(base, "config.json")):
-        cfg = preset("tiny")
-        _, params = nnx.split(Llama(cfg, nnx.Rngs(args.seed)))
-        hf.save_hf(cfg, params, base)
-        print(f"[model] initialised tiny LLaMA ({cfg.num_params():,} parameters) -> {base}")
-    cfg, params = hf.load_hf(base)
-    project = os.path.join(args.out, "base-orbax")
-    if not checkpoint.is_project_checkpoint(project):
-        checkpoint.save_model(cfg, params, project)
-    exported = os.path.join(args.out, "export-hf")
-    if not os.path.exists(os.path.join(exported, "config.json")):
-        hf.save_hf(*checkpoint.load_model(project), exported)
-    _, roundtrip = hf.load_hf(exported)
-    identical = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(roundtrip)))
-    print(f"[convert] HF -> Orbax -> HF round trip bitwise identical: {identical} ({exported})")
-    return 0 if identical else 1
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # stages (and a resumed run) share programs
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), "xla-cache"))
+    run_config = load_run(args.out, args.config, fast=args.fast, seed=args.seed)
+    try:
+        timings = run_demo(run_config)
+    except StageInterrupted as e:
+        print(f"icegrt demo: {e}", file=sys.stderr)
+        return 130
+    print(f"[demo] {sum(timings.values()):.0f} s of stages in all")
+    return 0

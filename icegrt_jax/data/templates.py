@@ -59,7 +59,10 @@ ICEGRT = Template(
     response_prefix=" ",
 )
 
-TEMPLATES: dict[str, Template] = {t.name: t for t in (ICEGRT,)}
+# Prompts that are already formatted: no preamble, the prompt text as is, one space, the output.
+RAW = Template(name="raw", preamble="", user_prefix="", assistant_prefix="", response_prefix=" ")
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in (ICEGRT, RAW)}
 
 
 def get_template(name: str) -> Template:

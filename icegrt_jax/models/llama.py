@@ -23,9 +23,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from icegrt_jax.errors import UserInputError
+from icegrt_jax.sharding import with_logical_constraint
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
+# The residual stream [B, T, H] under a mesh: rows split like the batch, hidden replicated
+# (its parameter axis "embed" is FSDP-sharded, the activation is not).
+RESIDUAL_AXES = ("batch", "length", None)
 
 
 class ModelConfigError(UserInputError):
@@ -337,26 +341,30 @@ def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=None):
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def _decoder_layer(cfg: LlamaConfig, w, x, cos, sin, allowed, layer_cache, cache_index):
-    """One pre-norm block: x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x))."""
+def _decoder_layer(cfg: LlamaConfig, w, x, cos, sin, allowed, cache, cache_index, layer):
+    """One pre-norm block: x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x)).
+
+    ``cache`` is the whole stacked cache [L, B, S, K, D]; this layer's new k/v are written in
+    place at (layer, :, cache_index) so a decode step never copies the cache.
+    """
     dt = cfg.compute_dtype
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("bth,hnd->btnd", h, w["wq"].astype(dt))
     k = jnp.einsum("bth,hkd->btkd", h, w["wk"].astype(dt))
     v = jnp.einsum("bth,hkd->btkd", h, w["wv"].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if layer_cache is not None:
-        k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, 1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 1)
-        layer_cache = {"k": k_all, "v": v_all}
-        k, v = k_all.astype(dt), v_all.astype(dt)
+    if cache is not None:
+        start = (layer, 0, cache_index, 0, 0)
+        cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), start)
+                 for name, new in (("k", k), ("v", v))}
+        k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False).astype(dt) for name in "kv")
     attn = attention(q, k, v, allowed)
     x = x + jnp.einsum("btnd,ndh->bth", attn, w["wo"].astype(dt))
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
     gate = jnp.einsum("bth,hi->bti", h, w["w_gate"].astype(dt))
     up = jnp.einsum("bth,hi->bti", h, w["w_up"].astype(dt))
     x = x + jnp.einsum("bti,ih->bth", jax.nn.silu(gate) * up, w["w_down"].astype(dt))
-    return x, layer_cache
+    return x, cache
 
 
 def _remat(cfg: LlamaConfig, fn):
@@ -379,22 +387,19 @@ def decoder_forward(cfg, embed, layers: DecoderLayers, final_norm, tokens, key_m
     offset = 0 if cache is None else cache_index
     allowed, positions = attention_mask_and_positions(key_mask, tokens.shape[1], offset)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    x = jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype)
+    x = with_logical_constraint(jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype), RESIDUAL_AXES)
     weights = {name: var[...] for name, var in vars(layers).items() if isinstance(var, nnx.Param)}
     layer_fn = _remat(cfg, _decoder_layer)
 
-    def body(x, per_layer):
-        w, layer_cache = per_layer
-        x, layer_cache = layer_fn(cfg, w, x, cos, sin, allowed, layer_cache, cache_index)
-        return x, layer_cache
+    def body(carry, per_layer):
+        x, cache = carry
+        w, layer = per_layer
+        x, cache = layer_fn(cfg, w, x, cos, sin, allowed, cache, cache_index, layer)
+        return (with_logical_constraint(x, RESIDUAL_AXES), cache), None
 
     if cfg.scan_layers:
-        x, cache = jax.lax.scan(body, x, (weights, cache))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (weights, jnp.arange(cfg.num_layers)))
     else:
-        outputs = []
-        for i in range(cfg.num_layers):
-            layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-            x, layer_cache = body(x, (jax.tree.map(lambda p: p[i], weights), layer_cache))
-            outputs.append(layer_cache)
-        cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outputs)
+        for layer in range(cfg.num_layers):
+            (x, cache), _ = body((x, cache), (jax.tree.map(lambda p: p[layer], weights), layer))
     return rms_norm(x, final_norm, cfg.rms_norm_eps), cache

@@ -26,6 +26,7 @@ from icegrt_jax.data.templates import get_template
 from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id, tokenize_conversations
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.losses import chunked_token_logprobs
+from icegrt_jax.sharding import Partitioner, initialize_distributed, is_primary_process
 from icegrt_jax.train.loop import train_loop
 from icegrt_jax.train.model_init import init_model
 from icegrt_jax.train.state import (accumulate_gradients, apply_gradients, init_train_state,
@@ -44,8 +45,10 @@ def masked_nll_sum(graphdef, params, batch):
     return -jnp.sum(logprobs * mask), jnp.sum(mask)
 
 
-def make_train_step(graphdef, tx, schedule, accum_steps: int):
-    """Jitted ``(state, batch) -> (state, metrics)``; the old state's buffers are donated."""
+def make_train_step(graphdef, tx, schedule, accum_steps: int, *, partitioner: Partitioner | None = None,
+                    state_shardings=None):
+    """Jitted ``(state, batch) -> (state, metrics)``; the old state's buffers are donated.
+    With a ``partitioner`` the step runs sharded (state laid out by ``state_shardings``)."""
 
     def sum_loss(params, micro_batch):
         nll, count = masked_nll_sum(graphdef, params, micro_batch)
@@ -58,17 +61,26 @@ def make_train_step(graphdef, tx, schedule, accum_steps: int):
         state, metrics = apply_gradients(state, grads, loss, tx)
         return state, {"loss": loss, "loss_tokens": tokens, "lr": lr, **metrics}
 
-    return jax.jit(step, donate_argnums=0)
+    if partitioner is None:
+        return jax.jit(step, donate_argnums=0)
+    return partitioner.jit_train_step(step, state_shardings)
 
 
-def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id):
-    """Held-out token-mean NLL and perplexity of a state's params."""
-    nll_fn = jax.jit(functools.partial(masked_nll_sum, graphdef))
+def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id, partitioner: Partitioner | None = None,
+                 param_shardings=None):
+    """Held-out token-mean NLL and perplexity of a state's params (sharded with a ``partitioner``)."""
+    nll = functools.partial(masked_nll_sum, graphdef)
+    if partitioner is None:
+        nll_fn, to_device = jax.jit(nll), lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}
+    else:
+        nll_fn = partitioner.jit(nll, in_shardings=(param_shardings, partitioner.batch_sharding),
+                                 out_shardings=partitioner.replicated)
+        to_device = partitioner.shard_batch
 
     def evaluate(state) -> dict[str, float]:
         total, count = 0.0, 0.0
         for batch in eval_batches(examples, batch_size=batch_size, buckets=buckets, pad_id=pad_id):
-            nll, n = nll_fn(state.params, {k: jnp.asarray(v) for k, v in batch.items()})
+            nll, n = nll_fn(state.params, to_device(batch))
             total, count = total + float(nll), count + float(n)
         loss = total / max(count, 1.0)
         return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
@@ -102,7 +114,11 @@ def prepare_data(cfg: SFTConfig) -> PreparedData:
 
 def run_sft(cfg: SFTConfig) -> dict:
     """Train (or resume) an SFT run; returns the last metrics. Writes under training.output_dir:
-    config.yaml, metrics.jsonl, checkpoints/, final/ (a project checkpoint with the tokenizer)."""
+    config.yaml, metrics.jsonl, checkpoints/, final/ (a project checkpoint with the tokenizer).
+    Runs sharded over ``cfg.mesh``; a multi-process launch joins ``jax.distributed`` first."""
+    initialize_distributed()
+    partitioner = Partitioner.from_config(cfg.mesh)
+    partitioner.check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
     data = prepare_data(cfg)
     llama, params = init_model(cfg.model, cfg.training.seed, min_vocab=len(data.tokenizer))
     buckets = bucket_lengths(cfg.data.bucket_boundaries, cfg.data.max_length)
@@ -111,27 +127,32 @@ def run_sft(cfg: SFTConfig) -> dict:
                             seed=cfg.data.shuffle_seed, group_by_length=cfg.data.group_by_length)
     total_steps = cfg.training.steps or cfg.training.epochs * batches.batches_per_epoch
     tx = make_optimizer(cfg.optimizer, total_steps)
-    state = init_train_state(params, tx, cfg.training.seed)
+    state = partitioner.init_state(lambda p: init_train_state(p, tx, cfg.training.seed), params)
+    state_shardings = partitioner.shardings(state)
 
     out = cfg.training.output_dir
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        f.write(config_to_yaml(cfg))
-    for split, report in data.reports.items():
-        if report is not None:
-            print(f"[sft] {split} data: {report.summary()}")
+    if is_primary_process():
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            f.write(config_to_yaml(cfg))
+        for split, report in data.reports.items():
+            if report is not None:
+                print(f"[sft] {split} data: {report.summary()}")
     checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
     if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state)
+        state, meta = checkpointer.restore(state, shardings=state_shardings)
         batches.position = DataPosition(**meta["data_position"])
-        print(f"[sft] resumed from step {int(state.step)} ({checkpointer.directory})")
+        if is_primary_process():
+            print(f"[sft] resumed from step {int(state.step)} ({checkpointer.directory})")
 
     graphdef, _ = abstract_model(llama)
     step_fn = make_train_step(graphdef, tx, learning_rate_schedule(cfg.optimizer, total_steps),
-                              cfg.optimizer.grad_accum_steps)
-    eval_fn = (make_eval_fn(graphdef, data.eval, cfg.data.batch_size, buckets, pad_id) if data.eval else None)
+                              cfg.optimizer.grad_accum_steps, partitioner=partitioner,
+                              state_shardings=state_shardings)
+    eval_fn = (make_eval_fn(graphdef, data.eval, cfg.data.batch_size, buckets, pad_id, partitioner,
+                            state_shardings.params) if data.eval else None)
     result = train_loop(
-        state=state, step_fn=lambda s, b: step_fn(s, {k: jnp.asarray(v) for k, v in b.items()}),
+        state=state, step_fn=lambda s, b: step_fn(s, partitioner.shard_batch(b)),
         batches=batches, total_steps=total_steps, checkpointer=checkpointer,
         meta_fn=lambda: {"data_position": dataclasses.asdict(batches.position)},
         training=cfg.training, logging=cfg.logging, output_dir=out, eval_fn=eval_fn,

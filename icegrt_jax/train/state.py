@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from icegrt_jax.config import OptimizerConfig
+from icegrt_jax.sharding import with_logical_constraint
 
 NO_DECAY_MARKERS = ("norm",)
 
@@ -114,10 +115,12 @@ def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransforma
 
 
 def split_micro_batches(batch: dict, accum_steps: int) -> dict:
-    """[B, ...] -> [accum_steps, B / accum_steps, ...] for ``accumulate_gradients``."""
+    """[B, ...] -> [accum_steps, B / accum_steps, ...] for ``accumulate_gradients``; under a
+    mesh every micro-batch's rows stay split over the data-parallel shards."""
     def split(x):
         if x.shape[0] % accum_steps:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps {accum_steps}")
-        return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+        micro = x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+        return with_logical_constraint(micro, (None, "batch"))
 
     return jax.tree.map(split, batch)

@@ -1,0 +1,142 @@
+"""``icegrt eval --model DIR [--model DIR ...] --tasks NAMES [--data-dir DIR] [--output DIR]``.
+
+Runs the paper's benchmark settings (configs/eval/, see docs/eval.md) through lm-evaluation-harness
+with our JAX backend, on hub data or on local JSONL files (``--data-dir``). Writes to ``--output``:
+
+- ``results.md``: per model, every metric of each benchmark; with several models, a side-by-side
+  table of the headline metrics in the shape of the paper's Table 1 (models as rows);
+- ``results.json``: the same numbers, machine-readable;
+- ``<model>/lm_eval_results.json``: lm-eval's full results; ``<model>/local_tasks/``: the task
+  YAMLs generated for ``--data-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from icegrt_jax.errors import UserInputError
+
+RESULT_INFO_KEYS = ("alias", "name", "sample_len", "sample_count")
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("eval", help="the paper's benchmarks through lm-evaluation-harness")
+    parser.add_argument("--model", action="append", required=True,
+                        help="model directory (HF or project checkpoint); repeat to compare models")
+    parser.add_argument("--tasks", required=True,
+                        help="comma-separated: mmlu, agieval_en, bbh, agieval_zh, arc_e, arc_c, hellaswag, "
+                             "winogrande, race_m, race_h, gsm8k, math, nq, webqs, lambada, table1, ablation")
+    parser.add_argument("--data-dir", help="local JSONL data, DIR/<dataset>/<config>/<split>.jsonl "
+                                           "(default: download from the HF hub)")
+    parser.add_argument("--output", default="eval_results", help="output directory (default: eval_results)")
+    parser.add_argument("--batch-size", type=int, default=16, help="requests or prompts per batch")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N documents of each task (smoke tests)")
+    parser.add_argument("--max-length", type=int, help="context length (default: the model's)")
+    parser.add_argument("--max-gen-toks", type=int, help="new-token limit of tasks that set none (default 256)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="parameter/compute dtype")
+    parser.add_argument("--config-dir", help="directory of the benchmark configs (default: configs/eval)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from icegrt_jax.eval import require_lm_eval
+
+    require_lm_eval()
+    from lm_eval.utils import handle_non_serializable
+
+    import icegrt_jax.eval.lm_eval_backend  # noqa: F401  registers the model name "icegrt"
+    from icegrt_jax.eval.tasks import (
+        CONFIG_DIR,
+        load_benchmarks,
+        resolve_names,
+        run_benchmarks,
+    )
+
+    config_dir = args.config_dir or CONFIG_DIR
+    benchmarks = load_benchmarks(config_dir)
+    names = resolve_names([n for n in args.tasks.split(",") if n.strip()], benchmarks)
+    for path in args.model:
+        if not os.path.isdir(path):
+            raise UserInputError(f"{path}: no such model directory")
+    out = Path(args.output)
+    labels = model_labels(args.model)
+    all_results = {}
+    for label, path in zip(labels, args.model):
+        model_args = {"pretrained": path, "batch_size": args.batch_size, "max_length": args.max_length,
+                      "max_gen_toks": args.max_gen_toks, "dtype": args.dtype}
+        results = run_benchmarks("icegrt", names, {k: v for k, v in model_args.items() if v is not None},
+                                 data_dir=args.data_dir, work_dir=out / label, limit=args.limit,
+                                 config_dir=config_dir)
+        (out / label).mkdir(parents=True, exist_ok=True)
+        (out / label / "lm_eval_results.json").write_text(
+            json.dumps(results, indent=2, default=handle_non_serializable))
+        all_results[label] = results
+    report = build_report(all_results, dict(zip(labels, args.model)), names, benchmarks)
+    text = render_report(report)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(text)
+    print(text, end="")
+    return 0
+
+
+def model_labels(paths: list[str]) -> list[str]:
+    """Directory names, made unique with a ``-N`` suffix (they also name output sub-directories)."""
+    labels: list[str] = []
+    for path in paths:
+        name = os.path.basename(os.path.normpath(os.path.abspath(path)))
+        labels.append(name if name not in labels else f"{name}-{len(labels) + 1}")
+    return labels
+
+
+def metric_values(entry: dict) -> dict[str, tuple[float, float | None]]:
+    """``metric,filter`` -> (value, stderr or None) of one lm-eval results entry."""
+    values = {}
+    for key, value in entry.items():
+        if key in RESULT_INFO_KEYS or "_stderr," in key or not isinstance(value, (int, float)):
+            continue
+        metric, _, filt = key.partition(",")
+        stderr = entry.get(f"{metric}_stderr,{filt}")
+        values[key] = (float(value), float(stderr) if isinstance(stderr, (int, float)) else None)
+    return values
+
+
+def build_report(all_results: dict[str, dict], paths: dict[str, str], names: list[str], benchmarks: dict) -> dict:
+    """JSON-ready report: the benchmarks (column, headline metric) and, per model, all metrics
+    and the headline scores (None when lm-eval reported no such metric)."""
+    models = {}
+    for label, results in all_results.items():
+        metrics = {name: metric_values(results["results"].get(name, {})) for name in names}
+        models[label] = {
+            "path": paths[label],
+            "scores": {name: metrics[name].get(benchmarks[name].metric, (None,))[0] for name in names},
+            "metrics": {name: {k: {"value": v, "stderr": s} for k, (v, s) in m.items()} for name, m in metrics.items()},
+            "n_shot": {task: int(n) for task, n in results.get("n-shot", {}).items()},
+        }
+    return {
+        "benchmarks": {name: {"column": benchmarks[name].column, "metric": benchmarks[name].metric,
+                              "scoring": benchmarks[name].scoring} for name in names},
+        "models": models,
+    }
+
+
+def render_report(report: dict) -> str:
+    """Markdown: each model's metrics, then (several models) the Table 1-shaped comparison."""
+    from icegrt_jax.eval import markdown_table
+
+    benchmarks = report["benchmarks"]
+    sections = []
+    for label, model in report["models"].items():
+        rows = [[benchmarks[name]["column"] or name, key, f"{m['value']:.4f}",
+                 "" if m["stderr"] is None else f"{m['stderr']:.4f}"]
+                for name, metrics in model["metrics"].items() for key, m in metrics.items()]
+        sections.append(f"## {label}\n\n" + markdown_table(["Benchmark", "Metric", "Value", "Stderr"], rows))
+    if len(report["models"]) > 1:
+        rows = [[label] + ["n/a" if model["scores"][name] is None else f"{100 * model['scores'][name]:.2f}%"
+                           for name in benchmarks]
+                for label, model in report["models"].items()]
+        columns = [b["column"] or name for name, b in benchmarks.items()]
+        sections.append("## Comparison (headline metric of each benchmark)\n\n"
+                        + markdown_table(["Model"] + columns, rows))
+    return "\n\n".join(sections) + "\n"

@@ -1,0 +1,131 @@
+"""``icegrt generate --model DIR (--prompts FILE | --prompt TEXT) --out FILE.jsonl``: sample responses.
+
+Prompts: ``--prompt TEXT`` (repeatable) or ``--prompts FILE`` whose records (JSONL, Parquet, Arrow;
+see ``icegrt_jax.data.sources``) each have a string field ``prompt``; other fields are copied to
+the output. Each prompt is wrapped in the paper's template (``--no-template``: BOS + raw text)
+and tokenised exactly as in SFT. The output has one JSON line per prompt, in input order::
+
+    {..input fields.., "prompt": str, "responses": [{"text": str, "num_tokens": int,
+     "finished_by_eos": bool, "logprob": float}, ...]}   # num_samples responses
+
+``logprob`` is the sum of the sampled tokens' log-probs (see ``icegrt_jax.sampling``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from icegrt_jax.errors import UserInputError
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("generate", help="sample responses from a model (e.g. 5 a prompt for ranking)")
+    parser.add_argument("--model", required=True, help="an HF LLaMA directory or a project checkpoint")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="records with a 'prompt' field (.jsonl, .parquet, .arrow)")
+    source.add_argument("--prompt", action="append", help="a prompt text (repeatable)")
+    parser.add_argument("--out", required=True, help="output JSONL (written atomically)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    parser.add_argument("--no-template", action="store_true", help="do not wrap prompts in the paper's template")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 disables it")
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding")
+    parser.add_argument("--num-samples", type=int, default=1, help="responses per prompt (the paper ranks 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter and compute dtype")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from icegrt_jax import checkpoint, hf
+    from icegrt_jax.data.templates import ICEGRT
+    from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id
+    from icegrt_jax.sampling import SamplingParams, check_prompts, generate
+
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+        max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, seed=args.seed)
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size must be positive, got {args.batch_size}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UserInputError(f"--out {args.out}: directory {out_dir} does not exist")
+    records = _read_prompts(args)
+    tokenizer = _tokenizer(load_tokenizer, args.tokenizer or args.model)
+    overrides = {"param_dtype": args.dtype, "dtype": args.dtype} if args.dtype else {}
+    cfg = hf.load_hf_config(args.model, **overrides)  # check everything before loading weights
+    if len(tokenizer) > cfg.vocab_size:
+        raise UserInputError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+                             f"{cfg.vocab_size}; pass the model's own tokenizer with --tokenizer")
+    prompts = check_prompts([_encode(tokenizer, None if args.no_template else ICEGRT, r["prompt"])
+                             for r in records], cfg)
+    eos = tuple(sorted({i for i in (tokenizer.eos_token_id, cfg.eos_token_id) if i is not None}))
+    params = dataclasses.replace(params, eos_token_ids=eos, pad_id=pad_token_id(tokenizer))
+
+    cfg, model_params = checkpoint.load_model_dir(args.model, progress=True, **overrides)
+    result = generate(hf.model_from_params(cfg, model_params), prompts, params,
+                      batch_size=args.batch_size, progress=True)
+    lines = []
+    for i, record in enumerate(records):
+        responses = []
+        for row in range(i * params.num_samples, (i + 1) * params.num_samples):
+            ids = result.response_tokens(row)
+            text_ids = ids[:-1] if result.finished_by_eos[row] else ids
+            responses.append({"text": tokenizer.decode(text_ids.tolist(), skip_special_tokens=True),
+                              "num_tokens": int(result.lengths[row]),
+                              "finished_by_eos": bool(result.finished_by_eos[row]),
+                              "logprob": float(result.logprobs[row].sum())})
+        lines.append(json.dumps({**record, "responses": responses}, ensure_ascii=False))
+    _write_atomically(args.out, "".join(line + "\n" for line in lines))
+    print(f"wrote {len(records)} prompts x {params.num_samples} responses to {args.out}")
+    return 0
+
+
+def _read_prompts(args) -> list[dict]:
+    from icegrt_jax.data.sources import DataError, iter_records, required_text
+
+    if args.prompt is not None:
+        for i, text in enumerate(args.prompt):
+            if not text.strip():
+                raise UserInputError(f"--prompt number {i + 1} is empty")
+        return [{"prompt": text} for text in args.prompt]
+    records = []
+    for where, record in iter_records(args.prompts):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+        required_text(record, "prompt", where)
+        records.append(dict(record))
+    if not records:
+        raise DataError(f"{args.prompts}: no prompts")
+    return records
+
+
+def _tokenizer(load_tokenizer, path: str):
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        if isinstance(e, UserInputError):
+            raise
+        raise UserInputError(f"{path}: cannot load a tokenizer ({type(e).__name__}); "
+                             "pass a directory with tokenizer files via --tokenizer") from None
+
+
+def _encode(tokenizer, template, text: str):
+    from icegrt_jax.data.tokenize import tokenize_prompt
+
+    if template is not None:
+        return tokenize_prompt(tokenizer, template, text)
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

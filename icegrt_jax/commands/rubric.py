@@ -1,0 +1,30 @@
+"""``icegrt rubric --annotations FILE [FILE ...] [--output DIR]``: the Table 2 rubric, scored per model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "rubric", help="score human annotations with the paper's 8-criterion rubric (Tables 2 and 3)")
+    parser.add_argument("--annotations", nargs="+", required=True,
+                        help="JSONL files, one line per (response, labeler); schema in docs/eval.md")
+    parser.add_argument("--output", help="directory for rubric.md and rubric.json (default: print only)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from icegrt_jax.eval.rubric import load_annotations, render_markdown, rubric_report
+
+    report = rubric_report(load_annotations(args.annotations))
+    text = render_markdown(report)
+    print(text, end="")
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "rubric.md"), "w", encoding="utf-8") as f:
+            f.write(text)
+        with open(os.path.join(args.output, "rubric.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0

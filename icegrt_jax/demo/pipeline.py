@@ -1,0 +1,388 @@
+"""``icegrt demo``'s stages, each writing under the output directory (docs/demo.md).
+
+Stages, in order: ``data`` (the generated JSONL files), ``tokenizer``, ``pretrain`` (stage 0:
+language modelling from scratch), ``sft`` (ICE-Instruct), ``samples`` (5 responses per prompt),
+``annotate`` (3 simulated labelers rank them), ``reward`` (ICE-Reward), ``ppo`` (ICE-GRT),
+``evaluate`` (rubric and general task) and ``export`` (HF format + transformers greedy check);
+then the report is (re)written. A stage whose output is complete is skipped on rerun; the trainers resume from their
+own checkpoints, so an interrupted run continues where it stopped.
+
+Configuration (``configs/demo.yaml``): the ``demo`` section (``DemoConfig``), one section per
+trainer (``pretrain`` and ``sft``: ``SFTConfig``; ``reward``; ``ppo``) and ``fast``: per section,
+the dotted overrides ``--fast`` applies. Paths in the trainer sections start with
+``runs/demo/``, which is rewritten to the output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+import yaml
+
+from icegrt_jax.config import PPOConfig, RewardConfig, SFTConfig, load_config
+from icegrt_jax.demo import annotator, data
+from icegrt_jax.demo.tokenizer import train_tokenizer
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+CONFIG_ROOT = "runs/demo"
+PRETRAIN_PROMPT = "Write a document."
+SECTIONS = {"pretrain": SFTConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
+ICE_INSTRUCT, ICE_GRT = "ICE-Instruct", "ICE-GRT"
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Sizes of the generated data, sampling and evaluation settings of the demo."""
+
+    seed: int = 0
+    vocab_size: int = 1024
+    held_out_ad_fraction: float = 0.2
+    held_out_arithmetic: int = 60
+    pretrain_documents: int = 4000
+    sft_ad_examples: int = 2400
+    sft_arithmetic_examples: int = 1200
+    sft_eval_examples: int = 128
+    ranking_prompts: int = 400
+    ranking_eval_fraction: float = 0.1
+    ppo_prompts: int = 1000
+    eval_ad_prompts: int = 90
+    samples_per_prompt: int = 5
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    generate_batch_size: int = 64
+    export_check_prompts: int = 8
+
+
+@dataclasses.dataclass
+class Run:
+    """Where the demo writes and the resolved configuration of every stage."""
+
+    out: str
+    demo: DemoConfig
+    trainers: dict  # section -> config
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+def relocate(value, root: str):
+    """``value`` (a config dataclass, list or string) with paths under ``runs/demo`` moved to ``root``."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: relocate(getattr(value, f.name), root)
+                                             for f in dataclasses.fields(value)})
+    if isinstance(value, list):
+        return [relocate(v, root) for v in value]
+    if isinstance(value, str) and (value == CONFIG_ROOT or value.startswith(CONFIG_ROOT + "/")):
+        return os.path.join(root, value[len(CONFIG_ROOT) + 1:])
+    return value
+
+
+def load_run(out: str, config_path: str | None = None, fast: bool = False, seed: int | None = None) -> Run:
+    """The demo's configuration from ``config_path`` (default ``configs/demo.yaml``), with the
+    ``fast`` overrides when asked and ``seed`` (if given) for the data, labelers and trainers."""
+    path = str(config_path or DEFAULT_CONFIG)
+    with open(path) as f:
+        fast_overrides = (yaml.safe_load(f) or {}).get("fast", {}) if fast else {}
+
+    def overrides(section: str, seed_key: str) -> list[str]:
+        return list(fast_overrides.get(section, [])) + ([f"{seed_key}={seed}"] if seed is not None else [])
+
+    demo = load_config(DemoConfig, path, overrides("demo", "seed"), section="demo")
+    trainers = {name: relocate(load_config(schema, path, overrides(name, "training.seed"), section=name), out)
+                for name, schema in SECTIONS.items()}
+    return Run(out, demo, trainers)
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def write_jsonl(path: str, records) -> None:
+    """Write atomically (temporary file renamed into place)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+# --- stage: data and tokenizer -----------------------------------------------------------------
+
+DATA_FILES = ("pretrain", "sft_train", "sft_eval", "ranking_prompts", "ppo_prompts", "eval_ad", "eval_general")
+
+
+def generate_data(cfg: DemoConfig) -> dict[str, list[dict]]:
+    """Every generated file's records (module ``data``); ad and arithmetic evaluation prompts are
+    held out of all training data."""
+    rng = random.Random(cfg.seed)
+    quality = data.DemoQuality()
+    ads, held_out_ads = data.split_ad_cases(cfg.seed, cfg.held_out_ad_fraction)
+    sums, held_out_sums = data.split_arithmetic_cases(cfg.seed, cfg.held_out_arithmetic)
+    pretrain = data.pretraining_documents(rng, ads, sums, cfg.pretrain_documents, quality)
+    sft = ([{"prompt": p, "response": data.demonstration(rng, case, quality)}
+            for p, case in data.sample_ad_prompts(rng, ads, cfg.sft_ad_examples)]
+           + [{"prompt": c.question, "response": c.response} for c in rng.choices(sums, k=cfg.sft_arithmetic_examples)])
+    rng.shuffle(sft)
+    eval_ad = [{"prompt": data.ad_prompt(case, form), "prompt_id": f"ad{i}"}
+               for i, (case, form) in enumerate((c, f) for c in held_out_ads for f in range(len(data.QUESTION_FORMS)))]
+    return {
+        "pretrain": [{"prompt": PRETRAIN_PROMPT, "response": doc} for doc in pretrain],
+        "sft_train": sft[cfg.sft_eval_examples:],
+        "sft_eval": sft[:cfg.sft_eval_examples],
+        "ranking_prompts": [{"prompt": p} for p, _ in data.sample_ad_prompts(rng, ads, cfg.ranking_prompts)],
+        "ppo_prompts": [{"prompt": p} for p, _ in data.sample_ad_prompts(rng, ads, cfg.ppo_prompts)],
+        "eval_ad": rng.sample(eval_ad, min(cfg.eval_ad_prompts, len(eval_ad))),
+        "eval_general": [{"prompt": c.question, "answer": c.answer} for c in held_out_sums],
+    }
+
+
+def stage_data(run: Run) -> None:
+    for name, records in generate_data(run.demo).items():
+        write_jsonl(run.path("data", f"{name}.jsonl"), records)
+
+
+def stage_tokenizer(run: Run) -> None:
+    from icegrt_jax.data.templates import ICEGRT
+
+    texts = [r[k] for name in ("pretrain", "sft_train") for r in read_jsonl(run.path("data", f"{name}.jsonl"))
+             for k in ("prompt", "response")]
+    texts += [ICEGRT.preamble, ICEGRT.prompt(""), ICEGRT.response("")]
+    tmp = run.path("data", "tokenizer.tmp")
+    train_tokenizer(texts, run.demo.vocab_size, tmp)
+    os.replace(tmp, run.path("data", "tokenizer"))
+
+
+# --- generation --------------------------------------------------------------------------------
+
+def generate_responses(model_dir: str, prompts: list[str], cfg: DemoConfig, *, greedy: bool = False,
+                       num_samples: int = 1, seed: int = 0) -> list[list[str]]:
+    """``num_samples`` decoded responses per prompt from a saved policy (template-rendered)."""
+    from icegrt_jax.checkpoint import load_model_dir
+    from icegrt_jax.data.templates import ICEGRT
+    from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id, tokenize_prompt
+    from icegrt_jax.hf import abstract_model
+    from icegrt_jax.sampling import SamplingParams, generate
+
+    tokenizer = load_tokenizer(model_dir)
+    model_cfg, params = load_model_dir(model_dir)
+    sampling = SamplingParams(temperature=cfg.temperature, greedy=greedy, max_new_tokens=cfg.max_new_tokens,
+                              eos_token_ids=(tokenizer.eos_token_id,), num_samples=num_samples, seed=seed,
+                              pad_id=pad_token_id(tokenizer))
+    result = generate((abstract_model(model_cfg)[0], params), [tokenize_prompt(tokenizer, ICEGRT, p) for p in prompts],
+                      sampling, batch_size=cfg.generate_batch_size, progress=True)
+    texts = [tokenizer.decode(result.response_tokens(r), skip_special_tokens=True).strip()
+             for r in range(len(result.tokens))]
+    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+
+# --- stage: samples and annotation -------------------------------------------------------------
+
+def stage_samples(run: Run) -> None:
+    prompts = [r["prompt"] for r in read_jsonl(run.path("data", "ranking_prompts.jsonl"))]
+    responses = generate_responses(run.path("sft", "final"), prompts, run.demo,
+                                   num_samples=run.demo.samples_per_prompt, seed=run.demo.seed)
+    write_jsonl(run.path("rlhf", "samples.jsonl"),
+                [{"prompt": p, "responses": r} for p, r in zip(prompts, responses)])
+
+
+def rank_responses(prompt: str, responses: list[str], seed: int, item: int) -> list[list[int]]:
+    """Each simulated labeler's best-first ranking of one prompt's responses."""
+    labels = [annotator.annotate(prompt, r) for r in responses]
+    return [labeler.rank(annotator.labeler_rng(seed, item, k), labels) for k, labeler in enumerate(annotator.LABELERS)]
+
+
+def stage_annotate(run: Run) -> None:
+    from icegrt_jax.data import aggregate_rankings
+
+    samples = read_jsonl(run.path("rlhf", "samples.jsonl"))
+    records = [{**s, "rankings": rank_responses(s["prompt"], s["responses"], run.demo.seed, i)}
+               for i, s in enumerate(samples)]
+    consensus = [aggregate_rankings(r["rankings"]) for r in records]
+    cut = max(1, round(run.demo.ranking_eval_fraction * len(records)))
+    write_jsonl(run.path("rlhf", "rankings_eval.jsonl"), records[:cut])
+    write_jsonl(run.path("rlhf", "rankings_train.jsonl"), records[cut:])
+    write_json(run.path("rlhf", "agreement.json"), {
+        "rankings": len(records), "labelers": [l.name for l in annotator.LABELERS],
+        "mean_kendall_tau": sum(c.mean_kendall_tau for c in consensus) / len(consensus),
+        "mean_kendall_w": sum(c.kendall_w for c in consensus) / len(consensus),
+        "distinct_responses_per_prompt": sum(len(set(r["responses"])) for r in records) / len(records),
+    })
+
+
+# --- stage: trainers ---------------------------------------------------------------------------
+
+def stage_trainer(name: str):
+    def train(run: Run) -> None:
+        from icegrt_jax.train.ppo import run_ppo
+        from icegrt_jax.train.reward import run_reward
+        from icegrt_jax.train.sft import run_sft
+
+        trainer = {"pretrain": run_sft, "sft": run_sft, "reward": run_reward, "ppo": run_ppo}[name]
+        trainer(run.trainers[name])
+
+    return train
+
+
+# --- stage: evaluation -------------------------------------------------------------------------
+
+ANSWER = re.compile(r"The answer is (-?\d+)\.")
+
+
+def general_accuracy(responses: list[str], answers: list[int]) -> float:
+    """Percent of responses whose "The answer is N." states the right N."""
+    correct = sum(bool(m := ANSWER.search(r)) and int(m.group(1)) == a for r, a in zip(responses, answers))
+    return 100.0 * correct / len(answers)
+
+
+def rubric_annotations(model: str, prompts: list[dict], responses: list[str], seed: int) -> list[dict]:
+    """The three labelers' rubric annotations (``eval.rubric`` schema) of one model's responses."""
+    records = []
+    for item, (prompt, response) in enumerate(zip(prompts, responses)):
+        labels = annotator.annotate(prompt["prompt"], response)
+        for k, labeler in enumerate(annotator.LABELERS):
+            rng = annotator.labeler_rng(seed, item, k + len(annotator.LABELERS))
+            records.append({"model": model, "prompt_id": prompt["prompt_id"], "labeler": labeler.name,
+                            "labels": labeler.labels(rng, labels)})
+    return records
+
+
+def rubric_scores(annotations: list[dict]) -> dict:
+    from icegrt_jax.eval.rubric import parse_annotation, rubric_report
+
+    return rubric_report([parse_annotation(a, "demo") for a in annotations])
+
+
+def stage_evaluate(run: Run) -> None:
+    cfg = run.demo
+    ads, general = read_jsonl(run.path("data", "eval_ad.jsonl")), read_jsonl(run.path("data", "eval_general.jsonl"))
+    models = {ICE_INSTRUCT: run.path("sft", "final"), ICE_GRT: run.path("ppo", "final")}
+    results, rows, annotations = {"decoding": {}, "general_accuracy": {}}, [], {"sampled": [], "greedy": []}
+    for model, directory in models.items():
+        for decoding in ("sampled", "greedy"):
+            texts = [r[0] for r in generate_responses(directory, [a["prompt"] for a in ads], cfg,
+                                                      greedy=decoding == "greedy", seed=cfg.seed + 1)]
+            annotations[decoding] += rubric_annotations(model, ads, texts, cfg.seed)
+            rows += [{"model": model, "decoding": decoding, "prompt": a["prompt"], "response": t}
+                     for a, t in zip(ads, texts)]
+        answers = [r[0] for r in generate_responses(directory, [g["prompt"] for g in general], cfg, greedy=True)]
+        results["general_accuracy"][model] = general_accuracy(answers, [g["answer"] for g in general])
+        rows += [{"model": model, "decoding": "greedy", "prompt": g["prompt"], "response": t}
+                 for g, t in zip(general, answers)]
+    for decoding, records in annotations.items():
+        write_jsonl(run.path("eval", f"annotations_{decoding}.jsonl"), records)
+        results["decoding"][decoding] = rubric_scores(records)
+    results["general_prompts"], results["ad_prompts"] = len(general), len(ads)
+    write_jsonl(run.path("eval", "responses.jsonl"), rows)
+    write_json(run.path("eval", "results.json"), results)
+
+
+# --- stage: export -----------------------------------------------------------------------------
+
+def transformers_greedy(hf_dir: str, prompts: list[str], max_new_tokens: int) -> list[str] | None:
+    """Greedy responses of the exported model run by transformers (None without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from icegrt_jax.data.templates import ICEGRT
+    from icegrt_jax.data.tokenize import tokenize_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    texts = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenize_prompt(tokenizer, ICEGRT, prompt).tolist()])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return texts
+
+
+def stage_export(run: Run) -> None:
+    from icegrt_jax.checkpoint import load_model_dir
+    from icegrt_jax.hf import save_hf
+
+    final = run.path("ppo", "final")
+    hf_dir = run.path("export", "hf")
+    save_hf(*load_model_dir(final), hf_dir, tokenizer=final)
+    prompts = [r["prompt"] for r in read_jsonl(run.path("data", "eval_ad.jsonl"))[:run.demo.export_check_prompts]]
+    ours = [r[0] for r in generate_responses(hf_dir, prompts, run.demo, greedy=True)]
+    theirs = transformers_greedy(hf_dir, prompts, run.demo.max_new_tokens)
+    write_json(run.path("export", "check.json"), {
+        "hf_dir": hf_dir, "prompts": len(prompts),
+        "transformers_available": theirs is not None,
+        "identical_greedy": None if theirs is None else sum(a == b for a, b in zip(ours, theirs)),
+        "examples": [{"prompt": p, "ours": a, "transformers": b} for p, a, b in zip(prompts, ours, theirs or [None] * len(ours))],
+    })
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+STAGES = (
+    ("data", stage_data, lambda run: os.path.exists(run.path("data", "eval_general.jsonl"))),
+    ("tokenizer", stage_tokenizer, lambda run: os.path.isdir(run.path("data", "tokenizer"))),
+    ("pretrain", stage_trainer("pretrain"), lambda run: os.path.isdir(run.path("pretrain", "final"))),
+    ("sft", stage_trainer("sft"), lambda run: os.path.isdir(run.path("sft", "final"))),
+    ("samples", stage_samples, lambda run: os.path.exists(run.path("rlhf", "samples.jsonl"))),
+    ("annotate", stage_annotate, lambda run: os.path.exists(run.path("rlhf", "agreement.json"))),
+    ("reward", stage_trainer("reward"), lambda run: os.path.isdir(run.path("reward", "final"))),
+    ("ppo", stage_trainer("ppo"), lambda run: os.path.isdir(run.path("ppo", "final"))),
+    ("evaluate", stage_evaluate, lambda run: os.path.exists(run.path("eval", "results.json"))),
+    ("export", stage_export, lambda run: os.path.exists(run.path("export", "check.json"))),
+)
+
+
+class StageInterrupted(RuntimeError):
+    """A trainer stopped early (SIGTERM/SIGINT); rerunning the same command resumes it."""
+
+
+def run_demo(run: Run) -> dict[str, float]:
+    """Run every stage not yet complete, then write the report; returns and records
+    (``timings.json``) each stage's wall seconds."""
+    from icegrt_jax.demo.report import write_report
+
+    timings_path = run.path("timings.json")
+    timings = read_json(timings_path) if os.path.exists(timings_path) else {}
+    for number, (name, stage, done) in enumerate(STAGES, 1):
+        if done(run):
+            print(f"[demo] {number}/{len(STAGES)} {name}: done, skipped")
+            continue
+        print(f"[demo] {number}/{len(STAGES)} {name} ...", flush=True)
+        began = time.perf_counter()
+        stage(run)
+        if not done(run):
+            raise StageInterrupted(f"stage {name} stopped before finishing; rerun the same command to resume")
+        timings[name] = round(time.perf_counter() - began, 1)
+        write_json(timings_path, timings)
+        print(f"[demo] {number}/{len(STAGES)} {name}: {timings[name]:.1f} s", flush=True)
+    write_report(run, timings)
+    print(f"[demo] report: {run.path('report.md')}")
+    return timings

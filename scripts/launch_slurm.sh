@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Multi-node ICE-GRT on a SLURM GPU cluster: one process per node, each driving its node's GPUs.
+#
+#   sbatch scripts/launch_slurm.sh ppo --config configs/vicuna-13b-ppo.yaml mesh.data=8 mesh.fsdp=4 mesh.tensor=2
+#
+# JAX's multi-controller runtime starts itself: with more than one SLURM task, every trainer calls
+# icegrt_jax.sharding.initialize_distributed(), which lets jax.distributed detect the coordinator
+# (the first node), the process count and each process's id from SLURM's variables. Every process
+# runs the same command on the global mesh; process 0 writes logs and progress, all processes write
+# checkpoints (Orbax), and a rerun of the same command resumes from the newest one.
+# Plan the mesh first: icegrt plan --config FILE --devices 64 --device-memory 80 (docs/bench_plan.md).
+#
+#SBATCH --job-name=icegrt
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+# shellcheck disable=SC1091
+. "${VENV:-.venv}/bin/activate"
+mkdir -p logs
+
+# Let XLA use most of each GPU's memory for the preallocated pool, and keep NCCL on the fabric.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+# Without SLURM (or to override detection) set these instead on every process:
+#   JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i
+
+srun --kill-on-bad-exit=1 icegrt "$@"

@@ -1,0 +1,112 @@
+"""``icegrt demo``: the generated data, the annotator and labelers, and every stage end to end on
+settings smaller than ``--fast`` (the report's structure, resume, the HF export's greedy parity).
+The rubric gain is measured by the full run (docs/bench_demo.md), not asserted here."""
+
+import dataclasses
+import json
+import os
+import random
+
+import pytest
+
+from icegrt_jax.demo import annotator, data, pipeline
+from icegrt_jax.eval.rubric import CRITERION_WEIGHTS
+
+
+def test_generated_data_is_deterministic_and_holds_out_evaluation_ads():
+    cfg = dataclasses.replace(pipeline.DemoConfig(), pretrain_documents=50, sft_ad_examples=60,
+                              sft_arithmetic_examples=20, ranking_prompts=10, ppo_prompts=10)
+    first, second = pipeline.generate_data(cfg), pipeline.generate_data(cfg)
+    assert first == second
+    held_out = {r["prompt"] for r in first["eval_ad"]}
+    for name in ("sft_train", "sft_eval", "ranking_prompts", "ppo_prompts"):
+        assert not held_out & {r["prompt"] for r in first[name]}, name
+    general = {r["prompt"] for r in first["eval_general"]}
+    assert not general & {r["prompt"] for r in first["sft_train"] + first["sft_eval"]}
+
+
+def test_annotator_scores_ideal_responses_positive_and_flaws_down():
+    case = next(c for c in data.all_ad_cases() if c.policy == "sexual hint")
+    prompt = data.ad_prompt(case, 0)
+    assert set(annotator.annotate(prompt, data.ideal_response(case)).values()) == {"positive"}
+    wrong = annotator.annotate(prompt, data.statement("political content"))
+    assert wrong["accuracy"] == "negative" and wrong["completeness"] == "negative"
+    curt = annotator.annotate(prompt, data.CURT_ANSWER)
+    assert curt["courtesy"] == "negative" and curt["accuracy"] == "negative"
+    unsafe = " ".join((data.statement(case.policy), data.reason_sentence(case.policy, case),
+                       data.rewrite_sentence(case.policy, case, unsafe=True)))
+    labels = annotator.annotate(prompt, unsafe)
+    assert labels["safety"] == "negative" and labels["comfortableness"] == "negative"
+    verbose = data.ideal_response(case) + " " + " ".join(data.FILLER)
+    assert annotator.annotate(prompt, verbose)["conciseness"] == "negative"
+    garbled = annotator.annotate(prompt, data.ideal_response(case) + " policy policy the the ad")
+    assert garbled["clarity"] == "negative"
+
+
+def test_demonstrations_are_of_mixed_quality_and_labelers_rank_them():
+    rng = random.Random(0)
+    cases = data.all_ad_cases()
+    labels = []
+    for _ in range(400):
+        case = rng.choice(cases)
+        labels.append(annotator.annotate(data.ad_prompt(case, 1), data.demonstration(rng, case, data.DemoQuality())))
+    for criterion in ("accuracy", "completeness", "conciseness", "safety", "courtesy"):
+        assert {"positive", "negative"} <= {l[criterion] for l in labels}, criterion
+    assert {"positive", "neutral"} <= {l["clarity"] for l in labels}
+    rankings = pipeline.rank_responses(data.ad_prompt(cases[0], 0), ["x"] * 2 + [data.ideal_response(cases[0])] * 3,
+                                       seed=0, item=0)
+    assert len(rankings) == len(annotator.LABELERS)
+    assert all(sorted(r) == list(range(5)) and set(r[:3]) == {2, 3, 4} for r in rankings)
+
+
+def smallest_run(out: str) -> pipeline.Run:
+    """The ``--fast`` configuration shrunk further, so every stage runs in seconds."""
+    run = pipeline.load_run(out, fast=True)
+    demo = dataclasses.replace(run.demo, pretrain_documents=200, sft_ad_examples=120, sft_arithmetic_examples=40,
+                               sft_eval_examples=16, ranking_prompts=24, ppo_prompts=16, eval_ad_prompts=8,
+                               held_out_arithmetic=8, max_new_tokens=32, export_check_prompts=2)
+    shrink = {"pretrain": "training.steps=4", "sft": "training.steps=6", "reward": "training.steps=3",
+              "ppo": "training.steps=2"}
+
+    def small(name, cfg):
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(
+            cfg.training, steps=int(shrink[name].split("=")[1]), save_every=100, eval_every=100))
+        if name == "pretrain":
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                cfg.model, hidden_size=32, intermediate_size=64, num_layers=1))
+        if name == "ppo":
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompts_per_iteration=8),
+                                      rollout=dataclasses.replace(cfg.rollout, max_new_tokens=32))
+        return cfg
+
+    return dataclasses.replace(run, demo=demo, trainers={k: small(k, v) for k, v in run.trainers.items()})
+
+
+def test_every_stage_runs_writes_the_report_and_resumes(tmp_path, capsys):
+    pytest.importorskip("torch")
+    out = str(tmp_path / "demo")
+    run = smallest_run(out)
+    timings = pipeline.run_demo(run)
+    assert list(timings) == [name for name, _, _ in pipeline.STAGES]
+
+    report = open(os.path.join(out, "report.md")).read()
+    for heading in ("## Summary", "## In-domain rubric", "## Training curves", "## Stage wall times",
+                    "Overall Score", "Fleiss' kappa", "General task", "Reward model: held-out pairwise accuracy",
+                    "Kendall tau"):
+        assert heading in report, heading
+    for criterion in CRITERION_WEIGHTS:
+        assert criterion.capitalize() in report
+    for png in ("ppo_curves.png", "reward_curve.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+    results = json.load(open(os.path.join(out, "eval", "results.json")))
+    for decoding in ("sampled", "greedy"):
+        assert set(results["decoding"][decoding]["scores"]) == {pipeline.ICE_INSTRUCT, pipeline.ICE_GRT}
+    check = json.load(open(os.path.join(out, "export", "check.json")))
+    assert check["transformers_available"] and check["identical_greedy"] == check["prompts"] == 2
+    assert os.path.exists(os.path.join(out, "export", "hf", "model.safetensors"))
+
+    capsys.readouterr()
+    again = pipeline.run_demo(run)
+    skipped = capsys.readouterr().out
+    assert skipped.count("done, skipped") == len(pipeline.STAGES) and "report:" in skipped
+    assert again.keys() == timings.keys()

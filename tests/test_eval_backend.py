@@ -1,0 +1,199 @@
+"""The lm-eval backend and the paper's settings: parity with lm-eval's transformers backend on the
+same weights, simple_evaluate end to end on local data in the upstream schemas, and bad input."""
+
+import json
+import shutil
+import sys
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from helpers import make_hf_llama
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+
+from icegrt_jax.cli import main
+from icegrt_jax.commands.eval import model_labels
+from icegrt_jax.data.tokenize import load_tokenizer
+from icegrt_jax.eval import MissingExtraError, require_lm_eval
+from icegrt_jax.eval.lm_eval_backend import IceGRTLM, early_stop_ids, scoring_rows
+from icegrt_jax.eval.tasks import (
+    LocalDataError,
+    UnknownTaskError,
+    build_task_manager,
+    data_splits,
+    load_benchmarks,
+    local_split_path,
+    resolve_names,
+)
+
+TABLE1_COLUMNS = ["MMLU 5-shot", "AGIEval few-shot", "BBH 3-shot", "AGIEval-ZH few-shot", "ARC-E 1-shot",
+                  "ARC-C 1-shot", "HellaSWAG 1-shot", "Winogrande 1-shot", "RACE-M 1-shot", "RACE-H 1-shot",
+                  "GSM8K 8-shot", "Math 4-shot"]
+LONG_TEXT = " ".join(f"The quick brown fox number {i} jumps over the lazy dog." for i in range(40))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A random tiny HF LLaMA (vocab 512, context 256) with the tiny tokenizer beside it."""
+    path = tmp_path_factory.mktemp("tiny_eval_model") / "model_a"
+    torch_model = make_hf_llama(path, vocab=512)
+    shutil.copytree(tiny_tokenizer_dir, path, dirs_exist_ok=True)
+    return path, torch_model
+
+
+@pytest.fixture(scope="module")
+def backends(model_dir):
+    """(ours, lm-eval's hf backend) over the same weights and tokenizer."""
+    HFLM = pytest.importorskip("lm_eval.models.huggingface", reason="needs lm-eval[hf]").HFLM
+    path, torch_model = model_dir
+    ours = IceGRTLM(pretrained=str(path), batch_size=4, max_gen_toks=12)
+    theirs = HFLM(pretrained=torch_model, tokenizer=ours.tokenizer, batch_size=4, max_length=256)
+    return ours, theirs
+
+
+def requests(kind, args):
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_registered_under_icegrt():
+    assert get_model("icegrt") is IceGRTLM
+
+
+def test_loglikelihood_matches_transformers(backends):
+    ours, theirs = backends
+    question = "Question: What is the capital of France?\nAnswer:"
+    pairs = [(question, f" {letter}") for letter in "ABCD"]  # one forward pass for all four
+    pairs += [(question, " The capital of France is Paris."), ("", "Waves roll in and out again."),
+              ("Write a short poem about the sea.", " Waves roll in"), (LONG_TEXT, " and out again.")]
+    got = ours.loglikelihood(requests("loglikelihood", pairs))
+    want = theirs.loglikelihood(requests("loglikelihood", pairs))
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
+
+    docs = [("Numbers: 0 1 2 3 4 5 6 7 8 9.",), (LONG_TEXT,)]  # the long one spans two windows
+    got = ours.loglikelihood_rolling(requests("loglikelihood_rolling", docs))
+    want = theirs.loglikelihood_rolling(requests("loglikelihood_rolling", docs))
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_generate_until_matches_transformers(backends):
+    """Greedy, cut at stop strings; the prompts are left-truncated to max_length - max_gen_toks, so
+    they share their compiled shapes with the gsm8k run of the end-to-end test."""
+    ours, theirs = backends
+    early_stops = {"until": ["\n", "."], "do_sample": False, "max_gen_toks": 12}
+    late_stops = {"until": ["Q:"], "do_sample": False, "max_gen_toks": 12}
+    endings = [" Question: What is the capital of France?\nAnswer:", " The quick brown fox", " Numbers: 0 1 2"]
+    prompts = [(LONG_TEXT + end, kwargs) for kwargs in (early_stops, late_stops) for end in endings]
+    got = ours.generate_until(requests("generate_until", prompts))
+    assert got == theirs.generate_until(requests("generate_until", prompts))
+
+
+def test_scoring_rows_group_shared_inputs():
+    rows = scoring_rows([([1, 5], [7]), ([1, 5], [8]), ([1], [5, 9]), ([1, 2, 3], [4])], max_length=8)
+    assert [(r.inputs, r.num_continuation, r.requests) for r in rows] == [
+        ((1, 2, 3), 1, [(3, 4)]), ((1, 5), 1, [(0, 7), (1, 8)]), ((1, 5), 2, [(2, 9)])]
+    (row,) = scoring_rows([(list(range(1, 10)), [10, 11])], max_length=4)  # truncated from the left
+    assert row.inputs == (7, 8, 9, 10) and row.requests == [(0, 11)]
+
+
+def test_early_stop_ids(tiny_tokenizer_dir):
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    newline, dot = (tokenizer.encode(s, add_special_tokens=False)[0] for s in ("\n", "."))
+    assert early_stop_ids(tokenizer, ["\n", ".", "Question:"]) == (newline, dot)
+    assert early_stop_ids(tokenizer, [".", "x.y"]) == ()  # "." could be the middle of a longer stop
+
+
+# --- the paper's settings and local data ----------------------------------------------------------
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """ARC-Easy and GSM8K items in the schemas of allenai/ai2_arc and openai/gsm8k."""
+    root = tmp_path_factory.mktemp("eval_data")
+    arc = [{"id": f"q{i}", "question": f"What is {i} plus one?",
+            "choices": {"text": [str(i + 1), str(i + 2), "a fox", "the sea"], "label": ["A", "B", "C", "D"]},
+            "answerKey": "A"} for i in range(4)]
+    for split in ("train", "test"):
+        write_jsonl(root / "allenai/ai2_arc/ARC-Easy" / f"{split}.jsonl", arc)
+    gsm8k = [{"question": f"Tom has {i} apples and buys 2 more. How many apples does he have?",
+              "answer": f"He has {i} + 2 = {i + 2} apples.\n#### {i + 2}"} for i in range(3)]
+    write_jsonl(root / "openai/gsm8k/main/test.jsonl", gsm8k)
+    return root
+
+
+def test_paper_settings():
+    benchmarks = load_benchmarks()
+    table1 = resolve_names(["table1"], benchmarks)
+    assert [benchmarks[n].column for n in table1] == TABLE1_COLUMNS
+    assert resolve_names(["ablation"], benchmarks) == ["icegrt_nq", "icegrt_webqs", "icegrt_lambada"]
+    assert resolve_names(["arc_e", "icegrt_arc_e", "table1"], benchmarks)[:2] == ["icegrt_arc_e", "icegrt_mmlu"]
+    assert benchmarks["icegrt_gsm8k"].metric == "exact_match,flexible-extract"
+    assert {benchmarks[n].scoring for n in table1} == {"loglikelihood", "generate"}
+
+
+def test_local_data_layout_and_splits(tmp_path):
+    arc = {"task": "arc_easy", "dataset_path": "allenai/ai2_arc", "dataset_name": "ARC-Easy",
+           "training_split": "train", "validation_split": "validation", "test_split": "test"}
+    assert data_splits(arc) == ("test", "train")
+    assert local_split_path(tmp_path, arc, "test") == tmp_path / "allenai/ai2_arc/ARC-Easy/test.jsonl"
+    inline_shots = {"test_split": "test", "fewshot_config": {"samples": [{"question": "q"}]}}
+    assert data_splits(inline_shots) == ("test", None)
+    assert data_splits({"validation_split": "validation", "fewshot_split": "dev"}) == ("validation", "dev")
+    assert local_split_path(tmp_path, {"dataset_path": "Rowan/hellaswag"}, "train") == tmp_path / "Rowan/hellaswag/train.jsonl"
+
+
+def test_eval_cli_end_to_end_two_models(model_dir, data_dir, tmp_path, capsys):
+    """simple_evaluate by registered name: a log-likelihood task and a generation task on local data,
+    two models side by side."""
+    path_a, _ = model_dir
+    path_b = path_a.parent / "model_b"
+    make_hf_llama(path_b, vocab=512, seed=1)
+    shutil.copytree(path_a, path_b, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(path_a), "--model", str(path_b), "--tasks", "arc_e,gsm8k",
+                 "--data-dir", str(data_dir), "--output", str(out), "--batch-size", "4", "--max-gen-toks", "12"]) == 0
+    shown = capsys.readouterr().out
+    assert "| Model | ARC-E 1-shot | GSM8K 8-shot |" in shown and "| model_b |" in shown
+    report = json.loads((out / "results.json").read_text())
+    for label in ("model_a", "model_b"):
+        model = report["models"][label]
+        assert (model["n_shot"]["arc_easy"], model["n_shot"]["gsm8k_cot"]) == (1, 8)
+        assert 0.0 <= model["scores"]["icegrt_arc_e"] <= 1.0 and 0.0 <= model["scores"]["icegrt_gsm8k"] <= 1.0
+        raw = json.loads((out / label / "lm_eval_results.json").read_text())
+        assert raw["results"]["arc_easy"]["sample_len"] == 4 and raw["results"]["gsm8k_cot"]["sample_len"] == 3
+    assert "dataset_path: json" in (out / "model_a/local_tasks/arc_easy.yaml").read_text()
+
+
+def test_model_labels_are_unique_directory_names():
+    assert model_labels(["runs/a/ckpt", "runs/b/ckpt/", "runs/c"]) == ["ckpt", "ckpt-2", "c"]
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_unknown_task_name(capsys):
+    with pytest.raises(UnknownTaskError, match="unknown task 'mmlu_pro'.*arc_e"):
+        resolve_names(["mmlu_pro"], load_benchmarks())
+    assert main(["eval", "--model", ".", "--tasks", "arc_e,nonsense"]) == 2
+    assert "unknown task 'nonsense'" in capsys.readouterr().err
+
+
+def test_missing_data_file(data_dir, tmp_path):
+    benchmarks = load_benchmarks()
+    with pytest.raises(LocalDataError, match=r"missing 2 local data file.*ARC-Challenge/test\.jsonl, .*/train\.jsonl"):
+        build_task_manager(["icegrt_arc_c"], benchmarks, data_dir=data_dir, work_dir=tmp_path)
+    with pytest.raises(LocalDataError, match="no such data directory"):
+        build_task_manager(["icegrt_arc_c"], benchmarks, data_dir=tmp_path / "nowhere", work_dir=tmp_path)
+
+
+def test_missing_lm_eval_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(MissingExtraError, match=r"pip install icegrt-jax\[eval\]"):
+        require_lm_eval()
+    assert main(["eval", "--model", ".", "--tasks", "arc_e"]) == 2
+    assert "pip install icegrt-jax[eval]" in capsys.readouterr().err

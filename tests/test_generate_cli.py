@@ -1,0 +1,93 @@
+"""``icegrt generate``: template, tokenizer, samples per prompt, output format and input errors."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import make_hf_llama
+
+from icegrt_jax import cli
+from icegrt_jax.data.templates import ICEGRT
+from icegrt_jax.data.tokenize import load_tokenizer, tokenize_prompt
+from icegrt_jax.hf import load_hf, model_from_params
+from icegrt_jax.sampling import SamplingParams, generate
+
+PROMPTS = ["What is the capital of France?", "Write a short poem about the sea."]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A random tiny HF LLaMA whose vocabulary is the tiny tokenizer's, saved with it."""
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    path = tmp_path_factory.mktemp("generate_model")
+    make_hf_llama(path, vocab=len(tokenizer))
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def run_cli(*argv):
+    return cli.main(["generate", *map(str, argv)])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_generate_file_with_template_and_samples(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    out = tmp_path / "out.jsonl"
+    assert run_cli("--model", model_dir, "--prompts", prompts, "--out", out, "--num-samples", 3,
+                   "--max-new-tokens", 6, "--temperature", 0.9, "--top-p", 0.95, "--batch-size", 1) == 0
+    records = read_jsonl(out)
+    assert [(r["id"], r["prompt"]) for r in records] == list(enumerate(PROMPTS))
+    for record in records:
+        assert len(record["responses"]) == 3
+        for response in record["responses"]:
+            assert 1 <= response["num_tokens"] <= 6 and isinstance(response["text"], str)
+            assert response["finished_by_eos"] or response["num_tokens"] == 6
+            assert response["logprob"] <= 0
+
+
+def test_greedy_text_equals_the_library_on_the_templated_prompt(model_dir, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run_cli("--model", model_dir, "--prompt", PROMPTS[0], "--out", out, "--greedy",
+                   "--max-new-tokens", 6) == 0
+    [record] = read_jsonl(out)
+
+    tokenizer = load_tokenizer(model_dir)
+    ids = tokenize_prompt(tokenizer, ICEGRT, PROMPTS[0])
+    assert tokenizer.decode(ids).startswith("<s>Below is an instruction")
+    assert tokenizer.decode(ids).endswith("### USER: " + PROMPTS[0] + " ASSISTANT:")
+    cfg, params = load_hf(model_dir)
+    result = generate(model_from_params(cfg, params), [ids],
+                      SamplingParams(greedy=True, max_new_tokens=6, eos_token_ids=(tokenizer.eos_token_id,)))
+    tokens = result.response_tokens(0)
+    if result.finished_by_eos[0]:
+        tokens = tokens[:-1]
+    [response] = record["responses"]
+    assert response["text"] == tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+    assert response["num_tokens"] == int(result.lengths[0])
+    np.testing.assert_allclose(response["logprob"], result.logprobs[0].sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "temperature must be"),
+    (["--prompts", "{bad}"], "missing field 'prompt'"),
+    (["--prompts", "{empty}"], "no prompts"),
+    (["--prompt", "x" * 2000], "the model's context is 256"),
+])
+def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, argv, message):
+    bad, empty = tmp_path / "bad.jsonl", tmp_path / "empty.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
+    empty.write_text("\n")
+    argv = [a.format(bad=bad, empty=empty) for a in argv]
+    if "--prompts" not in argv and "--prompt" not in argv:
+        argv += ["--prompt", "hello"]
+    assert run_cli("--model", model_dir, "--out", tmp_path / "out.jsonl", *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("icegrt generate: error:") and len(err.splitlines()) == 1
+    if message.startswith("missing"):
+        assert f"{bad}:2" in err

@@ -1,0 +1,108 @@
+"""Two processes joined by jax.distributed (gloo CPU collectives) train SFT like one process.
+
+Each process has one CPU device; the mesh ``data=-1`` spans both, every process builds the same
+global batch and feeds its own rows. The run is split in two launches so the second restores
+the first's checkpoint on every process. Tolerance: parameters within 1e-4 after 3 AdamW steps at
+lr 1e-3 (the gradient is summed in a different order; Adam's per-coordinate normalisation turns
+rounding noise on near-zero gradients into at most ~lr per step), losses within 1e-5 relative.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from icegrt_jax.checkpoint import load_model
+
+RECORDS = [
+    {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
+    {"prompt": "Write a short poem about the sea.", "response": "Waves roll in and out again."},
+    {"prompt": "Numbers: 1 2 3?", "response": "4 5 6."},
+    {"prompt": "The quick brown fox?", "response": "Jumps over the lazy dog."},
+    {"prompt": "Numbers: 7 8?", "response": "9 0 1 2."},
+    {"prompt": "What is 2 + 2?", "response": "4."},
+]
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sft_config(tmp_path, tokenizer_dir, name: str) -> str:
+    with open(tmp_path / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in RECORDS)
+    config = {
+        "model": {"preset": "tiny", "vocab_size": 512},
+        "optimizer": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"},
+        "data": {"train_files": [str(tmp_path / "train.jsonl")], "tokenizer_path": tokenizer_dir,
+                 "max_length": 64, "batch_size": 4, "bucket_boundaries": [64]},
+        "training": {"steps": 3, "save_every": 2, "log_every": 1, "output_dir": str(tmp_path / name)},
+        "mesh": {"data": -1},
+        "logging": {"progress": True, "tensorboard": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def launch(config: str, steps: int, num_processes: int) -> list[subprocess.Popen]:
+    """``icegrt sft`` in ``num_processes`` processes (JAX_* variables name the coordinator)."""
+    port = free_port()
+    procs = []
+    for rank in range(num_processes):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
+        if num_processes > 1:
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
+                       JAX_PROCESS_ID=str(rank))
+        cmd = [sys.executable, "-m", "icegrt_jax.cli", "sft", "--config", config, f"training.steps={steps}"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs) -> list[tuple[str, str]]:
+    outputs = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("a training process hung")
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append((out, err))
+    return outputs
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def test_two_processes_train_like_one(tmp_path, tiny_tokenizer_dir):
+    multi = sft_config(tmp_path, tiny_tokenizer_dir, "multi")
+    single = sft_config(tmp_path, tiny_tokenizer_dir, "single")
+    reference = launch(single, steps=3, num_processes=1)
+    first = finish(launch(multi, steps=2, num_processes=2))
+    resumed = finish(launch(multi, steps=3, num_processes=2))
+    finish(reference)
+
+    assert "resumed from step 2" in resumed[0][0]
+    progress_bar = re.compile(r"sft: +\d+%")
+    assert progress_bar.search(first[0][1]) and not progress_bar.search(first[1][1])  # on process 0 only
+    multi_metrics, single_metrics = metrics(tmp_path / "multi"), metrics(tmp_path / "single")
+    assert [m["step"] for m in multi_metrics] == [1, 2, 3]  # logged once, by process 0
+    for m, s in zip(multi_metrics, single_metrics):
+        assert m["loss"] == pytest.approx(s["loss"], rel=1e-5)
+    _, multi_params = load_model(str(tmp_path / "multi" / "final"))
+    _, single_params = load_model(str(tmp_path / "single" / "final"))
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                         multi_params, single_params)
+    assert max(jax.tree.leaves(diffs)) < 1e-4
