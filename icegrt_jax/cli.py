@@ -13,7 +13,7 @@ import sys
 from icegrt_jax.errors import UserInputError
 
 EXIT_USAGE = 2
-COMMANDS = ("convert", "demo", "sft", "reward", "ppo", "generate", "eval", "rubric", "plan")
+COMMANDS = ("convert", "demo", "train", "generate", "eval", "rubric", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
