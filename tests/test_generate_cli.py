@@ -91,3 +91,28 @@ def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, argv, mess
     assert message in err and err.startswith("icegrt generate: error:") and len(err.splitlines()) == 1
     if message.startswith("missing"):
         assert f"{bad}:2" in err
+
+
+def test_sample_writes_the_annotation_file_that_becomes_ranking_data(model_dir, tmp_path):
+    from icegrt_jax.data.preferences import load_preferences
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    out = tmp_path / "annotate.jsonl"
+    assert cli.main(["sample", "--model", model_dir, "--prompts", str(prompts), "--n", "5", "--out", str(out),
+                     "--max-new-tokens", "6", "--seed", "3"]) == 0
+    records = read_jsonl(out)
+    assert [(r["prompt_id"], r["prompt"]) for r in records] == [("p0", PROMPTS[0]), ("p1", PROMPTS[1])]
+    assert all(len(r["responses"]) == 5 for r in records)
+    assert records[0]["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6,
+                                      "seed": 3, "model": model_dir}
+    # the same samples as `generate`, in a seeded random order
+    plain = tmp_path / "plain.jsonl"
+    assert run_cli("--model", model_dir, "--prompts", prompts, "--out", plain, "--num-samples", 5,
+                   "--max-new-tokens", 6, "--seed", 3) == 0
+    for shuffled, ordered in zip(records, read_jsonl(plain)):
+        assert sorted(shuffled["responses"]) == sorted(r["text"] for r in ordered["responses"])
+    ranked = tmp_path / "ranked.jsonl"
+    ranked.write_text("".join(json.dumps({**r, "rankings": [[0, 1, 2, 3, 4]] * 3}) + "\n" for r in records))
+    pairs, report = load_preferences([str(ranked)])
+    assert report.ranking_records == 2 and len(pairs) + report.identical_pairs_dropped == 8

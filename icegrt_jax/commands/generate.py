@@ -9,6 +9,12 @@ and tokenised exactly as in SFT. The output has one JSON line per prompt, in inp
      "finished_by_eos": bool, "logprob": float}, ...]}   # num_samples responses
 
 ``logprob`` is the sum of the sampled tokens' log-probs (see ``icegrt_jax.sampling``).
+
+``icegrt sample --model DIR --prompts FILE --n 5 --out FILE.jsonl`` writes the annotation input of
+the paper's data collection instead: per prompt ``{"prompt_id", "prompt", "responses": [n texts in
+a random order, seeded], "sampling": {...settings, "model"}}``. Labelers add ``"rankings"`` (one
+best-first list of response indices each) and the file becomes ICE-Reward training data
+(``icegrt_jax.data.preferences``). ``prompt_id`` is the record's ``id`` field, else its index.
 """
 
 from __future__ import annotations
@@ -21,7 +27,16 @@ from icegrt_jax.errors import UserInputError
 
 
 def register(subparsers):
-    parser = subparsers.add_parser("generate", help="sample responses from a model (e.g. 5 a prompt for ranking)")
+    generate = subparsers.add_parser("generate", help="sample responses from a model")
+    _add_arguments(generate, samples_flag="--num-samples", default_samples=1)
+    generate.add_argument("--greedy", action="store_true", help="argmax decoding")
+    generate.set_defaults(func=run)
+    sample = subparsers.add_parser("sample", help="n responses a prompt in random order, for annotators to rank")
+    _add_arguments(sample, samples_flag="--n", default_samples=5)
+    sample.set_defaults(func=run_sample, greedy=False)
+
+
+def _add_arguments(parser, samples_flag: str, default_samples: int):
     parser.add_argument("--model", required=True, help="an HF LLaMA directory or a project checkpoint")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts", help="records with a 'prompt' field (.jsonl, .parquet, .arrow)")
@@ -33,15 +48,41 @@ def register(subparsers):
     parser.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 disables it")
-    parser.add_argument("--greedy", action="store_true", help="argmax decoding")
-    parser.add_argument("--num-samples", type=int, default=1, help="responses per prompt (the paper ranks 5)")
+    parser.add_argument(samples_flag, dest="num_samples", type=int, default=default_samples,
+                        help=f"responses per prompt (default {default_samples}; the paper ranks 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter and compute dtype")
-    parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    records, responses, params = sample_responses(args)
+    lines = [json.dumps({**record, "responses": rows}, ensure_ascii=False) for record, rows in zip(records, responses)]
+    _write_atomically(args.out, "".join(line + "\n" for line in lines))
+    print(f"wrote {len(records)} prompts x {params.num_samples} responses to {args.out}")
+    return 0
+
+
+def run_sample(args) -> int:
+    import numpy as np
+
+    records, responses, params = sample_responses(args)
+    settings = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+                "max_new_tokens": params.max_new_tokens, "seed": params.seed, "model": args.model}
+    lines = []
+    for i, (record, rows) in enumerate(zip(records, responses)):
+        order = np.random.default_rng((params.seed, i)).permutation(len(rows))
+        lines.append(json.dumps({"prompt_id": str(record.get("id", i)), "prompt": record["prompt"],
+                                 "responses": [rows[j]["text"] for j in order], "sampling": settings},
+                                ensure_ascii=False))
+    _write_atomically(args.out, "".join(line + "\n" for line in lines))
+    print(f"wrote {len(records)} prompts x {params.num_samples} responses (random order) to {args.out}")
+    return 0
+
+
+def sample_responses(args):
+    """(records, per-record lists of {text, num_tokens, finished_by_eos, logprob}, SamplingParams);
+    everything is checked before the weights are loaded."""
     from icegrt_jax import checkpoint, hf
     from icegrt_jax.data.templates import ICEGRT
     from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id
@@ -58,7 +99,7 @@ def run(args) -> int:
     records = _read_prompts(args)
     tokenizer = _tokenizer(load_tokenizer, args.tokenizer or args.model)
     overrides = {"param_dtype": args.dtype, "dtype": args.dtype} if args.dtype else {}
-    cfg = hf.load_hf_config(args.model, **overrides)  # check everything before loading weights
+    cfg = hf.load_hf_config(args.model, **overrides)
     if len(tokenizer) > cfg.vocab_size:
         raise UserInputError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
                              f"{cfg.vocab_size}; pass the model's own tokenizer with --tokenizer")
@@ -70,20 +111,18 @@ def run(args) -> int:
     cfg, model_params = checkpoint.load_model_dir(args.model, progress=True, **overrides)
     result = generate(hf.model_from_params(cfg, model_params), prompts, params,
                       batch_size=args.batch_size, progress=True)
-    lines = []
-    for i, record in enumerate(records):
-        responses = []
+    responses = []
+    for i in range(len(records)):
+        rows = []
         for row in range(i * params.num_samples, (i + 1) * params.num_samples):
             ids = result.response_tokens(row)
             text_ids = ids[:-1] if result.finished_by_eos[row] else ids
-            responses.append({"text": tokenizer.decode(text_ids.tolist(), skip_special_tokens=True),
-                              "num_tokens": int(result.lengths[row]),
-                              "finished_by_eos": bool(result.finished_by_eos[row]),
-                              "logprob": float(result.logprobs[row].sum())})
-        lines.append(json.dumps({**record, "responses": responses}, ensure_ascii=False))
-    _write_atomically(args.out, "".join(line + "\n" for line in lines))
-    print(f"wrote {len(records)} prompts x {params.num_samples} responses to {args.out}")
-    return 0
+            rows.append({"text": tokenizer.decode(text_ids.tolist(), skip_special_tokens=True),
+                         "num_tokens": int(result.lengths[row]),
+                         "finished_by_eos": bool(result.finished_by_eos[row]),
+                         "logprob": float(result.logprobs[row].sum())})
+        responses.append(rows)
+    return records, responses, params
 
 
 def _read_prompts(args) -> list[dict]:

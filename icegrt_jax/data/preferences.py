@@ -12,7 +12,7 @@ Two JSONL record shapes are accepted, and may be mixed in one file:
   and the pairs are ``ranking_to_pairs(consensus, top_k, bottom_k)``: 5 responses -> 4 pairs.
   Every ranking record of a dataset must have the same number of responses and of labelers
   (the paper: 5 and 3); a record that differs is an error naming its line, since mixed counts
-  usually mean a broken export. Pairs whose two response texts are identical (sampling can
+  usually mean a broken export. A response may be empty (a sample that ended at once). Pairs whose two response texts are identical (sampling can
   repeat itself) carry no preference: they are dropped and counted in the report.
 - Pairs (HH-RLHF / UltraFeedback-binarised shape)::
 
@@ -116,7 +116,10 @@ def _ranking_pairs(record: dict, where: str, top_k: int, bottom_k: int,
     responses, rankings = record.get("responses"), record.get("rankings")
     if not isinstance(responses, list) or not responses:
         raise DataError(f"{where}: field 'responses' must be a non-empty list of strings")
-    texts = [required_text({"r": r}, "r", where, name=f"responses[{i}]") for i, r in enumerate(responses)]
+    for i, text in enumerate(responses):  # an empty response is a real (bad) sample: it gets ranked
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field 'responses[{i}]' must be a string, got {type(text).__name__}")
+    texts = list(responses)
     if not isinstance(rankings, list) or not rankings or not all(isinstance(r, list) for r in rankings):
         raise DataError(f"{where}: field 'rankings' must be a non-empty list of rankings (one per labeler)")
     _check_counts(report, len(texts), len(rankings), where)
