@@ -228,10 +228,7 @@ def plan_ppo(cfg: PPOConfig, device_memory_gib: float, reward_preset: str | None
     """The per-device memory plan of ``cfg`` on ``cfg.mesh`` over every visible device."""
     partitioner = Partitioner.from_config(cfg.mesh)
     shapes = rollout_shapes(cfg)
-    partitioner.check_batch_size(shapes["rows"], what="data.prompts_per_iteration")
-    for name, opt in (("actor", cfg.actor_optimizer), ("critic", cfg.critic_optimizer)):
-        partitioner.check_batch_size(shapes["minibatch_rows"], opt.grad_accum_steps,
-                                     f"the {name}'s minibatch (data.prompts_per_iteration / ppo.minibatches)")
+    ppo.check_rollout_batch(partitioner, cfg)
     roles, transients, forwards = [], {}, {}
     for role, (llama, kind) in ppo_models(cfg, reward_preset).items():
         key = (FORWARDS[role], llama, kind)

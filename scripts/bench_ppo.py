@@ -94,14 +94,16 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = {"icegrt": run_ours(tmp, args.iters, args.warmup)}
+    print(json.dumps(result), flush=True)
     if args.trl_python:
         result["trl"] = run_baseline(args.trl_python, "trl_ppo_baseline.py", args.iters, args.warmup)
+        print(json.dumps(result["trl"]), flush=True)
     if args.tunix_python:
         result["tunix"] = run_baseline(args.tunix_python, "tunix_ppo_baseline.py", args.iters, args.warmup)
+        print(json.dumps(result["tunix"]), flush=True)
     for name in ("trl", "tunix"):
         if name in result:
-            theirs = next(v for k, v in result[name].items() if k in ("s_per_iter", "sec_per_iter", "mean_s_per_iter"))
-            result[f"speedup_vs_{name}"] = theirs / result["icegrt"]["s_per_iter"]
+            result[f"speedup_vs_{name}"] = result[name]["s_per_iteration"] / result["icegrt"]["s_per_iter"]
     print(json.dumps(result))
 
 

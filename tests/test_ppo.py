@@ -153,3 +153,30 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ppo_setup, capsys, overrid
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_reward_model_with_another_tokenizer_gets_retokenized_text(tiny_tokenizer_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from icegrt_jax.data.templates import ICEGRT
+    from icegrt_jax.data.tokenize import load_tokenizer, tokenize_prompt
+    from icegrt_jax.train.rollout import retokenize_for_reward, same_tokenizer
+
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.train_from_iterator([ICEGRT.preamble + ICEGRT.prompt("sea poem") + " waves roll in"],
+                              trainers.WordLevelTrainer(special_tokens=["[PAD]", "[BOS]", "[EOS]", "[UNK]"]))
+    PreTrainedTokenizerFast(tokenizer_object=words, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
+                            unk_token="[UNK]").save_pretrained(tmp_path / "words")
+    actor, reward = load_tokenizer(tiny_tokenizer_dir), load_tokenizer(str(tmp_path / "words"))
+    assert same_tokenizer(actor, actor) and not same_tokenizer(actor, reward)
+
+    tokens, mask = retokenize_for_reward(reward, ICEGRT, ["sea poem", "sea poem"], ["waves roll in", "waves"],
+                                         np.array([True, False]), pad_id=0)
+    prompt = list(tokenize_prompt(reward, ICEGRT, "sea poem"))
+    full = prompt + reward(" waves roll in", add_special_tokens=False)["input_ids"] + [reward.eos_token_id]
+    truncated = prompt + reward(" waves", add_special_tokens=False)["input_ids"]  # no EOS: it never ended
+    assert tokens[0].tolist() == full and mask[0].tolist() == [1] * len(full)
+    assert tokens[1, :len(truncated)].tolist() == truncated and mask[1].sum() == len(truncated)
+    assert (tokens[1, len(truncated):] == 0).all() and reward.unk_token_id not in full

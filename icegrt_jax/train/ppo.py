@@ -3,10 +3,22 @@
 One iteration (``make_train_step``'s function): sample responses to a batch of prompts with the
 actor; score them (old log-probs, reference log-probs, values, reward-model scores); shape
 per-token rewards with the KL penalty and compute GAE advantages (whitened by default, the
-paper's advantage normalisation); then ``ppo.epochs`` passes of shuffled minibatches update the
-actor (clipped surrogate, eq. 3, optional entropy bonus) and the critic (clipped value loss),
-each with its own optimizer and learning rate; finally the KL controller steps. The trainer
-owns no formula: they live in ``icegrt_jax.rl`` and ``icegrt_jax.losses``.
+paper's advantage normalisation), and step the KL controller with the rollout's KL (the new
+coefficient applies from the next iteration); then ``ppo.epochs`` passes of shuffled minibatches
+update the actor (clipped surrogate, eq. 3, optional entropy bonus) and the critic (clipped
+value loss), each with its own optimizer and learning rate. The trainer owns no formula: they
+live in ``icegrt_jax.rl`` and ``icegrt_jax.losses``.
+
+Sharding (``icegrt_jax.sharding``, as in SFT). The run's state (actor and critic train states,
+KL controller, reward moments) is created on ``cfg.mesh`` by ``Partitioner.init_state``; the
+frozen reference and reward model are placed with ``Partitioner.put``. Every device program has
+explicit shardings: rollout rows (and minibatch rows) split over the data-parallel shards,
+parameters by their logical axes, scalars replicated; the sampler runs inside
+``partitioner.activate()`` on the placed actor. Since the shardings never change, each program
+compiles once. The rollout rows, and each optimizer's micro-batches of a minibatch, must divide
+by the data-parallel size (``check_rollout_batch``, before anything compiles). Multi-process
+PPO is not supported yet: ``sampling.generate`` reads its outputs on the host, which a
+multi-process mesh does not allow, so ``run_ppo`` refuses a multi-process launch up front.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from icegrt_jax.data.tokenize import TokenizedExample, load_tokenizer, pad_token
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.models.heads import score_params_from_llama
 from icegrt_jax.sampling import SamplingParams, generate
+from icegrt_jax.sharding import Partitioner, ShardingError, initialize_distributed, is_primary_process
 from icegrt_jax.train import rollout
 from icegrt_jax.train.loop import train_loop
 from icegrt_jax.train.model_init import init_model
@@ -89,9 +102,18 @@ def _token_weight(mask, aggregate: str):
     return jnp.sum(jnp.any(mask > 0, axis=1))
 
 
-def make_actor_update(graphdef, tx, cfg: PPOConfig):
+def _jit_update(update, partitioner: Partitioner | None, state_shardings):
+    """``update(state, minibatch)`` jitted with the state donated; sharded with a ``partitioner``."""
+    if partitioner is None:
+        return jax.jit(update, donate_argnums=0)
+    return partitioner.jit_train_step(update, state_shardings)
+
+
+def make_actor_update(graphdef, tx, cfg: PPOConfig, *, partitioner: Partitioner | None = None,
+                      state_shardings=None):
     """Jitted ``(actor_state, minibatch) -> (actor_state, metrics)``: clipped surrogate (eq. 3)
-    minus ``entropy_coef`` x entropy, accumulated exactly over micro-batches."""
+    minus ``entropy_coef`` x entropy, accumulated exactly over micro-batches. With a
+    ``partitioner`` it runs sharded (the state laid out by ``state_shardings``)."""
     p = cfg.ppo
 
     def sum_loss(params, mb):
@@ -111,11 +133,13 @@ def make_actor_update(graphdef, tx, cfg: PPOConfig):
         state, update_metrics = apply_gradients(state, grads, loss, tx)
         return state, {**metrics, "actor_grad_norm": update_metrics["grad_norm"], "finite": update_metrics["finite"]}
 
-    return jax.jit(update, donate_argnums=0)
+    return _jit_update(update, partitioner, state_shardings)
 
 
-def make_critic_update(graphdef, tx, cfg: PPOConfig):
-    """Jitted ``(critic_state, minibatch) -> (critic_state, metrics)``: the clipped value loss."""
+def make_critic_update(graphdef, tx, cfg: PPOConfig, *, partitioner: Partitioner | None = None,
+                       state_shardings=None):
+    """Jitted ``(critic_state, minibatch) -> (critic_state, metrics)``: the clipped value loss
+    (sharded like ``make_actor_update``)."""
 
     def sum_loss(params, mb):
         values = rollout.critic_values(graphdef, params, mb["tokens"], mb["attention_mask"])
@@ -130,7 +154,7 @@ def make_critic_update(graphdef, tx, cfg: PPOConfig):
         state, update_metrics = apply_gradients(state, grads, loss, tx)
         return state, {**metrics, "critic_grad_norm": update_metrics["grad_norm"], "finite": update_metrics["finite"]}
 
-    return jax.jit(update, donate_argnums=0)
+    return _jit_update(update, partitioner, state_shardings)
 
 
 def minibatch_indices(key, rows: int, minibatches: int) -> list[np.ndarray]:
@@ -139,11 +163,26 @@ def minibatch_indices(key, rows: int, minibatches: int) -> list[np.ndarray]:
     return np.split(order, minibatches)
 
 
+def take_rows(experience: dict, rows) -> dict:
+    """The minibatch ``rows`` of every experience array."""
+    return jax.tree.map(lambda x: x[rows], experience)
+
+
+def check_rollout_batch(partitioner: Partitioner, cfg: PPOConfig):
+    """Raise a ``ShardingError`` unless the rollout rows, and each optimizer's micro-batches of a
+    minibatch, split evenly over the data-parallel shards."""
+    rows = cfg.data.prompts_per_iteration
+    partitioner.check_batch_size(rows, what="data.prompts_per_iteration")
+    for name, opt in (("actor", cfg.actor_optimizer), ("critic", cfg.critic_optimizer)):
+        partitioner.check_batch_size(rows // cfg.ppo.minibatches, opt.grad_accum_steps,
+                                     f"the {name}'s minibatch (data.prompts_per_iteration / ppo.minibatches)")
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Roles:
-    """Graph definitions and frozen parameters of the four PPO roles."""
+    """Graph definitions and frozen parameters (placed on the mesh) of the four PPO roles."""
 
     actor_graphdef: object
     critic_graphdef: object
@@ -153,33 +192,49 @@ class Roles:
     reward_stats: dict | None
 
 
-def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx):
+def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,
+                    *, partitioner: Partitioner, state_shardings):
     """The PPO iteration ``(PPOState, prompt_batch) -> (PPOState, metrics)`` (host orchestration
-    of jitted pieces; the data flow is the module docstring's)."""
+    of jitted pieces; the data flow is the module docstring's), sharded by ``partitioner`` with the
+    ``PPOState`` laid out by ``state_shardings``."""
     p, temperature = cfg.ppo, cfg.rollout.temperature
-    logprob_fn = jax.jit(functools.partial(rollout.sequence_logprobs, roles.actor_graphdef),
+    rows_sh, replicated = partitioner.batch_sharding, partitioner.replicated
+
+    def forward(fn, graphdef, param_shardings, **static):
+        return partitioner.jit(functools.partial(fn, graphdef), in_shardings=(param_shardings, rows_sh, rows_sh),
+                               out_shardings=rows_sh, **static)
+
+    logprob_fn = forward(rollout.sequence_logprobs, roles.actor_graphdef, state_shardings.actor.params,
                          static_argnums=3)
-    value_fn = jax.jit(functools.partial(rollout.critic_values, roles.critic_graphdef))
-    advantage_fn = jax.jit(functools.partial(rollout.compute_advantages, cfg=p))
-    actor_update = make_actor_update(roles.actor_graphdef, actor_tx, cfg)
-    critic_update = make_critic_update(roles.critic_graphdef, critic_tx, cfg)
-    reward_fn = (jax.jit(functools.partial(rollout.reward_model_scores, roles.reward_graphdef))
+    value_fn = forward(rollout.critic_values, roles.critic_graphdef, state_shardings.critic.params)
+    reward_fn = (forward(rollout.reward_model_scores, roles.reward_graphdef, partitioner.shardings(roles.reward_params))
                  if roles.reward_graphdef is not None else None)
+    experience_fn = partitioner.jit(
+        functools.partial(rollout.experience_from_scores, reward_cfg=cfg.reward, reward_stats=roles.reward_stats,
+                          loss_cfg=p),
+        in_shardings=(rows_sh,) * 6 + (replicated, replicated),
+        out_shardings=(rows_sh, rows_sh, rows_sh, replicated, replicated))
+    minibatch_fn = partitioner.jit(take_rows, in_shardings=(rows_sh, replicated), out_shardings=rows_sh)
+    actor_update = make_actor_update(roles.actor_graphdef, actor_tx, cfg, partitioner=partitioner,
+                                     state_shardings=state_shardings.actor)
+    critic_update = make_critic_update(roles.critic_graphdef, critic_tx, cfg, partitioner=partitioner,
+                                       state_shardings=state_shardings.critic)
     template = get_template(cfg.data.template)
     pass_through = reward_tokenizer is not None and rollout.same_tokenizer(tokenizer, reward_tokenizer)
-    eos_ids = (tokenizer.eos_token_id,)
+    stop = cfg.rollout.stop_token_ids
+    eos_ids = (tokenizer.eos_token_id,) if stop is None else tuple(stop)
 
     def score(prompts, result, tokens, attention_mask):
         if score_function is not None or not pass_through:
             responses = [tokenizer.decode(result.response_tokens(r), skip_special_tokens=True)
                          for r in range(len(prompts))]
         if score_function is not None:
-            return jnp.asarray(np.asarray(score_function(prompts, responses), np.float32))
+            return partitioner.shard_batch(np.asarray(score_function(prompts, responses), np.float32))
         if not pass_through:
-            tokens, attention_mask = rollout.retokenize_for_reward(
+            tokens, attention_mask = partitioner.shard_batch(rollout.retokenize_for_reward(
                 reward_tokenizer, template, prompts, responses, result.finished_by_eos,
-                pad_token_id(reward_tokenizer))
-        return reward_fn(roles.reward_params, jnp.asarray(tokens), jnp.asarray(attention_mask))
+                pad_token_id(reward_tokenizer)))
+        return reward_fn(roles.reward_params, tokens, attention_mask)
 
     def iteration(state: PPOState, prompt_batch):
         began = time.perf_counter()
@@ -188,19 +243,21 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                                   max_new_tokens=cfg.rollout.max_new_tokens, eos_token_ids=eos_ids,
                                   seed=(cfg.training.seed * 1_000_003 + step) % 2**32,
                                   pad_id=pad_token_id(tokenizer))
-        result = generate((roles.actor_graphdef, state.actor.params), [e.input_ids for e in prompt_batch], sampling)
+        with partitioner.activate():
+            result = generate((roles.actor_graphdef, state.actor.params), [e.input_ids for e in prompt_batch],
+                              sampling)
         generated = time.perf_counter()
 
-        tokens, attention_mask = jnp.asarray(result.tokens), jnp.asarray(result.attention_mask)
-        mask = jnp.asarray(result.mask[:, 1:])
+        rollout_rows = partitioner.shard_batch({"tokens": result.tokens, "attention_mask": result.attention_mask,
+                                                "mask": result.mask[:, 1:], "finished_by_eos": result.finished_by_eos})
+        tokens, attention_mask, mask = (rollout_rows[k] for k in ("tokens", "attention_mask", "mask"))
         old_logprobs, entropy = logprob_fn(state.actor.params, tokens, attention_mask, temperature)
         ref_logprobs, _ = logprob_fn(roles.reference_params, tokens, attention_mask, temperature)
         values = value_fn(state.critic.params, tokens, attention_mask)
         raw_scores = score([e.source for e in prompt_batch], result, tokens, attention_mask)
-        scores, moments = rollout.shape_scores(raw_scores, jnp.asarray(result.finished_by_eos), state.reward_moments,
-                                               cfg.reward.normalize, roles.reward_stats, cfg.reward.clip,
-                                               cfg.reward.missing_eos_penalty)
-        adv = advantage_fn(scores, old_logprobs, ref_logprobs, values, mask, state.kl.kl_coef)
+        scores, adv, sequence_kl, kl, moments = jax.block_until_ready(experience_fn(
+            raw_scores, rollout_rows["finished_by_eos"], old_logprobs, ref_logprobs, values, mask, state.kl,
+            state.reward_moments))
         scored = time.perf_counter()
 
         experience = {"tokens": tokens, "attention_mask": attention_mask, "mask": mask,
@@ -210,15 +267,14 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
         update_metrics, key = [], jax.random.fold_in(jax.random.key(cfg.training.seed), step)
         for epoch in range(p.epochs):
             for rows in minibatch_indices(jax.random.fold_in(key, epoch), len(prompt_batch), p.minibatches):
-                minibatch = jax.tree.map(lambda x: x[rows], experience)
+                minibatch = minibatch_fn(experience, rows)
                 metrics = {}
                 if step >= p.critic_warmup_iterations:
                     actor, metrics = actor_update(actor, minibatch)
                 critic, critic_metrics = critic_update(critic, minibatch)
                 update_metrics.append({**metrics, **critic_metrics,
                                        "finite": critic_metrics["finite"] * metrics.get("finite", 1.0)})
-        sequence_kl = jnp.sum(rl.kl_penalty(old_logprobs, ref_logprobs, "k1") * mask, axis=1)
-        kl = rl.update_kl_controller(state.kl, jnp.mean(sequence_kl), len(prompt_batch))
+        jax.block_until_ready((actor, critic))
         updated = time.perf_counter()
 
         new_state = PPOState(step=state.step + 1, actor=actor, critic=critic, kl=kl, reward_moments=moments)
@@ -254,8 +310,9 @@ def _iteration_metrics(result, raw_scores, scores, sequence_kl, kl_controller, a
     }
 
 
-def build_roles(cfg: PPOConfig, tokenizer):
-    """Actor/reference params (ICE-Instruct), critic params and the frozen reward model."""
+def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
+    """Actor and critic initial params (not placed: ``init_ppo_state`` places them), and the
+    roles, with the frozen reference (ICE-Instruct) and reward model placed on the mesh."""
     llama, actor_params = init_model(cfg.model, cfg.training.seed, min_vocab=len(tokenizer))
     reward_graphdef = reward_params = reward_stats = reward_tokenizer = None
     if cfg.reward.path is not None:
@@ -273,43 +330,62 @@ def build_roles(cfg: PPOConfig, tokenizer):
     else:
         critic_cfg, critic_params = llama, score_params_from_llama(actor_params, cfg.training.seed + 1, llama)
     roles = Roles(actor_graphdef=abstract_model(llama)[0], critic_graphdef=abstract_model(critic_cfg, "score")[0],
-                  reference_params=actor_params, reward_graphdef=reward_graphdef, reward_params=reward_params,
-                  reward_stats=reward_stats)
+                  reference_params=partitioner.put(actor_params), reward_graphdef=reward_graphdef,
+                  reward_params=partitioner.put(reward_params), reward_stats=reward_stats)
     return llama, critic_cfg, actor_params, critic_params, roles, reward_tokenizer
+
+
+def init_ppo_state(cfg: PPOConfig, actor_tx, critic_tx, actor_params, critic_params) -> PPOState:
+    """Iteration 0: fresh optimizer states, the configured KL coefficient, no reward moments."""
+    return PPOState(step=jnp.zeros((), jnp.int32),
+                    actor=init_train_state(actor_params, actor_tx, cfg.training.seed),
+                    critic=init_train_state(critic_params, critic_tx, cfg.training.seed),
+                    kl=rl.init_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon),
+                    reward_moments=rl.init_running_moments())
 
 
 def run_ppo(cfg: PPOConfig) -> dict:
     """Train (or resume) ICE-GRT; writes config.yaml, metrics.jsonl, checkpoints/, final/ (the
-    actor, an HF-exportable project checkpoint) and final-critic/."""
+    actor, an HF-exportable project checkpoint) and final-critic/. Runs sharded over ``cfg.mesh``
+    in one process (see the module docstring)."""
+    initialize_distributed()
+    if jax.process_count() > 1:
+        raise ShardingError(f"ppo: this launch has {jax.process_count()} processes; PPO runs in one process "
+                            "for now (the sampler cannot yet gather rollouts across processes)")
+    partitioner = Partitioner.from_config(cfg.mesh)
+    check_rollout_batch(partitioner, cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer_path or cfg.model.hf_path)
     prompts, dropped = load_prompts(cfg, tokenizer)
     score_function = rollout.load_score_function(cfg.reward.function) if cfg.reward.function else None
-    llama, critic_cfg, actor_params, critic_params, roles, reward_tokenizer = build_roles(cfg, tokenizer)
+    llama, critic_cfg, actor_params, critic_params, roles, reward_tokenizer = build_roles(cfg, tokenizer, partitioner)
     batches = BatchIterator(prompts, batch_size=cfg.data.prompts_per_iteration, buckets=(10**9,), pad_id=0,
                             seed=cfg.data.shuffle_seed, group_by_length=False, collate_fn=collate_prompts)
     total = cfg.training.steps or cfg.training.epochs * batches.batches_per_epoch
     updates_per_iteration = cfg.ppo.epochs * cfg.ppo.minibatches
     actor_tx = make_optimizer(cfg.actor_optimizer, total * updates_per_iteration)
     critic_tx = make_optimizer(cfg.critic_optimizer, total * updates_per_iteration)
-    # Own copies: the updates donate their state, and the reference / reward model share arrays.
-    owned = functools.partial(jax.tree.map, jnp.copy)
-    state = PPOState(step=jnp.zeros((), jnp.int32),
-                     actor=init_train_state(owned(actor_params), actor_tx, cfg.training.seed),
-                     critic=init_train_state(owned(critic_params), critic_tx, cfg.training.seed),
-                     kl=rl.init_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon),
-                     reward_moments=rl.init_running_moments())
+    # init_state places copies on the mesh (the updates donate them; the reference and critic share
+    # the actor's arrays); their shardings are every later call's, so nothing recompiles.
+    state = partitioner.init_state(functools.partial(init_ppo_state, cfg, actor_tx, critic_tx),
+                                   actor_params, critic_params)
+    del actor_params, critic_params  # the unplaced copies
+    state_shardings = partitioner.shardings(state)
 
     out = cfg.training.output_dir
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        f.write(config_to_yaml(cfg))
-    print(f"[ppo] {len(prompts)} prompts ({dropped} longer than data.max_prompt_length dropped); {total} iterations")
+    if is_primary_process():
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            f.write(config_to_yaml(cfg))
+        print(f"[ppo] {len(prompts)} prompts ({dropped} longer than data.max_prompt_length dropped); "
+              f"{total} iterations")
     checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
     if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state)
+        state, meta = checkpointer.restore(state, shardings=state_shardings)
         batches.position = DataPosition(**meta["data_position"])
-        print(f"[ppo] resumed from iteration {int(state.step)} ({checkpointer.directory})")
-    iteration = make_train_step(cfg, roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx)
+        if is_primary_process():
+            print(f"[ppo] resumed from iteration {int(state.step)} ({checkpointer.directory})")
+    iteration = make_train_step(cfg, roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,
+                                partitioner=partitioner, state_shardings=state_shardings)
     result = train_loop(state=state, step_fn=iteration, batches=batches, total_steps=total, checkpointer=checkpointer,
                         meta_fn=lambda: {"data_position": dataclasses.asdict(batches.position)},
                         training=cfg.training, logging=cfg.logging, output_dir=out, desc="ppo")

@@ -5,12 +5,13 @@ Loss per pair (chosen a_i ranked above rejected a_j for prompt s), R read at the
 -log sigmoid(R(s, a_i) - R(s, a_j) - margin). Pairs are averaged over the (accumulated) batch.
 The final checkpoint (``final/``) carries ``reward_stats.json``: the mean and standard deviation
 of R over the evaluation pairs (else the training pairs), for reward normalisation in PPO.
-Same loop, checkpoints and exact resume as SFT.
+Same loop, checkpoints, exact resume and sharding over ``cfg.mesh`` as SFT (``train/sft.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -28,6 +29,7 @@ from icegrt_jax.data.tokenize import TokenizedExample, load_tokenizer, pad_token
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.losses import bradley_terry_loss, margin_ranking_loss
 from icegrt_jax.models.heads import score_at_last_token, score_params_from_llama
+from icegrt_jax.sharding import Partitioner, initialize_distributed, is_primary_process
 from icegrt_jax.train.loop import train_loop
 from icegrt_jax.train.model_init import init_model, model_config
 from icegrt_jax.train.state import (accumulate_gradients, apply_gradients, init_train_state,
@@ -98,8 +100,10 @@ def pair_metric_sums(chosen, rejected, weight):
             "score_sq_mean": jnp.sum(weight * (chosen ** 2 + rejected ** 2)) / 2}
 
 
-def make_train_step(graphdef, tx, schedule, accum_steps: int, loss_type: str, margin: float):
-    """Jitted ``(state, batch) -> (state, metrics)``; the old state's buffers are donated."""
+def make_train_step(graphdef, tx, schedule, accum_steps: int, loss_type: str, margin: float, *,
+                    partitioner: Partitioner | None = None, state_shardings=None):
+    """Jitted ``(state, batch) -> (state, metrics)``; the old state's buffers are donated.
+    With a ``partitioner`` the step runs sharded (state laid out by ``state_shardings``)."""
 
     def sum_loss(params, micro_batch):
         chosen, rejected = pair_scores(graphdef, params, micro_batch)
@@ -114,7 +118,9 @@ def make_train_step(graphdef, tx, schedule, accum_steps: int, loss_type: str, ma
         state, update_metrics = apply_gradients(state, grads, loss, tx)
         return state, {"loss": loss, "pairs": pairs, "lr": lr, **_score_std(metrics), **update_metrics}
 
-    return jax.jit(step, donate_argnums=0)
+    if partitioner is None:
+        return jax.jit(step, donate_argnums=0)
+    return partitioner.jit_train_step(step, state_shardings)
 
 
 def _score_std(metrics):
@@ -124,19 +130,29 @@ def _score_std(metrics):
     return {**metrics, "score_std": jnp.sqrt(jnp.maximum(variance, 0.0))}
 
 
-def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id):
-    """Held-out pairwise accuracy, mean margin and score mean/std of a state's params."""
+def eval_sums(graphdef, params, batch):
+    """(metric sums, number of counted pairs) of one evaluation batch."""
+    chosen, rejected = pair_scores(graphdef, params, batch)
+    return pair_metric_sums(chosen, rejected, batch["weight"]), jnp.sum(batch["weight"])
 
-    @jax.jit
-    def sums(params, batch):
-        chosen, rejected = pair_scores(graphdef, params, batch)
-        return pair_metric_sums(chosen, rejected, batch["weight"]), jnp.sum(batch["weight"])
+
+def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id, partitioner: Partitioner | None = None,
+                 param_shardings=None):
+    """Held-out pairwise accuracy, mean margin and score mean/std of a state's params (sharded
+    with a ``partitioner``)."""
+    sums_fn = functools.partial(eval_sums, graphdef)
+    if partitioner is None:
+        sums, to_device = jax.jit(sums_fn), lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}
+    else:
+        sums = partitioner.jit(sums_fn, in_shardings=(param_shardings, partitioner.batch_sharding),
+                               out_shardings=partitioner.replicated)
+        to_device = partitioner.shard_batch
 
     def evaluate(state) -> dict[str, float]:
         totals, count = None, 0.0
         for batch in eval_batches(examples, batch_size=batch_size, buckets=buckets, pad_id=pad_id,
                                   collate_fn=collate_pairs):
-            metric_sums, n = sums(state.params, {k: jnp.asarray(v) for k, v in batch.items()})
+            metric_sums, n = sums(state.params, to_device(batch))
             totals = metric_sums if totals is None else jax.tree.map(jnp.add, totals, metric_sums)
             count += float(n)
         means = {k: float(v) / count for k, v in totals.items()}
@@ -162,7 +178,11 @@ def init_score_params(cfg: RewardConfig, min_vocab: int):
 
 def run_reward(cfg: RewardConfig) -> dict:
     """Train (or resume) a reward model; writes config.yaml, metrics.jsonl, checkpoints/ and
-    final/ (a score-model checkpoint with the tokenizer and reward_stats.json)."""
+    final/ (a score-model checkpoint with the tokenizer and reward_stats.json). Runs sharded over
+    ``cfg.mesh``; a multi-process launch joins ``jax.distributed`` first."""
+    initialize_distributed()
+    partitioner = Partitioner.from_config(cfg.mesh)
+    partitioner.check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
     tokenizer = load_tokenizer(cfg.data.tokenizer_path or cfg.model.hf_path)
     template = get_template(cfg.data.template)
     train_pairs, train_report = load_preferences(cfg.data.train_files, cfg.loss.top_k, cfg.loss.bottom_k)
@@ -181,27 +201,33 @@ def run_reward(cfg: RewardConfig) -> dict:
                             collate_fn=collate_pairs)
     total_steps = cfg.training.steps or cfg.training.epochs * batches.batches_per_epoch
     tx = make_optimizer(cfg.optimizer, total_steps)
-    state = init_train_state(params, tx, cfg.training.seed)
+    state = partitioner.init_state(lambda p: init_train_state(p, tx, cfg.training.seed), params)
+    del params  # the unplaced copy
+    state_shardings = partitioner.shardings(state)
 
     out = cfg.training.output_dir
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        f.write(config_to_yaml(cfg))
-    print(f"[reward] train: {train_report.summary()}; {train_dropped} pairs longer than max_length dropped")
-    if eval_report is not None:
-        print(f"[reward] eval: {eval_report.summary()}; {eval_dropped} pairs longer than max_length dropped")
+    if is_primary_process():
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            f.write(config_to_yaml(cfg))
+        print(f"[reward] train: {train_report.summary()}; {train_dropped} pairs longer than max_length dropped")
+        if eval_report is not None:
+            print(f"[reward] eval: {eval_report.summary()}; {eval_dropped} pairs longer than max_length dropped")
     checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
     if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state)
+        state, meta = checkpointer.restore(state, shardings=state_shardings)
         batches.position = DataPosition(**meta["data_position"])
-        print(f"[reward] resumed from step {int(state.step)} ({checkpointer.directory})")
+        if is_primary_process():
+            print(f"[reward] resumed from step {int(state.step)} ({checkpointer.directory})")
 
     graphdef, _ = abstract_model(llama, "score")
     step_fn = make_train_step(graphdef, tx, learning_rate_schedule(cfg.optimizer, total_steps),
-                              cfg.optimizer.grad_accum_steps, cfg.loss.type, cfg.loss.margin)
-    stats_fn = make_eval_fn(graphdef, evaluation or train, cfg.data.batch_size, buckets, pad_id)
+                              cfg.optimizer.grad_accum_steps, cfg.loss.type, cfg.loss.margin,
+                              partitioner=partitioner, state_shardings=state_shardings)
+    stats_fn = make_eval_fn(graphdef, evaluation or train, cfg.data.batch_size, buckets, pad_id, partitioner,
+                            state_shardings.params)
     result = train_loop(
-        state=state, step_fn=lambda s, b: step_fn(s, {k: jnp.asarray(v) for k, v in b.items()}),
+        state=state, step_fn=lambda s, b: step_fn(s, partitioner.shard_batch(b)),
         batches=batches, total_steps=total_steps, checkpointer=checkpointer,
         meta_fn=lambda: {"data_position": dataclasses.asdict(batches.position)},
         training=cfg.training, logging=cfg.logging, output_dir=out,

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from icegrt_jax import rl
-from icegrt_jax.config import ConfigError, PPOLossConfig
+from icegrt_jax.config import ConfigError, PPOLossConfig, RewardModelConfig
 from icegrt_jax.data.templates import Template
 from icegrt_jax.data.tokenize import tokenize_prompt
 from icegrt_jax.losses import entropy_from_logits, token_logprobs
@@ -116,3 +116,17 @@ def shape_scores(raw, finished_by_eos, moments: rl.RunningMoments, normalize: st
     if clip is not None:
         scores = jnp.clip(scores, -clip, clip)
     return scores, moments
+
+
+def experience_from_scores(raw_scores, finished_by_eos, logprobs, ref_logprobs, values, mask,
+                           kl: rl.KLController, moments: rl.RunningMoments, *, reward_cfg: RewardModelConfig,
+                           reward_stats: dict | None, loss_cfg: PPOLossConfig):
+    """Everything a rollout's scores and forwards give, in one program: (shaped scores [R],
+    ``Advantages`` with the current KL coefficient, each row's k1 KL sum_t log(pi/pi_ref) [R], the
+    KL controller stepped with its mean, the reward moments with this batch merged in)."""
+    scores, moments = shape_scores(raw_scores, finished_by_eos, moments, reward_cfg.normalize, reward_stats,
+                                   reward_cfg.clip, reward_cfg.missing_eos_penalty)
+    advantages = compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl.kl_coef, loss_cfg)
+    sequence_kl = jnp.sum(rl.kl_penalty(logprobs, ref_logprobs, "k1") * mask, axis=1)
+    kl = rl.update_kl_controller(kl, jnp.mean(sequence_kl), mask.shape[0])
+    return scores, advantages, sequence_kl, kl, moments

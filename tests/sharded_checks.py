@@ -1,0 +1,383 @@
+"""Sharded-vs-single-device checks on 8 forced CPU devices; prints one JSON object.
+
+Run by ``tests/test_sharding.py`` in a subprocess (the device count is fixed when jax starts):
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_checks.py OUT_DIR TOKENIZER_DIR``.
+Each check reports measured differences; the test module holds the tolerances. XLA's backend
+optimisation is turned down: compiling is 7x faster and the checks are about values, not speed.
+"""
+
+import os
+
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import collections
+import contextlib
+import io
+import json
+import logging
+import re
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from icegrt_jax import cli
+from icegrt_jax.checkpoint import TrainCheckpointer
+from icegrt_jax.config import MeshConfig, OptimizerConfig, PPOConfig, RolloutConfig, SFTConfig, load_config
+from icegrt_jax.models.heads import ScoreModel
+from icegrt_jax.models.llama import Llama, LlamaConfig
+from icegrt_jax.sampling import SamplingParams, generate
+from icegrt_jax.sharding import Partitioner, ShardingError
+from icegrt_jax.train import ppo, reward, sft
+from icegrt_jax.train.state import init_train_state, learning_rate_schedule, make_optimizer
+
+MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
+MODEL = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4,
+                    num_kv_heads=2, max_position_embeddings=128)
+BATCH, LENGTH, ACCUM, STEPS = 16, 32, 2, 2
+OPTIMIZER = OptimizerConfig(lr=1e-3, warmup_steps=0, schedule="constant", grad_accum_steps=ACCUM)
+PPO = PPOConfig(actor_optimizer=OPTIMIZER, critic_optimizer=OPTIMIZER, rollout=RolloutConfig(temperature=0.9))
+SCORER = "ppo_scorers:letter_e_share"  # tests/ppo_scorers.py
+
+
+def partitioner(shape) -> Partitioner:
+    return Partitioner.from_config(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]))
+
+
+def sft_batches(seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(STEPS):
+        ids = rng.integers(3, MODEL.vocab_size, (BATCH, LENGTH)).astype(np.int32)
+        lengths = rng.integers(LENGTH // 2, LENGTH + 1, BATCH)
+        mask = (np.arange(LENGTH)[None] < lengths[:, None]).astype(np.int32)
+        loss_mask = mask * (np.arange(LENGTH)[None] >= 4)
+        yield {"input_ids": ids, "attention_mask": mask, "targets": np.roll(ids, -1, axis=1),
+               "loss_mask": loss_mask.astype(np.int32)}
+
+
+def reward_batches(seed=1):
+    """(chosen, rejected) pairs [BATCH, 2, LENGTH], right-padded, every pair counted."""
+    rng = np.random.default_rng(seed)
+    for _ in range(STEPS):
+        ids = rng.integers(3, MODEL.vocab_size, (BATCH, 2, LENGTH)).astype(np.int32)
+        lengths = rng.integers(LENGTH // 2, LENGTH + 1, (BATCH, 2, 1))
+        mask = (np.arange(LENGTH) < lengths).astype(np.int32)
+        yield {"input_ids": ids, "attention_mask": mask, "weight": np.ones(BATCH, np.float32)}
+
+
+def ppo_minibatches(seed=2):
+    """Experience rows as ``ppo.make_train_step`` feeds the updates: prompt then response; old
+    log-probs near the model's (log 1/V), so some ratios are clipped and some are not."""
+    rng = np.random.default_rng(seed)
+    positions = np.arange(LENGTH)[None]
+
+    def per_action(loc, scale):
+        return rng.normal(loc, scale, (BATCH, LENGTH - 1)).astype(np.float32)
+
+    for _ in range(STEPS):
+        starts = rng.integers(4, 10, (BATCH, 1))
+        ends = rng.integers(LENGTH // 2, LENGTH + 1, (BATCH, 1))
+        yield {"tokens": rng.integers(3, MODEL.vocab_size, (BATCH, LENGTH)).astype(np.int32),
+               "attention_mask": (positions < ends).astype(np.int32),
+               "mask": ((positions >= starts) & (positions < ends))[:, 1:].astype(np.int32),
+               "old_logprobs": per_action(-np.log(MODEL.vocab_size), 0.2), "advantages": per_action(0.0, 1.0),
+               "old_values": per_action(0.0, 0.5), "returns": per_action(0.0, 1.0)}
+
+
+def run_steps(model_fn, make_step, batches, shape=None):
+    """Metrics and final state of STEPS steps of ``make_step(graphdef, tx, **sharding)`` on a fresh
+    ``model_fn()``; single device (plain jit) when shape is None."""
+    graphdef, params = nnx.split(model_fn())
+    tx = make_optimizer(OPTIMIZER, STEPS)
+    if shape is None:
+        state, put_batch = init_train_state(params, tx, 0), lambda b: b
+        step = make_step(graphdef, tx)
+    else:
+        p = partitioner(shape)
+        state = p.init_state(lambda q: init_train_state(q, tx, 0), params)
+        step = make_step(graphdef, tx, partitioner=p, state_shardings=p.shardings(state))
+        put_batch = p.shard_batch
+    curves = collections.defaultdict(list)
+    for batch in batches:
+        state, metrics = step(state, put_batch(batch))
+        for name, value in metrics.items():
+            curves[name].append(float(value))
+    return curves, state
+
+
+def run_sft_steps(cfg: LlamaConfig, shape=None):
+    """Losses and final state of STEPS SFT steps; single device (plain jit) when shape is None."""
+    schedule = learning_rate_schedule(OPTIMIZER, STEPS)
+    return run_steps(lambda: Llama(cfg, nnx.Rngs(0)),
+                     lambda g, tx, **kw: sft.make_train_step(g, tx, schedule, ACCUM, **kw), sft_batches(), shape)
+
+
+def max_difference(a, b, relative=False) -> float:
+    """max |a - b| over all leaves; relative: each leaf's divided by its max |b|."""
+    def leaf(x, y):
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        scale = max(float(np.max(np.abs(y))), 1e-30) if relative else 1.0
+        return float(np.max(np.abs(x - y))) / scale
+
+    return max(jax.tree.leaves(jax.tree.map(leaf, a, b)))
+
+
+def max_relative(values, reference) -> float:
+    return max(abs(a - b) / abs(b) for a, b in zip(values, reference))
+
+
+def norm_of_difference(a, b) -> float:
+    """Global L2 norm of a - b over the arrays of two trees (scalars such as step counts left out)."""
+    squares = [np.sum(np.square(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)) if np.ndim(x)]
+    return float(np.sqrt(sum(squares)))
+
+
+def compare_steps(run, curve_names, initial_params=None) -> tuple[dict, dict]:
+    """``run(shape)`` on every mesh against ``run(None)``: relative differences of the named
+    metric curves, max differences of the parameters (absolute) and Adam's moments (relative to
+    each leaf's largest entry); with ``initial_params``, the norm of the parameter difference
+    relative to the norm of the reference's update (``update_rel``) and the norm of the moments'
+    difference relative to their norm (``moments_rel``). Also returns each mesh's state."""
+    reference_curves, reference = run(None)
+    results, states = {}, {}
+    for name, shape in MESHES.items():
+        curves, state = run(shape)
+        states[name] = state
+        results[name] = {f"{curve}_rel": max_relative(curves[curve], reference_curves[curve]) for curve in curve_names}
+        results[name].update(params_abs=max_difference(state.params, reference.params),
+                             adam_moments_rel=max_difference(state.opt_state, reference.opt_state, relative=True))
+        if initial_params is not None:
+            zeros = jax.tree.map(np.zeros_like, reference.opt_state)
+            results[name].update(
+                update_rel=(norm_of_difference(state.params, reference.params)
+                            / norm_of_difference(reference.params, initial_params)),
+                moments_rel=(norm_of_difference(state.opt_state, reference.opt_state)
+                             / norm_of_difference(reference.opt_state, zeros)))
+    return results, states
+
+
+def compare_model_steps(model_fn, make_step, batches_fn, curve_names) -> dict:
+    """``compare_steps`` of ``make_step`` on ``model_fn()``, over ``batches_fn()``."""
+    initial = nnx.split(model_fn())[1]
+    results, _ = compare_steps(lambda shape: run_steps(model_fn, make_step, batches_fn(), shape), curve_names,
+                               initial)
+    return results
+
+
+def check_reward_steps() -> dict:
+    """Bradley-Terry reward steps (margin 0) on a ScoreModel."""
+    def make_step(graphdef, tx, **sharding):
+        return reward.make_train_step(graphdef, tx, learning_rate_schedule(OPTIMIZER, STEPS), ACCUM, "bradley_terry",
+                                      0.0, **sharding)
+
+    return compare_model_steps(lambda: ScoreModel(MODEL, nnx.Rngs(1)), make_step, reward_batches,
+                               ("loss", "grad_norm", "score_std"))
+
+
+def check_ppo_updates() -> dict:
+    """PPO actor updates (clipped surrogate) on a Llama and critic updates (clipped value loss)
+    on a ScoreModel, over the same experience minibatches."""
+    return {
+        "actor": compare_model_steps(lambda: Llama(MODEL, nnx.Rngs(2)),
+                                     lambda g, tx, **kw: ppo.make_actor_update(g, tx, PPO, **kw), ppo_minibatches,
+                                     ("policy_loss", "actor_grad_norm", "approx_kl")),
+        "critic": compare_model_steps(lambda: ScoreModel(MODEL, nnx.Rngs(3)),
+                                      lambda g, tx, **kw: ppo.make_critic_update(g, tx, PPO, **kw), ppo_minibatches,
+                                      ("value_loss", "critic_grad_norm")),
+    }
+
+
+def check_sft_steps() -> tuple[dict, dict]:
+    """Differences from one device per mesh, and the final state of each mesh."""
+    results, states = compare_steps(lambda shape: run_sft_steps(MODEL, shape), ("loss", "grad_norm"))
+    for name, state in states.items():
+        wq = state.params["layers"]["wq"].get_value()
+        results[name].update(wq_spec=str(wq.sharding.spec), wq_shard_shape=list(wq.addressable_shards[0].data.shape))
+    bf16 = MODEL.replace(dtype="bfloat16")
+    bf16_reference, _ = run_sft_steps(bf16)
+    bf16_curves, _ = run_sft_steps(bf16, MESHES["2x2x2"])
+    results["bf16_2x2x2_loss_rel"] = max_relative(bf16_curves["loss"], bf16_reference["loss"])
+    return results, states
+
+
+def check_resharding_restore(state, directory: str) -> dict:
+    """Save ``state`` (laid out on (2,2,2)); restore onto (8,1,1) and onto one device."""
+    checkpointer = TrainCheckpointer(directory)
+    checkpointer.save(1, state, {"note": "2x2x2"}, force=True)
+    checkpointer.wait()
+    saved = jax.device_get(state)
+    results = {}
+    for name, p in {"8x1x1": partitioner((8, 1, 1)),
+                    "one_device": Partitioner.from_config(MeshConfig(data=1), jax.devices()[:1])}.items():
+        target = p.shardings(state)
+        restored, meta = checkpointer.restore(state, shardings=target)
+        same_values = all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                                                       jax.device_get(restored), saved)))
+        same_layout = all(jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, restored, target)))
+        devices = {d.id for leaf in jax.tree.leaves(restored) for d in leaf.sharding.device_set}
+        results[name] = {"equal": same_values, "layout": same_layout, "devices": len(devices),
+                         "meta": meta}
+    checkpointer.close()
+    return results
+
+
+def check_tensor_parallel_sampling() -> dict:
+    cfg = MODEL.replace(num_heads=8, num_kv_heads=4, intermediate_size=128)
+    graphdef, params = nnx.split(Llama(cfg, nnx.Rngs(3)))
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 9, 3, 12)]
+    options = SamplingParams(greedy=True, max_new_tokens=12, eos_token_ids=())
+    single = generate((graphdef, params), prompts, options)
+    results = {}
+    for name, shape in {"2x1x4": (2, 1, 4)}.items():
+        p = partitioner(shape)
+        sharded_params = p.put(params)
+        with p.activate():
+            sharded = generate((graphdef, sharded_params), prompts, options)
+        results[name] = {"same_tokens": bool(np.array_equal(sharded.tokens, single.tokens)),
+                         "logprobs_abs": float(np.max(np.abs(sharded.logprobs - single.logprobs))),
+                         "wq_spec": str(sharded_params["layers"]["wq"].get_value().sharding.spec)}
+    return results
+
+
+def error_before_compiling(fn) -> dict:
+    """Run ``fn``; report its error message and whether anything was compiled first."""
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, *_, **__: compiles.append(event) if "compil" in event else None)
+    try:
+        fn()
+        return {"error": None, "compiles": len(compiles)}
+    except ShardingError as e:
+        return {"error": str(e), "compiles": len(compiles)}
+
+
+def write_config(directory: str, name: str, config: dict) -> str:
+    path = os.path.join(directory, f"{name}.yaml")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def check_bad_input(directory: str) -> dict:
+    run_dir = os.path.join(directory, "bad-run")
+
+    def bad_sft(*overrides):
+        path = write_config(directory, "bad-sft", {
+            "model": {"preset": "tiny"}, "training": {"output_dir": run_dir},
+            "data": {"train_files": ["missing.jsonl"], "tokenizer_path": "x", "batch_size": 8}})
+        return lambda: sft.run_sft(load_config(SFTConfig, path, list(overrides)))
+
+    def bad_ppo(*overrides):
+        path = write_config(directory, "bad-ppo", {
+            "model": {"preset": "tiny"}, "training": {"output_dir": run_dir}, "reward": {"function": SCORER},
+            "data": {"prompt_files": ["missing.jsonl"], "tokenizer_path": "x", "prompts_per_iteration": 16}})
+        return lambda: ppo.run_ppo(load_config(PPOConfig, path, list(overrides)))
+
+    results = {
+        "mesh_not_dividing": error_before_compiling(bad_sft("mesh.data=3")),
+        "unknown_logical_axis": error_before_compiling(bad_sft("mesh.rules=[[batch,data],[mpl,tensor]]")),
+        "batch_not_divisible": error_before_compiling(bad_sft("mesh.data=8", "data.batch_size=12")),
+        "micro_batch_not_divisible": error_before_compiling(
+            bad_sft("mesh.data=8", "data.batch_size=8", "optimizer.grad_accum_steps=2")),
+        "ppo_minibatch_not_divisible": error_before_compiling(bad_ppo("mesh.data=8", "ppo.minibatches=4")),
+        "ppo_micro_batch_not_divisible": error_before_compiling(
+            bad_ppo("mesh.data=4", "ppo.minibatches=2", "critic_optimizer.grad_accum_steps=4")),
+    }
+    results["run_dir_created"] = os.path.exists(run_dir)
+    no_mlp_rule = MeshConfig(data=8, rules=[r for r in MeshConfig().rules if r[0] != "mlp"])
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Llama(MODEL, nnx.Rngs(0))))
+    results["missing_rule"] = error_before_compiling(lambda: Partitioner.from_config(no_mlp_rule).shardings(abstract))
+    return results
+
+
+@contextlib.contextmanager
+def compile_counts():
+    """{function name: number of compilations} of the ``jax.jit`` programs compiled inside."""
+    counts = collections.Counter()
+    handler = logging.Handler()
+    handler.emit = lambda record: counts.update(re.findall(r"^Compiling jit\((\w+)\)", record.getMessage()))
+    logger = logging.getLogger("jax._src.interpreters.pxla")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with jax.log_compiles(True):
+            yield counts
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+
+
+PPO_PROGRAMS = ("_prefill", "_decode", "sequence_logprobs", "critic_values", "experience_from_scores",
+                "take_rows", "update")
+
+
+def check_ppo_run(directory: str, tokenizer_dir: str) -> dict:
+    """Two iterations of ``icegrt ppo`` on (2,2,2): sampling, scoring and both updates sharded;
+    how often each of its programs compiled."""
+    with open(os.path.join(directory, "prompts.jsonl"), "w") as f:
+        f.writelines(json.dumps({"prompt": f"Write {i} words about the sea."}) + "\n" for i in range(16))
+    optimizer = {"lr": 1e-3, "schedule": "constant", "grad_accum_steps": 2}
+    path = write_config(directory, "ppo", {
+        "model": {"preset": "tiny", "vocab_size": 400}, "actor_optimizer": optimizer, "critic_optimizer": optimizer,
+        "data": {"prompt_files": [os.path.join(directory, "prompts.jsonl")], "tokenizer_path": tokenizer_dir,
+                 "prompts_per_iteration": 16},
+        "rollout": {"max_new_tokens": 8}, "reward": {"function": SCORER}, "ppo": {"minibatches": 2},
+        "training": {"steps": 2, "log_every": 1, "output_dir": os.path.join(directory, "ppo-run")},
+        "logging": {"progress": False}, "mesh": {"data": 2, "fsdp": 2, "tensor": 2}})
+    with compile_counts() as counts, contextlib.redirect_stdout(io.StringIO()):
+        ppo.run_ppo(load_config(PPOConfig, path))
+    with open(os.path.join(directory, "ppo-run", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {"iterations": [r["step"] for r in rows],
+            "finite": all(np.isfinite(v) for r in rows for v in r.values()),
+            "compiles": {name: counts[name] for name in PPO_PROGRAMS},
+            "final_saved": os.path.isdir(os.path.join(directory, "ppo-run", "final"))}
+
+
+PLAN_CONFIG = {
+    "model": {"preset": "tiny", "dtype": "bfloat16", "param_dtype": "bfloat16", "remat": "full"},
+    "actor_optimizer": {"grad_accum_steps": 2}, "critic_optimizer": {"grad_accum_steps": 2},
+    "data": {"prompt_files": ["p.jsonl"], "tokenizer_path": "tok", "max_prompt_length": 30,
+             "prompts_per_iteration": 16},
+    "rollout": {"max_new_tokens": 20}, "reward": {"path": "no-such-reward-model"}, "ppo": {"minibatches": 2},
+    "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
+}
+
+
+def check_plan(directory: str) -> dict:
+    """``icegrt plan`` of a tiny PPO run on (2,2,2), and its error on a batch the mesh cannot split."""
+    path = os.path.join(directory, "plan.yaml")
+    with open(path, "w") as f:
+        json.dump(PLAN_CONFIG, f)
+    args = ["plan", "--config", path, "--devices", "8", "--device-memory", "1", "--reward-preset", "tiny"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main([*args, "--json"])
+    with contextlib.redirect_stderr(stderr):
+        bad_code = cli.main([*args, "data.prompts_per_iteration=12"])
+    return {"code": code, "plan": json.loads(stdout.getvalue()), "bad_code": bad_code, "bad_error": stderr.getvalue()}
+
+
+def main(directory: str, tokenizer_dir: str):
+    sft_results, states = check_sft_steps()
+    results = {
+        "devices": jax.device_count(),
+        "bad_input": check_bad_input(directory),
+        "sft": sft_results,
+        "reward": check_reward_steps(),
+        "ppo_updates": check_ppo_updates(),
+        "ppo_run": check_ppo_run(directory, tokenizer_dir),
+        "restore": check_resharding_restore(states["2x2x2"], os.path.join(directory, "checkpoints")),
+        "sampling": check_tensor_parallel_sampling(),
+        "plan": check_plan(directory),
+    }
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

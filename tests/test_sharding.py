@@ -1,0 +1,244 @@
+"""Meshes, logical-axis rules, sharded SFT / reward / PPO steps, a sharded PPO run, resharding
+restore, tensor-parallel sampling.
+
+The sharded checks need 8 devices, which must be forced before jax starts, so they run once in a
+subprocess (``sharded_checks.py``) that reports measured differences; the tolerances live here:
+
+- fp32 SFT steps (2 AdamW steps, grad accumulation 2, lr 1e-3) on meshes (8,1,1), (2,4,1),
+  (2,2,2) against one device: loss and gradient norm within 1e-5 relative and Adam's moments
+  (linear in the gradients) within 1e-4 of each leaf's largest entry — only the order of
+  floating-point sums differs (~1e-7 measured). Parameters within 1e-4 absolute (= 5% of the
+  total step lr x steps): Adam divides each coordinate by its own RMS, so rounding noise on a
+  near-zero gradient can move that coordinate by up to ~lr (measured 2e-5).
+- bf16 compute on (2,2,2): loss within 2e-3 relative (bf16's 8-bit mantissa; measured 1.4e-4).
+- fp32 reward steps (Bradley-Terry) and PPO actor and critic updates (2 AdamW steps each, grad
+  accumulation 2, lr 1e-3, the same experience minibatches), same meshes against one device:
+  loss, gradient norm and the trainer's own metrics (score std; approx. KL) within 1e-4 relative.
+  Step 1 differs only in summation order (~1e-7); step 2 starts from parameters that Adam's
+  per-coordinate normalisation has already moved apart on a few near-zero-gradient coordinates
+  (one coordinate in 10^4 by up to 6e-5, ~5% of lr), which moves the step-2 metrics by up to
+  ~3e-6. So the parameters are compared as norms: |theta - theta_1dev| / |theta_1dev - theta_0|
+  within 1e-2 (measured <= 1.2e-4) and |moments - moments_1dev| / |moments_1dev| within 1e-3
+  (measured <= 1e-5). A sharding mistake (a shard's rows lost or counted twice, a wrong
+  reduction) shows up at the 1e-1 level in all of them.
+- A two-iteration PPO run on (2,2,2) (sampling, scoring, both updates sharded): each program
+  (prefill, decode, log-probs, values, experience, minibatch selection) compiles once, the actor
+  and critic updates once each.
+- Greedy sampling with tensor parallelism: identical tokens, log-probs within 1e-5.
+- Restore of a (2,2,2) checkpoint onto (8,1,1) and onto one device: bitwise equal.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from icegrt_jax.config import MeshConfig, PPOConfig, load_config
+from icegrt_jax.models.llama import Llama, preset
+from icegrt_jax.sharding import (Partitioner, ShardingError, initialize_distributed, logical_rules,
+                                 logical_to_spec, mesh_shape, wants_distributed)
+from icegrt_jax.train.ppo import run_ppo
+
+CHECKS = os.path.join(os.path.dirname(__file__), "sharded_checks.py")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tiny_tokenizer_dir) -> dict:
+    out = subprocess.run([sys.executable, CHECKS, str(tmp_path_factory.mktemp("sharded")), tiny_tokenizer_dir],
+                         check=False, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results["devices"] == 8
+    return results
+
+
+# --- sharded runs (8 forced CPU devices) ---------------------------------------------------------
+
+@pytest.mark.parametrize("mesh", ["8x1x1", "2x4x1", "2x2x2"])
+def test_sharded_sft_step_matches_one_device(sharded, mesh):
+    result = sharded["sft"][mesh]
+    assert result["loss_rel"] < 1e-5
+    assert result["grad_norm_rel"] < 1e-5
+    assert result["adam_moments_rel"] < 1e-4
+    assert result["params_abs"] < 1e-4
+    _, fsdp, tensor = map(int, mesh.split("x"))
+    assert result["wq_spec"] == "P(None, 'fsdp', 'tensor', None)"  # [layers, embed, heads, head_dim]
+    assert result["wq_shard_shape"] == [2, 64 // fsdp, 4 // tensor, 16]
+
+
+def test_bf16_sharded_sft_step(sharded):
+    assert sharded["sft"]["bf16_2x2x2_loss_rel"] < 2e-3
+
+
+def assert_steps_match(result: dict, curves: tuple[str, ...]):
+    for curve in curves:
+        assert result[f"{curve}_rel"] < 1e-4, curve
+    assert result["update_rel"] < 1e-2
+    assert result["moments_rel"] < 1e-3
+
+
+@pytest.mark.parametrize("mesh", ["8x1x1", "2x4x1", "2x2x2"])
+def test_sharded_reward_step_matches_one_device(sharded, mesh):
+    assert_steps_match(sharded["reward"][mesh], ("loss", "grad_norm", "score_std"))
+
+
+@pytest.mark.parametrize("mesh", ["8x1x1", "2x4x1", "2x2x2"])
+@pytest.mark.parametrize("role, curves", [("actor", ("policy_loss", "actor_grad_norm", "approx_kl")),
+                                          ("critic", ("value_loss", "critic_grad_norm"))])
+def test_sharded_ppo_update_matches_one_device(sharded, mesh, role, curves):
+    assert_steps_match(sharded["ppo_updates"][role][mesh], curves)
+
+
+def test_sharded_ppo_run_compiles_each_program_once(sharded):
+    result = sharded["ppo_run"]
+    assert result["iterations"] == [1, 2] and result["finite"] and result["final_saved"]
+    assert result["compiles"] == {"_prefill": 1, "_decode": 1, "sequence_logprobs": 1, "critic_values": 1,
+                                  "experience_from_scores": 1, "take_rows": 1, "update": 2}  # actor, critic
+
+
+@pytest.mark.parametrize("target", ["8x1x1", "one_device"])
+def test_checkpoint_from_2x2x2_restores_on_another_mesh(sharded, target):
+    result = sharded["restore"][target]
+    assert result["equal"] and result["layout"]
+    assert result["devices"] == (8 if target == "8x1x1" else 1)
+    assert result["meta"] == {"note": "2x2x2"}
+
+
+@pytest.mark.parametrize("mesh", ["2x1x4"])
+def test_tensor_parallel_greedy_sampling_matches_one_device(sharded, mesh):
+    result = sharded["sampling"][mesh]
+    assert result["same_tokens"]
+    assert result["logprobs_abs"] < 1e-5
+    assert "tensor" in result["wq_spec"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("mesh_not_dividing", "8 devices do not divide by 3"),
+    ("unknown_logical_axis", "unknown logical axis 'mpl'"),
+    ("batch_not_divisible", "data.batch_size 12 is not divisible by the data-parallel size 8"),
+    ("micro_batch_not_divisible", "4 rows a micro-batch, which is not divisible by the data-parallel size 8"),
+    ("missing_rule", "['layers']['w_down']: logical axis 'mlp' has no rule"),
+    ("ppo_minibatch_not_divisible",
+     "the actor's minibatch (data.prompts_per_iteration / ppo.minibatches) 4 is not divisible by the data-parallel "
+     "size 8"),
+    ("ppo_micro_batch_not_divisible",
+     "the critic's minibatch (data.prompts_per_iteration / ppo.minibatches) 8 / grad_accum_steps 4 = 2 rows a "
+     "micro-batch, which is not divisible by the data-parallel size 4"),
+])
+def test_bad_input_fails_before_compiling(sharded, case, message):
+    result = sharded["bad_input"][case]
+    assert message in result["error"]
+    assert result["compiles"] == 0
+    assert not sharded["bad_input"]["run_dir_created"]
+
+
+# --- pure pieces (this process, one device) ------------------------------------------------------
+
+@pytest.mark.parametrize("sizes, devices, expected", [
+    ((-1, 1, 1), 8, (8, 1, 1)),
+    ((2, -1, 2), 8, (2, 2, 2)),
+    ((1, 1, 1), 8, (1, 1, 1)),
+    ((8, 8, 1), 64, (8, 8, 1)),
+])
+def test_mesh_shape_fills_the_remaining_devices(sizes, devices, expected):
+    cfg = MeshConfig(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
+    assert mesh_shape(cfg, devices) == expected
+
+
+def test_mesh_shape_rejects_a_product_that_does_not_divide():
+    with pytest.raises(ShardingError, match="needs a multiple of 6 devices"):
+        mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=2), 8)
+
+
+def test_logical_to_spec_follows_the_rules_and_rejects_reused_mesh_axes():
+    rules = logical_rules(MeshConfig())
+    spec = logical_to_spec(("layers", "embed", "heads", "head_dim"), rules)
+    assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert logical_to_spec(("batch", "length"), rules) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    with pytest.raises(ShardingError, match="mesh axis 'fsdp' shards two dimensions"):
+        logical_to_spec(("batch", "embed"), rules, "activation")
+    with pytest.raises(ShardingError, match="logical axis 'experts' has no rule"):
+        logical_to_spec(("experts",), rules)
+
+
+def test_state_shardings_keep_the_tree_and_follow_the_logical_names():
+    _, params = nnx.split(nnx.eval_shape(lambda: Llama(preset("tiny"), nnx.Rngs(0))))
+    partitioner = Partitioner.from_config(MeshConfig())
+    state = {"step": jax.ShapeDtypeStruct((), np.int32), "params": params}
+    shardings = partitioner.shardings(state)
+    assert jax.tree.structure(shardings) == jax.tree.structure(state)
+    assert shardings["params"]["layers"]["wq"].get_value().spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor", None)
+    assert shardings["step"].spec == jax.sharding.PartitionSpec()
+    placed = partitioner.put({"w": np.arange(6.0).reshape(2, 3)})
+    np.testing.assert_array_equal(placed["w"], np.arange(6.0).reshape(2, 3))
+    batch = partitioner.shard_batch({"input_ids": np.arange(8).reshape(2, 4)})
+    assert batch["input_ids"].sharding == partitioner.batch_sharding
+
+
+def test_multi_process_ppo_is_refused_before_any_work(tmp_path, monkeypatch):
+    cfg = load_config(PPOConfig, None, ["model.preset=tiny", "reward.function=nowhere:nothing",
+                                        "data.prompt_files=[missing.jsonl]", "data.tokenizer_path=missing",
+                                        f"training.output_dir={tmp_path / 'run'}"])
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ShardingError, match="this launch has 2 processes; PPO runs in one process for now"):
+        run_ppo(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_distributed_start_is_recognised_from_the_environment():
+    assert not wants_distributed({})
+    assert not wants_distributed({"SLURM_NTASKS": "1"})
+    assert wants_distributed({"SLURM_NTASKS": "16"})
+    assert wants_distributed({"OMPI_COMM_WORLD_SIZE": "2"})
+    assert wants_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert not initialize_distributed(env={})  # a single process needs no runtime
+
+
+# --- icegrt plan (run inside the 8-device subprocess) ----------------------------------------------
+
+def shard_bytes(model_cls, cfg, sizes: dict[str, int], rules) -> int:
+    """Independent count: each dimension divided by the mesh sizes of its logical axis; bf16."""
+    _, params = nnx.split(nnx.eval_shape(lambda: model_cls(cfg)))
+    total = 0
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        names = leaf.get_metadata()["out_sharding"]
+        ways = [int(np.prod([sizes[a] for a in rules[name]])) for name in names]
+        total += int(np.prod([n // w for n, w in zip(leaf.shape, ways)])) * 2
+    return total
+
+
+def test_plan_counts_params_optimizer_gradients_and_kv_cache_exactly(sharded):
+    from icegrt_jax.models.heads import ScoreModel
+
+    result = sharded["plan"]
+    assert result["code"] == 0
+    plan = result["plan"]
+    roles = {r["role"]: r for r in plan["roles"]}
+    assert list(roles) == ["actor", "critic", "reference", "reward"]
+    sizes, rules = {"data": 2, "fsdp": 2, "tensor": 2}, logical_rules(MeshConfig())
+    tiny = preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
+    assert roles["actor"]["params"] == roles["reference"]["params"] == shard_bytes(Llama, tiny, sizes, rules)
+    assert roles["critic"]["params"] == roles["reward"]["params"] == shard_bytes(ScoreModel, tiny, sizes, rules)
+    for role in ("actor", "critic"):  # AdamW: two moments in the param dtype, plus step counters
+        assert 2 * roles[role]["params"] <= roles[role]["optimizer"] <= 2 * roles[role]["params"] + 64
+        assert roles[role]["gradients"] == roles[role]["params"]
+    assert roles["reference"]["optimizer"] == roles["reward"]["gradients"] == 0
+    # k and v [layers 2, rows 16 / 4, slots 32 + 32, kv heads 2 / 2, head_dim 16] in bf16
+    assert roles["actor"]["kv_cache"] == 2 * 2 * (16 // 4) * 64 * 1 * 16 * 2
+    assert all(r["activations"] > 0 for r in roles.values())
+    assert plan["peak"] == plan["resident"] + max(plan["transients"].values())
+    assert plan["resident"] == sum(r["params"] + r["optimizer"] for r in roles.values())
+    assert plan["fits"] and plan["mesh"] == sizes
+
+
+def test_plan_rejects_a_rollout_batch_the_mesh_cannot_split(sharded):
+    assert sharded["plan"]["bad_code"] == 2
+    assert ("minibatch (data.prompts_per_iteration / ppo.minibatches) 6 / grad_accum_steps 2 = 3 rows a "
+            "micro-batch, which is not divisible by the data-parallel size 4") in sharded["plan"]["bad_error"]
