@@ -123,7 +123,8 @@ def make_actor_update(graphdef, tx, cfg: PPOConfig, *, partitioner: Partitioner 
                                            p.clip_eps, p.dual_clip, p.aggregate)
         metrics = {"policy_loss": loss, "clip_frac": metrics["clip_frac"], "approx_kl": metrics["approx_kl"],
                    "ratio_mean": metrics["ratio_mean"], "entropy": rl.masked_mean(entropy, mb["mask"])}
-        loss = loss - p.entropy_coef * metrics["entropy"]
+        if p.entropy_coef:  # only then does the entropy enter the gradient (no backward pass for 0 x H)
+            loss = loss - p.entropy_coef * metrics["entropy"]
         weight = _token_weight(mb["mask"], p.aggregate)
         return loss * weight, (weight, jax.tree.map(lambda m: m * weight, metrics))
 
