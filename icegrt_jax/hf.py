@@ -12,8 +12,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,12 @@ from tqdm.auto import tqdm
 
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.models.heads import ScoreModel
-from icegrt_jax.models.llama import DTYPES, ModelConfigError, Llama, LlamaConfig
-from icegrt_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+from icegrt_jax.models.llama import DTYPES, Llama, LlamaConfig, ModelConfigError
+from icegrt_jax.safetensors_io import (
+    SafetensorsError,
+    SafetensorsFile,
+    write_safetensors,
+)
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -302,7 +306,16 @@ def write_json(path: str, obj):
 
 
 __all__ = [
-    "CheckpointError", "ModelConfigError", "SafetensorsError", "NAME_TABLE", "load_hf", "load_hf_config",
-    "save_hf", "hf_tensors", "model_from_params", "params_from_pure_dict", "abstract_model",
+    "NAME_TABLE",
+    "CheckpointError",
+    "ModelConfigError",
+    "SafetensorsError",
+    "abstract_model",
     "atomic_directory",
+    "hf_tensors",
+    "load_hf",
+    "load_hf_config",
+    "model_from_params",
+    "params_from_pure_dict",
+    "save_hf",
 ]

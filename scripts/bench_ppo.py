@@ -57,8 +57,7 @@ def run_ours(tmp: str, iters: int, warmup: int) -> dict:
     words = build_tokenizer(os.path.join(tmp, "tokenizer"))
     rng = random.Random(1)
     with open(os.path.join(tmp, "prompts.jsonl"), "w") as f:
-        for _ in range(PROMPTS):
-            f.write(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(PROMPT_WORDS))}) + "\n")
+        f.writelines(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(PROMPT_WORDS))}) + "\n" for _ in range(PROMPTS))
     model_cfg = preset("bench-small", vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     _, reward_params = nnx.split(ScoreModel(model_cfg, nnx.Rngs(7)))
     save_model(model_cfg, reward_params, os.path.join(tmp, "reward"), kind="score",
@@ -73,7 +72,7 @@ def run_ours(tmp: str, iters: int, warmup: int) -> dict:
         "logging.progress=false"])
     run_ppo(cfg)
     rows = [json.loads(line) for line in open(os.path.join(tmp, "run", "metrics.jsonl"))][warmup:]
-    mean = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
+    mean = lambda key: float(np.mean([r[key] for r in rows]))
     return {"s_per_iter": mean("step_time_s"), "generate_s": mean("time_generate_s"),
             "score_s": mean("time_score_s"), "update_s": mean("time_update_s"),
             "response_length": mean("response_length")}

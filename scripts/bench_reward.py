@@ -20,7 +20,11 @@ from icegrt_jax.hf import abstract_model
 from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import preset
 from icegrt_jax.train.reward import make_train_step, pair_scores
-from icegrt_jax.train.state import init_train_state, learning_rate_schedule, make_optimizer
+from icegrt_jax.train.state import (
+    init_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+)
 
 PAIRS, LENGTH, SCORED = 16, 128, 64
 
@@ -52,7 +56,7 @@ def main():
     holder = {"state": init_train_state(params, tx, 0)}
 
     def train_once():
-        holder["state"], metrics = step(holder["state"], batch)
+        holder["state"], _ = step(holder["state"], batch)
         jax.block_until_ready(holder["state"])
 
     train_s = best_time(train_once, args.reps)

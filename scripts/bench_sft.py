@@ -23,7 +23,11 @@ from icegrt_jax.config import OptimizerConfig
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.models.llama import Llama, preset
 from icegrt_jax.train.sft import make_train_step
-from icegrt_jax.train.state import init_train_state, learning_rate_schedule, make_optimizer
+from icegrt_jax.train.state import (
+    init_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+)
 
 B, T = 16, 256
 BASELINE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "torch_sft_generate_baseline.py")
@@ -67,7 +71,7 @@ def main():
     times = []
     for _ in range(args.reps):
         start = time.perf_counter()
-        state, metrics = step(state, batch)
+        state, _ = step(state, batch)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - start)
     step_s = min(times)

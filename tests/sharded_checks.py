@@ -26,13 +26,24 @@ from flax import nnx
 
 from icegrt_jax import cli
 from icegrt_jax.checkpoint import TrainCheckpointer
-from icegrt_jax.config import MeshConfig, OptimizerConfig, PPOConfig, RolloutConfig, SFTConfig, load_config
+from icegrt_jax.config import (
+    MeshConfig,
+    OptimizerConfig,
+    PPOConfig,
+    RolloutConfig,
+    SFTConfig,
+    load_config,
+)
 from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import Llama, LlamaConfig
 from icegrt_jax.sampling import SamplingParams, generate
 from icegrt_jax.sharding import Partitioner, ShardingError
 from icegrt_jax.train import ppo, reward, sft
-from icegrt_jax.train.state import init_train_state, learning_rate_schedule, make_optimizer
+from icegrt_jax.train.state import (
+    init_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+)
 
 MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
 MODEL = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4,

@@ -7,12 +7,22 @@ import numpy as np
 import pytest
 
 from icegrt_jax.data.batching import (
-    BatchIterator, DataPosition, bucket_lengths, collate, eval_batches, padded_length, plan_epoch,
+    BatchIterator,
+    DataPosition,
+    bucket_lengths,
+    collate,
+    eval_batches,
+    padded_length,
+    plan_epoch,
 )
 from icegrt_jax.data.sources import Conversation, DataError, load_conversations
 from icegrt_jax.data.templates import ICEGRT, Round, get_template, render
 from icegrt_jax.data.tokenize import (
-    TokenizedExample, first_kept_round, load_tokenizer, pad_token_id, tokenize_conversations,
+    TokenizedExample,
+    first_kept_round,
+    load_tokenizer,
+    pad_token_id,
+    tokenize_conversations,
     tokenize_prompt,
 )
 

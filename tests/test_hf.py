@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from helpers import hf_logits, left_padded_batch, make_hf_llama
+
 from icegrt_jax import cli
 from icegrt_jax.checkpoint import load_model, load_model_dir, save_model
 from icegrt_jax.hf import CheckpointError, load_hf, model_from_params, save_hf

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import hf_logits, left_padded_batch, make_hf_llama
+
 from icegrt_jax.hf import load_hf, model_from_params
 from icegrt_jax.models.llama import LlamaConfig, ModelConfigError, init_cache, preset
 

@@ -66,7 +66,7 @@ def test_chunked_logprobs_and_gradients_match_full_logits(rng, chunk_size):
     chunked = jax.jit(
         lambda h, w: losses.chunked_token_logprobs(h, w, targets, chunk_size)
     )
-    full = lambda h, w: losses.token_logprobs(h @ w, targets)  # noqa: E731
+    full = lambda h, w: losses.token_logprobs(h @ w, targets)
     np.testing.assert_allclose(chunked(hidden, lm_head), full(hidden, lm_head), **MATMUL_TOL)
     grads = jax.jit(jax.grad(weighted(chunked), argnums=(0, 1)))(hidden, lm_head)
     expected = jax.grad(weighted(full), argnums=(0, 1))(hidden, lm_head)
@@ -78,7 +78,7 @@ def test_chunked_logprobs_vmap_and_bf16(rng):
     hidden = jnp.asarray(rng.normal(size=(2, B, T, H)), jnp.bfloat16)
     lm_head = jnp.asarray(rng.normal(size=(H, V)) / 4, jnp.bfloat16)
     targets = rng.integers(0, V, size=(2, B, T))
-    fn = lambda h, t: losses.chunked_token_logprobs(h, lm_head, t, 5)  # noqa: E731
+    fn = lambda h, t: losses.chunked_token_logprobs(h, lm_head, t, 5)
     batched = jax.vmap(fn)(hidden, targets)
     assert batched.dtype == jnp.float32
     for k in range(2):
@@ -86,7 +86,7 @@ def test_chunked_logprobs_vmap_and_bf16(rng):
         np.testing.assert_allclose(
             batched[k], losses.token_logprobs(full_logits, targets[k]), **MATMUL_TOL
         )
-    total = lambda h, w: losses.chunked_token_logprobs(h, w, targets[0], 5).sum()  # noqa: E731
+    total = lambda h, w: losses.chunked_token_logprobs(h, w, targets[0], 5).sum()
     grad_h, grad_w = jax.grad(total, (0, 1))(hidden[0], lm_head)
     assert grad_h.dtype == jnp.bfloat16 and grad_w.dtype == jnp.bfloat16
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import run_cli_killed_at
+
 from icegrt_jax import cli, rl
 from icegrt_jax.checkpoint import load_model
 from icegrt_jax.config import PPOConfig, PPOLossConfig, load_config
@@ -23,8 +23,7 @@ SCORER = "ppo_scorers:letter_e_share"
 @pytest.fixture
 def ppo_setup(tmp_path, tiny_tokenizer_dir):
     with open(tmp_path / "prompts.jsonl", "w") as f:
-        for i in range(32):
-            f.write(json.dumps({"prompt": f"Write {i} words about the sea."}) + "\n")
+        f.writelines(json.dumps({"prompt": f"Write {i} words about the sea."}) + "\n" for i in range(32))
     config = {
         "model": {"preset": "tiny", "vocab_size": 400},
         "actor_optimizer": {"lr": 3e-3, "schedule": "constant"},
@@ -78,6 +77,7 @@ def test_reward_lands_on_eos_or_last_generated_token():
     expected = np.zeros(mask.shape, np.float32)
     expected[0, 3] = 0.75  # action index 3 emits tokens[0, 4] = EOS
     expected[1, 4] = -1.25  # action index 4 emits tokens[1, 5] = 10, the last generated token
+    assert tokens[0, 3 + 1] == 2 and tokens[1, 4 + 1] == 10
     np.testing.assert_array_equal(np.asarray(adv.rewards), expected)
     assert adv.rewards.dtype == jnp.float32
 

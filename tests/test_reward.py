@@ -7,8 +7,8 @@ import signal
 import jax
 import numpy as np
 import pytest
-
 from helpers import run_cli_killed_at
+
 from icegrt_jax import cli
 from icegrt_jax.checkpoint import TrainCheckpointer, load_model, model_kind
 from icegrt_jax.config import RewardConfig, load_config

@@ -81,10 +81,10 @@ def all_results(inputs, mask):
         inputs
     )
     scores = rewards[:, 0]
-    policy = lambda lp: rl.ppo_policy_loss(  # noqa: E731
+    policy = lambda lp: rl.ppo_policy_loss(
         lp, old_logprobs, advantages, mask, dual_clip=2.0, aggregate="seq_mean_token_mean"
     )
-    critic = lambda v: rl.value_loss(v, old_values, returns, mask)  # noqa: E731
+    critic = lambda v: rl.value_loss(v, old_values, returns, mask)
     return {
         "mean": rl.masked_mean(values, mask),
         "row_mean": rl.masked_mean(values, mask, axis=1),

@@ -9,14 +9,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers import run_cli_killed_at
+
 from icegrt_jax import cli
 from icegrt_jax.checkpoint import TrainCheckpointer, load_model
-from icegrt_jax.config import LoggingConfig, OptimizerConfig, SFTConfig, TrainingConfig, load_config
+from icegrt_jax.config import (
+    LoggingConfig,
+    SFTConfig,
+    TrainingConfig,
+    load_config,
+)
 from icegrt_jax.train.loop import NonFiniteError, train_loop
 from icegrt_jax.train.sft import run_sft
-from icegrt_jax.train.state import accumulate_gradients, apply_gradients, init_train_state
+from icegrt_jax.train.state import (
+    accumulate_gradients,
+    apply_gradients,
+    init_train_state,
+)
 
 RECORDS = [
     {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
@@ -31,8 +40,7 @@ RECORDS = [
 
 def write_jsonl(path, records):
     with open(path, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+        f.writelines(json.dumps(record) + "\n" for record in records)
 
 
 @pytest.fixture

@@ -40,8 +40,15 @@ from flax import nnx
 
 from icegrt_jax.config import MeshConfig, PPOConfig, load_config
 from icegrt_jax.models.llama import Llama, preset
-from icegrt_jax.sharding import (Partitioner, ShardingError, initialize_distributed, logical_rules,
-                                 logical_to_spec, mesh_shape, wants_distributed)
+from icegrt_jax.sharding import (
+    Partitioner,
+    ShardingError,
+    initialize_distributed,
+    logical_rules,
+    logical_to_spec,
+    mesh_shape,
+    wants_distributed,
+)
 from icegrt_jax.train.ppo import run_ppo
 
 CHECKS = os.path.join(os.path.dirname(__file__), "sharded_checks.py")

@@ -121,7 +121,7 @@ class BatchIterator:
 
     def __init__(self, examples: Sequence[TokenizedExample], *, batch_size: int,
                  buckets: Sequence[int], pad_id: int, seed: int, group_by_length: bool = True,
-                 position: DataPosition = DataPosition(), collate_fn: Callable = None):
+                 position: DataPosition = DataPosition(), collate_fn: Callable | None = None):
         if not examples:
             raise DataError("no examples to batch (the files are empty or every example was dropped)")
         longest = max(examples, key=len)
@@ -173,7 +173,7 @@ class BatchIterator:
 
 
 def eval_batches(examples: Sequence[TokenizedExample], *, batch_size: int,
-                 buckets: Sequence[int], pad_id: int, collate_fn: Callable = None) -> Iterator[Batch]:
+                 buckets: Sequence[int], pad_id: int, collate_fn: Callable | None = None) -> Iterator[Batch]:
     """One unshuffled pass, grouped by length; each example counted exactly once."""
     collate_fn = collate_fn or collate
     lengths = np.array([len(e) for e in examples])

@@ -26,7 +26,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from icegrt_jax.data.rankings import InvalidRankingError, aggregate_rankings, ranking_to_pairs
+from icegrt_jax.data.rankings import (
+    InvalidRankingError,
+    aggregate_rankings,
+    ranking_to_pairs,
+)
 from icegrt_jax.data.sources import DataError, iter_records, required_text
 
 

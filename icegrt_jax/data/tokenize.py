@@ -81,7 +81,9 @@ class TruncationReport:
 
 def load_tokenizer(path: str) -> Any:
     """A transformers tokenizer from a local directory (no hub access, no remote code)."""
-    from transformers import AutoTokenizer  # imported on use: it takes seconds to import
+    from transformers import (
+        AutoTokenizer,  # imported on use: it takes seconds to import
+    )
 
     if not Path(path).is_dir():
         raise DataError(f"{path}: no such tokenizer directory")

@@ -81,7 +81,7 @@ class LlamaConfig:
     def compute_dtype(self):
         return DTYPES[self.dtype]
 
-    def replace(self, **changes) -> "LlamaConfig":
+    def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
@@ -120,7 +120,7 @@ class LlamaConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> "LlamaConfig":
+    def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> LlamaConfig:
         """Build from an HF ``config.json`` dict; unsupported features raise ``ModelConfigError``."""
         arch = hf.get("architectures") or [hf.get("model_type", "?")]
         if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
@@ -165,7 +165,7 @@ class LlamaConfig:
         return cls(**fields)
 
     @classmethod
-    def from_json_file(cls, path: str, **overrides) -> "LlamaConfig":
+    def from_json_file(cls, path: str, **overrides) -> LlamaConfig:
         try:
             with open(path) as f:
                 hf = json.load(f)
@@ -401,5 +401,6 @@ def decoder_forward(cfg, embed, layers: DecoderLayers, final_norm, tokens, key_m
         (x, cache), _ = jax.lax.scan(body, (x, cache), (weights, jnp.arange(cfg.num_layers)))
     else:
         for layer in range(cfg.num_layers):
-            (x, cache), _ = body((x, cache), (jax.tree.map(lambda p: p[layer], weights), layer))
+            layer_weights = {name: w[layer] for name, w in weights.items()}
+            (x, cache), _ = body((x, cache), (layer_weights, layer))
     return rms_norm(x, final_norm, cfg.rms_norm_eps), cache

@@ -40,17 +40,33 @@ from icegrt_jax.config import PPOConfig, config_to_yaml
 from icegrt_jax.data.batching import BatchIterator, DataPosition
 from icegrt_jax.data.sources import DataError, iter_records, required_text
 from icegrt_jax.data.templates import get_template
-from icegrt_jax.data.tokenize import TokenizedExample, load_tokenizer, pad_token_id, tokenize_prompt
+from icegrt_jax.data.tokenize import (
+    TokenizedExample,
+    load_tokenizer,
+    pad_token_id,
+    tokenize_prompt,
+)
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.models.heads import score_params_from_llama
 from icegrt_jax.sampling import SamplingParams, generate
-from icegrt_jax.sharding import Partitioner, ShardingError, initialize_distributed, is_primary_process
+from icegrt_jax.sharding import (
+    Partitioner,
+    ShardingError,
+    initialize_distributed,
+    is_primary_process,
+)
 from icegrt_jax.train import rollout
 from icegrt_jax.train.loop import train_loop
 from icegrt_jax.train.model_init import init_model
-from icegrt_jax.train.state import (TrainState, accumulate_gradients, apply_gradients, init_train_state,
-                                    make_optimizer, split_micro_batches)
 from icegrt_jax.train.reward import REWARD_STATS_FILE
+from icegrt_jax.train.state import (
+    TrainState,
+    accumulate_gradients,
+    apply_gradients,
+    init_train_state,
+    make_optimizer,
+    split_micro_batches,
+)
 
 
 @flax.struct.dataclass

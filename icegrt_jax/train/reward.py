@@ -19,21 +19,44 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from icegrt_jax.checkpoint import TrainCheckpointer, is_project_checkpoint, load_model_dir, model_kind, save_model
+from icegrt_jax.checkpoint import (
+    TrainCheckpointer,
+    is_project_checkpoint,
+    load_model_dir,
+    model_kind,
+    save_model,
+)
 from icegrt_jax.config import ConfigError, RewardConfig, config_to_yaml
-from icegrt_jax.data.batching import BatchIterator, DataPosition, bucket_lengths, eval_batches, padded_length
+from icegrt_jax.data.batching import (
+    BatchIterator,
+    DataPosition,
+    bucket_lengths,
+    eval_batches,
+    padded_length,
+)
 from icegrt_jax.data.preferences import load_preferences
 from icegrt_jax.data.sources import Conversation, DataError
 from icegrt_jax.data.templates import Round, get_template
-from icegrt_jax.data.tokenize import TokenizedExample, load_tokenizer, pad_token_id, tokenize_conversations
+from icegrt_jax.data.tokenize import (
+    TokenizedExample,
+    load_tokenizer,
+    pad_token_id,
+    tokenize_conversations,
+)
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.losses import bradley_terry_loss, margin_ranking_loss
 from icegrt_jax.models.heads import score_at_last_token, score_params_from_llama
 from icegrt_jax.sharding import Partitioner, initialize_distributed, is_primary_process
 from icegrt_jax.train.loop import train_loop
 from icegrt_jax.train.model_init import init_model, model_config
-from icegrt_jax.train.state import (accumulate_gradients, apply_gradients, init_train_state,
-                                    learning_rate_schedule, make_optimizer, split_micro_batches)
+from icegrt_jax.train.state import (
+    accumulate_gradients,
+    apply_gradients,
+    init_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+    split_micro_batches,
+)
 
 REWARD_STATS_FILE = "reward_stats.json"
 

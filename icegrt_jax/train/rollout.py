@@ -10,7 +10,7 @@ from ``icegrt_jax.rl`` and ``icegrt_jax.losses``; this module only composes them
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import flax.struct
 import jax

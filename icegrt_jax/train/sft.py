@@ -20,17 +20,32 @@ from flax import nnx
 
 from icegrt_jax.checkpoint import TrainCheckpointer, save_model
 from icegrt_jax.config import SFTConfig, config_to_yaml
-from icegrt_jax.data.batching import BatchIterator, DataPosition, bucket_lengths, eval_batches
+from icegrt_jax.data.batching import (
+    BatchIterator,
+    DataPosition,
+    bucket_lengths,
+    eval_batches,
+)
 from icegrt_jax.data.sources import load_conversations
 from icegrt_jax.data.templates import get_template
-from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id, tokenize_conversations
+from icegrt_jax.data.tokenize import (
+    load_tokenizer,
+    pad_token_id,
+    tokenize_conversations,
+)
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.losses import chunked_token_logprobs
 from icegrt_jax.sharding import Partitioner, initialize_distributed, is_primary_process
 from icegrt_jax.train.loop import train_loop
 from icegrt_jax.train.model_init import init_model
-from icegrt_jax.train.state import (accumulate_gradients, apply_gradients, init_train_state,
-                                    learning_rate_schedule, make_optimizer, split_micro_batches)
+from icegrt_jax.train.state import (
+    accumulate_gradients,
+    apply_gradients,
+    init_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+    split_micro_batches,
+)
 
 LOGPROB_CHUNK = 1024  # tokens per chunk of the LM-head projection
 

@@ -8,7 +8,8 @@ skipped when the loss or gradient norm is not finite).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
