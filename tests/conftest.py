@@ -15,8 +15,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 TOKENIZER_CORPUS = [
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.",
+    ("Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."),
     " ### USER: What is the capital of France? ASSISTANT: The capital of France is Paris.",
     " ### USER: Write a short poem about the sea. ASSISTANT: Waves roll in and out again.",
     "The quick brown fox jumps over the lazy dog. Numbers: 0 1 2 3 4 5 6 7 8 9.",

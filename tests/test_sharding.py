@@ -132,11 +132,11 @@ def test_tensor_parallel_greedy_sampling_matches_one_device(sharded, mesh):
     ("micro_batch_not_divisible", "4 rows a micro-batch, which is not divisible by the data-parallel size 8"),
     ("missing_rule", "['layers']['w_down']: logical axis 'mlp' has no rule"),
     ("ppo_minibatch_not_divisible",
-     "the actor's minibatch (data.prompts_per_iteration / ppo.minibatches) 4 is not divisible by the data-parallel "
-     "size 8"),
+     ("the actor's minibatch (data.prompts_per_iteration / ppo.minibatches) 4 is not divisible by the data-parallel "
+     "size 8")),
     ("ppo_micro_batch_not_divisible",
-     "the critic's minibatch (data.prompts_per_iteration / ppo.minibatches) 8 / grad_accum_steps 4 = 2 rows a "
-     "micro-batch, which is not divisible by the data-parallel size 4"),
+     ("the critic's minibatch (data.prompts_per_iteration / ppo.minibatches) 8 / grad_accum_steps 4 = 2 rows a "
+     "micro-batch, which is not divisible by the data-parallel size 4")),
 ])
 def test_bad_input_fails_before_compiling(sharded, case, message):
     result = sharded["bad_input"][case]

@@ -71,20 +71,20 @@ def summary_lines(run: pipeline.Run, results: dict, reward_stats: dict, agreemen
     exported = (f"{export['identical_greedy']}/{export['prompts']} held-out prompts give identical greedy text"
                 if export["transformers_available"] else "not checked (torch is not installed)")
     return [
-        f"- Rubric, overall (sampled, T={run.demo.temperature}): {instruct} {overall(results, 'sampled', instruct):.1f}% -> "
+        (f"- Rubric, overall (sampled, T={run.demo.temperature}): {instruct} {overall(results, 'sampled', instruct):.1f}% -> "
         f"{grt} {overall(results, 'sampled', grt):.1f}% "
-        f"({overall(results, 'sampled', grt) - overall(results, 'sampled', instruct):+.1f} points)",
-        f"- Rubric, overall (greedy): {instruct} {overall(results, 'greedy', instruct):.1f}% -> "
+        f"({overall(results, 'sampled', grt) - overall(results, 'sampled', instruct):+.1f} points)"),
+        (f"- Rubric, overall (greedy): {instruct} {overall(results, 'greedy', instruct):.1f}% -> "
         f"{grt} {overall(results, 'greedy', grt):.1f}% "
-        f"({overall(results, 'greedy', grt) - overall(results, 'greedy', instruct):+.1f} points)",
-        f"- General task (held-out one-digit sums, greedy, {results['general_prompts']} prompts): {instruct} "
-        f"{general[instruct]:.1f}% -> {grt} {general[grt]:.1f}% ({general[grt] - general[instruct]:+.1f} points)",
-        f"- Reward model: held-out pairwise accuracy {100 * reward_stats['accuracy']:.1f}% "
-        f"({reward_stats['split']} pairs)",
-        f"- Labelers ({len(agreement['labelers'])} per prompt, {agreement['rankings']} rankings of "
+        f"({overall(results, 'greedy', grt) - overall(results, 'greedy', instruct):+.1f} points)"),
+        (f"- General task (held-out one-digit sums, greedy, {results['general_prompts']} prompts): {instruct} "
+        f"{general[instruct]:.1f}% -> {grt} {general[grt]:.1f}% ({general[grt] - general[instruct]:+.1f} points)"),
+        (f"- Reward model: held-out pairwise accuracy {100 * reward_stats['accuracy']:.1f}% "
+        f"({reward_stats['split']} pairs)"),
+        (f"- Labelers ({len(agreement['labelers'])} per prompt, {agreement['rankings']} rankings of "
         f"{run.demo.samples_per_prompt} responses): mean Kendall tau {agreement['mean_kendall_tau']:.3f}, "
         f"mean Kendall W {agreement['mean_kendall_w']:.3f}, "
-        f"{agreement['distinct_responses_per_prompt']:.2f} distinct responses per prompt",
+        f"{agreement['distinct_responses_per_prompt']:.2f} distinct responses per prompt"),
         f"- Export: {export['hf_dir']}; transformers vs our sampler: {exported}",
     ]
 
@@ -110,12 +110,12 @@ def write_report(run: pipeline.Run, timings: dict[str, float]) -> str:
     plot_reward(read_metrics(run.path("reward", "metrics.jsonl")), run.path("reward_curve.png"))
     lines = [
         "# ICE-GRT demo report", "",
-        f"Seed {run.demo.seed}; {datetime.datetime.now().isoformat(timespec='seconds')}; "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores; outputs in `{run.out}`.", "",
+        (f"Seed {run.demo.seed}; {datetime.datetime.now().isoformat(timespec='seconds')}; "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores; outputs in `{run.out}`."), "",
         "## Summary", "", *summary_lines(run, results, reward_stats, agreement, export), "",
         f"## In-domain rubric (Table 2 criteria, Table 3 layout): {results['ad_prompts']} held-out ad prompts", "",
-        f"One response per prompt sampled at temperature {run.demo.temperature}, scored by the programmatic "
-        "annotator through 3 simulated labelers (docs/demo.md).", "",
+        (f"One response per prompt sampled at temperature {run.demo.temperature}, scored by the programmatic "
+        "annotator through 3 simulated labelers (docs/demo.md)."), "",
         render_markdown(results["decoding"]["sampled"]), "",
         "Greedy decoding:", "", render_markdown(results["decoding"]["greedy"]), "",
         "## Training curves", "",
