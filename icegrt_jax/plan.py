@@ -175,8 +175,8 @@ def forward_temp_bytes(partitioner: Partitioner, role: str, llama: LlamaConfig, 
     experience = rollout_batch(partitioner, shapes["rows"], shapes["length"])
     args = (params_in, experience["tokens"], experience["attention_mask"])
     if kind == "causal_lm":
-        forward = jax.jit(functools.partial(FORWARDS[role], graphdef), static_argnums=3)
-        args += (cfg.rollout.temperature,)
+        forward = jax.jit(functools.partial(FORWARDS[role], graphdef), static_argnums=(3, 4))
+        args += (cfg.rollout.temperature, cfg.rollout.max_new_tokens)
     else:
         forward = jax.jit(functools.partial(FORWARDS[role], graphdef))
     return compiled_temp_bytes(partitioner, forward, *args)

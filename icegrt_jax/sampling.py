@@ -70,6 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.models.llama import LlamaConfig, init_cache
@@ -420,7 +421,15 @@ def _generate_batch(graphdef, state, cfg, prompts, prompt_index, static, params,
         np.float32(params.temperature or 1.0), np.float32(params.top_p), np.int32(pad_id), eos,
         static=static, num_samples=params.num_samples)
     rows = count * params.num_samples
-    return tuple(np.asarray(x)[:rows] for x in (out_tok, out_lp, out_mask, by_eos))
+    return tuple(to_host(x)[:rows] for x in (out_tok, out_lp, out_mask, by_eos))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """``x``'s global value as numpy on every process: in a multi-process run, the rows other
+    processes hold are gathered first (every process takes part)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class _NoBar:

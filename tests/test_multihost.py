@@ -1,4 +1,5 @@
-"""Two processes joined by jax.distributed (gloo CPU collectives) train SFT like one process.
+"""Two processes joined by jax.distributed (gloo CPU collectives) train SFT, and run PPO, like one
+process.
 
 Each process has one CPU device; the mesh ``data=-1`` spans both, every process builds the same
 global batch and feeds its own rows. The run is split in two launches so the second restores
@@ -28,6 +29,7 @@ RECORDS = [
     {"prompt": "Numbers: 7 8?", "response": "9 0 1 2."},
     {"prompt": "What is 2 + 2?", "response": "4."},
 ]
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))  # ppo_scorers is imported from here
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
@@ -54,16 +56,17 @@ def sft_config(tmp_path, tokenizer_dir, name: str) -> str:
     return str(path)
 
 
-def launch(config: str, steps: int, num_processes: int) -> list[subprocess.Popen]:
-    """``icegrt sft`` in ``num_processes`` processes (JAX_* variables name the coordinator)."""
+def launch(config: str, steps: int, num_processes: int, command: str = "sft") -> list[subprocess.Popen]:
+    """``icegrt COMMAND`` in ``num_processes`` processes (JAX_* variables name the coordinator)."""
     port = free_port()
     procs = []
     for rank in range(num_processes):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE,
+               "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
         if num_processes > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
                        JAX_PROCESS_ID=str(rank))
-        cmd = [sys.executable, "-m", "icegrt_jax.cli", "sft", "--config", config, f"training.steps={steps}"]
+        cmd = [sys.executable, "-m", "icegrt_jax.cli", command, "--config", config, f"training.steps={steps}"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -106,3 +109,48 @@ def test_two_processes_train_like_one(tmp_path, tiny_tokenizer_dir):
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                          multi_params, single_params)
     assert max(jax.tree.leaves(diffs)) < 1e-4
+
+
+def ppo_config(tmp_path, tokenizer_dir, name: str) -> str:
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": r["prompt"]}) + "\n" for r in RECORDS)
+    config = {
+        "model": {"preset": "tiny", "vocab_size": 512},
+        "actor_optimizer": {"lr": 1e-3, "schedule": "constant"},
+        "critic_optimizer": {"lr": 1e-3, "schedule": "constant"},
+        "data": {"prompt_files": [str(tmp_path / "prompts.jsonl")], "tokenizer_path": tokenizer_dir,
+                 "prompts_per_iteration": 4},
+        "rollout": {"max_new_tokens": 8},
+        "reward": {"function": "ppo_scorers:letter_e_share"},
+        "ppo": {"kl_coef": 0.05, "epochs": 1, "minibatches": 1},
+        "training": {"steps": 2, "save_every": 100, "log_every": 1, "output_dir": str(tmp_path / name)},
+        "mesh": {"data": -1},
+        "logging": {"progress": False, "tensorboard": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_two_processes_run_ppo_like_one(tmp_path, tiny_tokenizer_dir):
+    """Sampling on a mesh that spans both processes (outputs gathered to each), a programmatic
+    scorer on every process, sharded scoring and updates: the same rollouts (identical response
+    lengths and scores) and the same actor and critic as one process, within the SFT tolerance."""
+    multi = ppo_config(tmp_path, tiny_tokenizer_dir, "multi")
+    single = ppo_config(tmp_path, tiny_tokenizer_dir, "single")
+    reference = launch(single, steps=2, num_processes=1, command="ppo")
+    finish(launch(multi, steps=2, num_processes=2, command="ppo"))
+    finish(reference)
+
+    multi_metrics, single_metrics = metrics(tmp_path / "multi"), metrics(tmp_path / "single")
+    assert [m["step"] for m in multi_metrics] == [1, 2]
+    for m, s in zip(multi_metrics, single_metrics):
+        assert m["response_length"] == s["response_length"]
+        assert m["score_raw_mean"] == pytest.approx(s["score_raw_mean"], abs=1e-7)
+        assert m["value_loss"] == pytest.approx(s["value_loss"], rel=1e-4)
+    for final in ("final", "final-critic"):
+        _, multi_params = load_model(str(tmp_path / "multi" / final))
+        _, single_params = load_model(str(tmp_path / "single" / final))
+        diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                             multi_params, single_params)
+        assert max(jax.tree.leaves(diffs)) < 1e-4, final

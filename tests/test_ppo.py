@@ -180,3 +180,31 @@ def test_reward_model_with_another_tokenizer_gets_retokenized_text(tiny_tokenize
     assert tokens[0].tolist() == full and mask[0].tolist() == [1] * len(full)
     assert tokens[1, :len(truncated)].tolist() == truncated and mask[1].sum() == len(truncated)
     assert (tokens[1, len(truncated):] == 0).all() and reward.unk_token_id not in full
+
+
+def test_scoring_forward_recomputes_the_samplers_logprobs_on_the_response_only():
+    """PPO's old log-probs are log_softmax(logits / T) of a full forward; on a sampled rollout
+    they equal the sampler's own log-probs (top_k 0, top_p 1) within 1e-4 (fp32; the decode path
+    sums attention over the cache in another order). With ``response_actions`` only the response
+    block goes through the LM head: identical there, 0 before."""
+    from flax import nnx
+
+    from icegrt_jax.models.llama import Llama, preset
+    from icegrt_jax.sampling import SamplingParams, generate
+    from icegrt_jax.train.rollout import sequence_logprobs
+
+    model = Llama(preset("tiny", vocab_size=64), nnx.Rngs(3))
+    graphdef, params = nnx.split(model)
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 4, 4, 4, 4, 4, 8]]
+    result = generate(model, prompts, SamplingParams(temperature=0.7, max_new_tokens=6, eos_token_ids=(2,), seed=4))
+    tokens, attention = jnp.asarray(result.tokens), jnp.asarray(result.attention_mask)
+    full, full_entropy = sequence_logprobs(graphdef, params, tokens, attention, 0.7)
+    response, response_entropy = sequence_logprobs(graphdef, params, tokens, attention, 0.7, 6)
+    mask = result.mask[:, 1:].astype(bool)
+    assert mask.sum() > len(prompts)
+    np.testing.assert_allclose(np.asarray(full)[mask], result.logprobs[:, 1:][mask], atol=1e-4)
+    first = tokens.shape[1] - 1 - 6
+    np.testing.assert_allclose(np.asarray(response)[:, first:], np.asarray(full)[:, first:], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(response_entropy)[:, first:], np.asarray(full_entropy)[:, first:],
+                               atol=1e-6)
+    assert (np.asarray(response)[:, :first] == 0).all() and not mask[:, :first].any()

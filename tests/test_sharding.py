@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from icegrt_jax.config import MeshConfig, PPOConfig, load_config
+from icegrt_jax.config import MeshConfig
 from icegrt_jax.models.llama import Llama, preset
 from icegrt_jax.sharding import (
     Partitioner,
@@ -49,7 +49,6 @@ from icegrt_jax.sharding import (
     mesh_shape,
     wants_distributed,
 )
-from icegrt_jax.train.ppo import run_ppo
 
 CHECKS = os.path.join(os.path.dirname(__file__), "sharded_checks.py")
 
@@ -187,16 +186,6 @@ def test_state_shardings_keep_the_tree_and_follow_the_logical_names():
     np.testing.assert_array_equal(placed["w"], np.arange(6.0).reshape(2, 3))
     batch = partitioner.shard_batch({"input_ids": np.arange(8).reshape(2, 4)})
     assert batch["input_ids"].sharding == partitioner.batch_sharding
-
-
-def test_multi_process_ppo_is_refused_before_any_work(tmp_path, monkeypatch):
-    cfg = load_config(PPOConfig, None, ["model.preset=tiny", "reward.function=nowhere:nothing",
-                                        "data.prompt_files=[missing.jsonl]", "data.tokenizer_path=missing",
-                                        f"training.output_dir={tmp_path / 'run'}"])
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ShardingError, match="this launch has 2 processes; PPO runs in one process for now"):
-        run_ppo(cfg)
-    assert not (tmp_path / "run").exists()
 
 
 def test_distributed_start_is_recognised_from_the_environment():

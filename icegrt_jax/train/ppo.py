@@ -16,9 +16,13 @@ explicit shardings: rollout rows (and minibatch rows) split over the data-parall
 parameters by their logical axes, scalars replicated; the sampler runs inside
 ``partitioner.activate()`` on the placed actor. Since the shardings never change, each program
 compiles once. The rollout rows, and each optimizer's micro-batches of a minibatch, must divide
-by the data-parallel size (``check_rollout_batch``, before anything compiles). Multi-process
-PPO is not supported yet: ``sampling.generate`` reads its outputs on the host, which a
-multi-process mesh does not allow, so ``run_ppo`` refuses a multi-process launch up front.
+by the data-parallel size (``check_rollout_batch``, before anything compiles).
+
+Multi-process (``jax.distributed``): every process runs this same host loop on the global mesh.
+Each holds the whole prompt list and draws the same batch; the sampler gathers its outputs to
+every process (``sampling.to_host``), so decoding, re-tokenising and programmatic scoring see the
+whole rollout everywhere, and ``Partitioner.shard_batch`` hands each process's devices their
+rows. Only process 0 logs; every process writes its shards of the checkpoints.
 """
 
 from __future__ import annotations
@@ -49,12 +53,7 @@ from icegrt_jax.data.tokenize import (
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.models.heads import score_params_from_llama
 from icegrt_jax.sampling import SamplingParams, generate
-from icegrt_jax.sharding import (
-    Partitioner,
-    ShardingError,
-    initialize_distributed,
-    is_primary_process,
-)
+from icegrt_jax.sharding import Partitioner, initialize_distributed, is_primary_process
 from icegrt_jax.train import rollout
 from icegrt_jax.train.loop import train_loop
 from icegrt_jax.train.model_init import init_model
@@ -134,7 +133,7 @@ def make_actor_update(graphdef, tx, cfg: PPOConfig, *, partitioner: Partitioner 
 
     def sum_loss(params, mb):
         logprobs, entropy = rollout.sequence_logprobs(graphdef, params, mb["tokens"], mb["attention_mask"],
-                                                      cfg.rollout.temperature)
+                                                      cfg.rollout.temperature, cfg.rollout.max_new_tokens)
         loss, metrics = rl.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
                                            p.clip_eps, p.dual_clip, p.aggregate)
         metrics = {"policy_loss": loss, "clip_frac": metrics["clip_frac"], "approx_kl": metrics["approx_kl"],
@@ -222,7 +221,7 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                                out_shardings=rows_sh, **static)
 
     logprob_fn = forward(rollout.sequence_logprobs, roles.actor_graphdef, state_shardings.actor.params,
-                         static_argnums=3)
+                         static_argnums=(3, 4))
     value_fn = forward(rollout.critic_values, roles.critic_graphdef, state_shardings.critic.params)
     reward_fn = (forward(rollout.reward_model_scores, roles.reward_graphdef, partitioner.shardings(roles.reward_params))
                  if roles.reward_graphdef is not None else None)
@@ -268,8 +267,9 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
         rollout_rows = partitioner.shard_batch({"tokens": result.tokens, "attention_mask": result.attention_mask,
                                                 "mask": result.mask[:, 1:], "finished_by_eos": result.finished_by_eos})
         tokens, attention_mask, mask = (rollout_rows[k] for k in ("tokens", "attention_mask", "mask"))
-        old_logprobs, entropy = logprob_fn(state.actor.params, tokens, attention_mask, temperature)
-        ref_logprobs, _ = logprob_fn(roles.reference_params, tokens, attention_mask, temperature)
+        response_actions = cfg.rollout.max_new_tokens
+        old_logprobs, entropy = logprob_fn(state.actor.params, tokens, attention_mask, temperature, response_actions)
+        ref_logprobs, _ = logprob_fn(roles.reference_params, tokens, attention_mask, temperature, response_actions)
         values = value_fn(state.critic.params, tokens, attention_mask)
         raw_scores = score([e.source for e in prompt_batch], result, tokens, attention_mask)
         scores, adv, sequence_kl, kl, moments = jax.block_until_ready(experience_fn(
@@ -363,12 +363,9 @@ def init_ppo_state(cfg: PPOConfig, actor_tx, critic_tx, actor_params, critic_par
 
 def run_ppo(cfg: PPOConfig) -> dict:
     """Train (or resume) ICE-GRT; writes config.yaml, metrics.jsonl, checkpoints/, final/ (the
-    actor, an HF-exportable project checkpoint) and final-critic/. Runs sharded over ``cfg.mesh``
-    in one process (see the module docstring)."""
+    actor, an HF-exportable project checkpoint) and final-critic/. Runs sharded over ``cfg.mesh``,
+    in one process or several (see the module docstring)."""
     initialize_distributed()
-    if jax.process_count() > 1:
-        raise ShardingError(f"ppo: this launch has {jax.process_count()} processes; PPO runs in one process "
-                            "for now (the sampler cannot yet gather rollouts across processes)")
     partitioner = Partitioner.from_config(cfg.mesh)
     check_rollout_batch(partitioner, cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer_path or cfg.model.hf_path)

@@ -26,12 +26,24 @@ from icegrt_jax.losses import entropy_from_logits, token_logprobs
 from icegrt_jax.models.heads import score_at_last_token
 
 
-def sequence_logprobs(graphdef, params, tokens, attention_mask, temperature: float):
+def sequence_logprobs(graphdef, params, tokens, attention_mask, temperature: float,
+                      response_actions: int | None = None):
     """(log pi(a_t | s_t), entropy of pi(. | s_t)), both [R, L-1], with pi = softmax(logits / T)
-    (the distribution the sampler draws from when top_k = 0 and top_p = 1)."""
-    logits, _ = nnx.merge(graphdef, params)(tokens, attention_mask)
-    logits = logits[:, :-1] / temperature
-    return token_logprobs(logits, tokens[:, 1:]), entropy_from_logits(logits)
+    (the distribution the sampler draws from when top_k = 0 and top_p = 1).
+
+    ``response_actions`` (static) = the rollout's maximum response length: a rollout row ends
+    with its response block, so only the last ``response_actions`` actions can be response
+    tokens. Only they go through the LM head (saving its work, and the [R, L, V] logits, on the
+    prompt); the earlier entries are 0. None: every action."""
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden_states(tokens, attention_mask)
+    first = 0 if response_actions is None else max(tokens.shape[1] - 1 - response_actions, 0)
+    kernel = model.lm_head_kernel().astype(model.cfg.compute_dtype)
+    logits = jnp.einsum("bth,hv->btv", hidden[:, first:-1], kernel, preferred_element_type=jnp.float32)
+    logits = logits / temperature
+    skipped = ((0, 0), (first, 0))
+    return (jnp.pad(token_logprobs(logits, tokens[:, first + 1:]), skipped),
+            jnp.pad(entropy_from_logits(logits), skipped))
 
 
 def critic_values(graphdef, params, tokens, attention_mask):

@@ -95,10 +95,13 @@ def accumulate_gradients(sum_loss_fn: SumLossFn, params, micro_batches):
         return (grads_acc, loss_acc + loss_sum, weight_acc + weight, metrics_acc), None
 
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    metric_shapes = jax.eval_shape(lambda: sum_loss_fn(params, first)[1][1])
-    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-    (grads, loss_sum, weight, metric_sums), _ = jax.lax.scan(body, zeros, micro_batches)
+    if jax.tree.leaves(micro_batches)[0].shape[0] == 1:  # no loop, no zero-filled accumulators
+        (loss_sum, (weight, metric_sums)), grads = grad_fn(params, first)
+    else:
+        metric_shapes = jax.eval_shape(lambda: sum_loss_fn(params, first)[1][1])
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+        (grads, loss_sum, weight, metric_sums), _ = jax.lax.scan(body, zeros, micro_batches)
     total = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / total, grads)
     return grads, loss_sum / total, weight, jax.tree.map(lambda m: m / total, metric_sums)
