@@ -296,19 +296,27 @@ class PromptDataConfig:
 @dataclass
 class RolloutConfig:
     """How the actor samples responses; ``max_new_tokens`` is the maximum response length, and a
-    response ends at the first of ``stop_token_ids`` (kept as its last token)."""
+    response ends at the first of ``stop_token_ids`` (kept as its last token). ``old_logprobs``:
+    ``recompute`` them with a forward pass of the actor over the rollout (as OpenRLHF, Tunix), or
+    take the ``sampler``'s (as TRL; one forward fewer; needs top_k 0 and top_p 1, where both are
+    log_softmax(logits / T); they differ only by rounding, the decode path's attention runs over
+    the KV cache)."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     max_new_tokens: int = 256
     stop_token_ids: list[int] | None = None  # null: the tokenizer's EOS; []: always max_new_tokens
+    old_logprobs: str = choice("recompute", "recompute", "sampler")
 
     def problems(self) -> Problems:
         if self.temperature <= 0:
             yield "temperature", f"must be > 0 for PPO (log-probs divide by it), got {self.temperature}"
         if not 0 < self.top_p <= 1:
             yield "top_p", f"must be in (0, 1], got {self.top_p}"
+        if self.old_logprobs == "sampler" and (self.top_k or self.top_p < 1):
+            yield "old_logprobs", ("'sampler' needs top_k 0 and top_p 1 (with filtering the sampler's log-probs "
+                                   "are of the filtered distribution, not the one PPO's ratio uses)")
         yield from _at_least(self, 0, "top_k")
         yield from _at_least(self, 1, "max_new_tokens")
 

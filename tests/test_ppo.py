@@ -146,10 +146,11 @@ def test_exact_resume_after_sigkill_mid_iteration(ppo_setup):
     ("data.prompts_per_iteration=15", "data.prompts_per_iteration: 15 is not divisible"),
     ("data.prompt_files=[/nonexistent/p.jsonl]", "/nonexistent/p.jsonl"),
     ("rollout.temperature=0", "rollout.temperature"),
+    ("rollout.old_logprobs=sampler rollout.top_k=5", "rollout.old_logprobs: 'sampler' needs top_k 0 and top_p 1"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(ppo_setup, capsys, override, message):
     tmp_path, config = ppo_setup
-    assert cli.main(["ppo", "--config", config, override]) == 2
+    assert cli.main(["ppo", "--config", config, *override.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
@@ -208,3 +209,16 @@ def test_scoring_forward_recomputes_the_samplers_logprobs_on_the_response_only()
     np.testing.assert_allclose(np.asarray(response_entropy)[:, first:], np.asarray(full_entropy)[:, first:],
                                atol=1e-6)
     assert (np.asarray(response)[:, :first] == 0).all() and not mask[:, :first].any()
+
+
+@pytest.mark.parametrize("old_logprobs, tolerance", [("recompute", 1e-6), ("sampler", 1e-4)])
+def test_first_update_starts_at_ratio_one(ppo_setup, old_logprobs, tolerance):
+    """With 1 epoch x 1 minibatch the update's ratio pi/pi_old is 1 at its start: exactly with
+    recomputed old log-probs, within rounding (fp32, 1e-4) with the sampler's, which also checks
+    that the sampler's log-prob of token t + 1 lands on action t."""
+    tmp_path, config = ppo_setup
+    metrics = _run(config, tmp_path / old_logprobs, "training.steps=2", "ppo.epochs=1", "ppo.minibatches=1",
+                   "rollout.temperature=0.8", f"rollout.old_logprobs={old_logprobs}")
+    for m in metrics:
+        assert abs(m["ratio_mean"] - 1) < tolerance and abs(m["approx_kl"]) < tolerance and m["clip_frac"] == 0
+    assert ("rollout_entropy" in metrics[0]) == (old_logprobs == "recompute")

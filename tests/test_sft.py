@@ -98,6 +98,16 @@ def test_exact_resume_after_sigkill(sft_setup):
 
     for a, b in zip(_params(tmp_path / "straight" / "final"), _params(tmp_path / "resumed" / "final"), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+    # The log reads as if uninterrupted: each step once (rows after the checkpoint are dropped on resume).
+    straight, resumed = (_logged(tmp_path / name) for name in ("straight", "resumed"))
+    assert [step for step, _ in resumed] == [step for step, _ in straight]
+    assert resumed == straight
+
+
+def _logged(run_dir):
+    """(step, loss or eval loss) of each metrics.jsonl row."""
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [(r["step"], r.get("loss", r.get("eval/loss"))) for r in rows]
 
 
 def test_sigterm_saves_checkpoint_and_exits_cleanly(sft_setup):

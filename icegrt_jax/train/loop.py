@@ -29,19 +29,26 @@ class NonFiniteError(RuntimeError):
 
 
 class MetricsLogger:
-    """Scalars to ``metrics.jsonl`` and TensorBoard under ``directory`` (process 0 only)."""
+    """Scalars to ``metrics.jsonl`` and TensorBoard under ``directory`` (process 0 only).
 
-    def __init__(self, directory: str, cfg: LoggingConfig):
+    A run resumed at ``resume_step`` first drops what the interrupted run logged after that
+    step (the JSONL rewritten atomically, TensorBoard's events purged), so each step appears
+    once, as in an uninterrupted run."""
+
+    def __init__(self, directory: str, cfg: LoggingConfig, resume_step: int = 0):
         self._jsonl = self._tensorboard = None
         if jax.process_index() != 0:
             return
         os.makedirs(directory, exist_ok=True)
         if cfg.jsonl:
-            self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+            path = os.path.join(directory, "metrics.jsonl")
+            drop_rows_after(path, resume_step)
+            self._jsonl = open(path, "a")  # noqa: SIM115 (closed by close())
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(os.path.join(directory, "tensorboard"))
+            self._tensorboard = SummaryWriter(os.path.join(directory, "tensorboard"),
+                                              purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, metrics: dict[str, float]):
         if self._jsonl:
@@ -55,6 +62,26 @@ class MetricsLogger:
         for sink in (self._jsonl, self._tensorboard):
             if sink:
                 sink.close()
+
+
+def drop_rows_after(path: str, step: int):
+    """Keep the rows of the JSONL file ``path`` whose ``step`` is <= ``step`` (atomic rewrite;
+    a torn last line from a killed process is dropped too)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    partial = path + ".tmp"
+    with open(partial, "w") as f:
+        f.writelines(kept)
+    os.replace(partial, path)
 
 
 class StopRequest:
@@ -101,7 +128,7 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
     position after the last consumed batch). ``tokens_fn(batch)`` counts tokens for tokens/s.
     """
     start = int(state.step)
-    logger = MetricsLogger(output_dir, logging)
+    logger = MetricsLogger(output_dir, logging, resume_step=start)
     show = logging.progress and jax.process_index() == 0
     metrics: dict[str, float] = {}
     stopped = False

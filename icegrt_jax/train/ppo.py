@@ -268,7 +268,11 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                                                 "mask": result.mask[:, 1:], "finished_by_eos": result.finished_by_eos})
         tokens, attention_mask, mask = (rollout_rows[k] for k in ("tokens", "attention_mask", "mask"))
         response_actions = cfg.rollout.max_new_tokens
-        old_logprobs, entropy = logprob_fn(state.actor.params, tokens, attention_mask, temperature, response_actions)
+        if cfg.rollout.old_logprobs == "sampler":  # action t emits token t + 1
+            old_logprobs, entropy = partitioner.shard_batch(result.logprobs[:, 1:]), None
+        else:
+            old_logprobs, entropy = logprob_fn(state.actor.params, tokens, attention_mask, temperature,
+                                               response_actions)
         ref_logprobs, _ = logprob_fn(roles.reference_params, tokens, attention_mask, temperature, response_actions)
         values = value_fn(state.critic.params, tokens, attention_mask)
         raw_scores = score([e.source for e in prompt_batch], result, tokens, attention_mask)
@@ -318,7 +322,7 @@ def _iteration_metrics(result, raw_scores, scores, sequence_kl, kl_controller, a
         "score_raw_mean": jnp.mean(raw_scores), "score_raw_std": jnp.std(raw_scores),
         "score_mean": jnp.mean(scores), "score_std": jnp.std(scores),
         "kl": jnp.mean(sequence_kl), "kl_coef": kl_controller.kl_coef,
-        "rollout_entropy": rl.masked_mean(entropy, mask),
+        **({} if entropy is None else {"rollout_entropy": rl.masked_mean(entropy, mask)}),
         "response_length": float(result.lengths.mean()), "truncation_rate": float(1 - result.finished_by_eos.mean()),
         "advantage_mean": rl.masked_mean(adv.raw_advantages, mask),
         "advantage_std": jnp.sqrt(rl.masked_var(adv.raw_advantages, mask)),
