@@ -6,7 +6,6 @@ command that takes ``--model DIR`` works with both.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -25,9 +24,6 @@ def is_project_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, PARAMS_SUBDIR))
 
 
-SCORE_ARCHITECTURE = "LlamaForSequenceClassification"
-
-
 def save_model(cfg: LlamaConfig, params: nnx.State, path: str, tokenizer=None, kind: str = "causal_lm",
                extra_json: dict[str, dict] | None = None):
     """Write config.json, the Orbax params and ``extra_json`` files (name -> object) atomically
@@ -39,10 +35,7 @@ def save_model(cfg: LlamaConfig, params: nnx.State, path: str, tokenizer=None, k
         checkpointer.wait_until_finished()
         if jax.process_index() != 0:  # the arrays are written by every process, the rest by one
             return
-        config = cfg.to_hf_dict()
-        if kind == "score":
-            config.update(architectures=[SCORE_ARCHITECTURE], num_labels=1)
-        hf.write_json(os.path.join(tmp, "config.json"), config)
+        hf.write_json(os.path.join(tmp, "config.json"), hf.hf_config_dict(cfg, kind))
         for name, obj in (extra_json or {}).items():
             hf.write_json(os.path.join(tmp, name), obj)
         if tokenizer is not None:
@@ -74,12 +67,6 @@ def write_directory(path: str, write):
     multihost_utils.sync_global_devices(f"{tmp}: moved")
 
 
-def model_kind(path: str) -> str:
-    """"score" for a saved reward model / critic, else "causal_lm"."""
-    with open(os.path.join(path, "config.json")) as f:
-        return "score" if SCORE_ARCHITECTURE in (json.load(f).get("architectures") or []) else "causal_lm"
-
-
 def load_model(path: str, sharding: jax.sharding.Sharding | None = None,
                **config_overrides) -> tuple[LlamaConfig, nnx.State]:
     """Restore (config, params) written by ``save_model`` (a ``Llama`` or, for a saved score
@@ -87,7 +74,7 @@ def load_model(path: str, sharding: jax.sharding.Sharding | None = None,
     array is laid out by ``sharding`` (default: whole on this process's first device), whatever
     mesh wrote the checkpoint."""
     cfg = hf.load_hf_config(path, **config_overrides)
-    kind = model_kind(path)
+    kind = hf.read_config_kind(path)
     _, abstract = hf.abstract_model(cfg, kind)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),

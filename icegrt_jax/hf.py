@@ -1,5 +1,9 @@
 """HuggingFace LLaMA checkpoints (safetensors) <-> our parameters, through one declarative table.
 
+Two model kinds: ``causal_lm`` (``Llama`` <-> ``LlamaForCausalLM``) and ``score`` (``ScoreModel``,
+the reward model and critic <-> ``LlamaForSequenceClassification`` with ``num_labels=1``: no
+``lm_head``, ``score.weight`` [1, H]). config.json's ``architectures`` says which.
+
 Each row of ``NAME_TABLE`` maps an HF tensor name (a regex; ``(\\d+)`` is the layer index) to our
 parameter path and a layout transform. Layer tensors are stacked on our leading ``layers`` axis.
 HF stores ``nn.Linear`` weights as [out, in]; we store ``x @ W`` kernels with heads split out.
@@ -51,6 +55,7 @@ class Layout:
 
 
 IDENTITY = Layout(lambda w, c: w, lambda w, c: w)
+SCORE_ROW = Layout(lambda w, c: w.reshape(c.hidden_size), lambda w, c: w.reshape(1, c.hidden_size))
 TRANSPOSE = Layout(lambda w, c: w.T, lambda w, c: w.T)
 Q_HEADS = Layout(  # [N*D, H] <-> [H, N, D]
     lambda w, c: w.T.reshape(c.hidden_size, c.num_heads, c.head_dim),
@@ -70,6 +75,7 @@ NAME_TABLE: tuple[tuple[str, tuple[str, ...], Layout], ...] = (
     (r"model\.embed_tokens\.weight", ("embed",), IDENTITY),
     (r"model\.norm\.weight", ("final_norm",), IDENTITY),
     (r"lm_head\.weight", ("lm_head",), TRANSPOSE),
+    (r"score\.weight", ("score",), SCORE_ROW),
     (_LAYER + r"input_layernorm\.weight", ("layers", "attn_norm"), IDENTITY),
     (_LAYER + r"self_attn\.q_proj\.weight", ("layers", "wq"), Q_HEADS),
     (_LAYER + r"self_attn\.k_proj\.weight", ("layers", "wk"), KV_HEADS),
@@ -88,11 +94,13 @@ def hf_name(pattern: str, layer: int | None) -> str:
     return name.replace("\\", "")
 
 
-def expected_hf_tensors(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], Layout, int | None]]:
-    """Every HF tensor name the config implies -> (our path, layout, layer index or None)."""
+def expected_hf_tensors(cfg: LlamaConfig, kind: str = "causal_lm") -> dict[str, tuple[tuple[str, ...], Layout, int | None]]:
+    """Every HF tensor name the config and model kind imply -> (our path, layout, layer index or None)."""
     expected = {}
     for pattern, path, layout in NAME_TABLE:
-        if path == ("lm_head",) and cfg.tie_word_embeddings:
+        if path == ("lm_head",) and (cfg.tie_word_embeddings or kind == "score"):
+            continue
+        if path == ("score",) and kind != "score":
             continue
         layers = range(cfg.num_layers) if path[0] == "layers" else [None]
         for layer in layers:
@@ -103,6 +111,27 @@ def expected_hf_tensors(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], La
 # --- params <-> pure dicts --------------------------------------------------------------------
 
 MODEL_KINDS = {"causal_lm": Llama, "score": ScoreModel}
+HF_ARCHITECTURES = {"causal_lm": "LlamaForCausalLM", "score": "LlamaForSequenceClassification"}
+
+
+def model_kind_of_config(config: dict) -> str:
+    """"score" when an HF config.json dict names LlamaForSequenceClassification, else "causal_lm"."""
+    return "score" if HF_ARCHITECTURES["score"] in (config.get("architectures") or []) else "causal_lm"
+
+
+def hf_config_dict(cfg: LlamaConfig, kind: str = "causal_lm") -> dict:
+    """config.json for the model of ``kind`` (a score model: one label)."""
+    config = cfg.to_hf_dict()
+    if kind == "score":
+        config.update(architectures=[HF_ARCHITECTURES["score"]], num_labels=1, id2label={"0": "LABEL_0"},
+                      label2id={"LABEL_0": 0})
+    return config
+
+
+def read_config_kind(path: str) -> str:
+    """The model kind of the checkpoint directory ``path`` (from its config.json)."""
+    with open(os.path.join(path, "config.json")) as f:
+        return model_kind_of_config(json.load(f))
 
 
 def abstract_model(cfg: LlamaConfig, kind: str = "causal_lm"):
@@ -187,16 +216,18 @@ def load_hf_config(path: str, **overrides) -> LlamaConfig:
 
 
 def load_hf(path: str, progress: bool = False, **config_overrides) -> tuple[LlamaConfig, nnx.State]:
-    """Load an HF LLaMA directory (config.json + safetensors, single or sharded) -> (config, params).
+    """Load an HF LLaMA directory (config.json + safetensors, single or sharded) -> (config, params)
+    of a ``Llama`` (LlamaForCausalLM) or a ``ScoreModel`` (LlamaForSequenceClassification).
 
     Tensors are memory-mapped and copied one at a time into the stacked layout. Parameters keep
     the checkpoint's ``torch_dtype`` unless ``param_dtype`` is overridden.
     """
     cfg = load_hf_config(path, **config_overrides)
+    kind = read_config_kind(path)
     index = _tensor_index(path)
-    expected = expected_hf_tensors(cfg)
+    expected = expected_hf_tensors(cfg, kind)
     _check_names(path, set(index), set(expected))
-    _, abstract = abstract_model(cfg)
+    _, abstract = abstract_model(cfg, kind)
     pure = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), nnx.to_pure_dict(abstract))
     files = _open_and_check_shapes(cfg, index, expected, pure)
     for name in tqdm(sorted(expected), desc=f"load {os.path.basename(path)}", disable=not progress):
@@ -207,16 +238,16 @@ def load_hf(path: str, progress: bool = False, **config_overrides) -> tuple[Llam
             target[...] = value
         else:
             target[layer] = value
-    return cfg, params_from_pure_dict(cfg, jax.tree.map(jnp.asarray, pure))
+    return cfg, params_from_pure_dict(cfg, jax.tree.map(jnp.asarray, pure), kind)
 
 
 # --- save ----------------------------------------------------------------------------------
 
-def hf_tensors(cfg: LlamaConfig, params: nnx.State) -> dict[str, np.ndarray]:
+def hf_tensors(cfg: LlamaConfig, params: nnx.State, kind: str = "causal_lm") -> dict[str, np.ndarray]:
     """Our parameters as HF-named numpy tensors (the table read backwards), dtype kept."""
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     out = {}
-    for name, (ours, layout, layer) in expected_hf_tensors(cfg).items():
+    for name, (ours, layout, layer) in expected_hf_tensors(cfg, kind).items():
         value = np.asarray(_get(pure, ours))
         value = value if layer is None else value[layer]
         out[name] = np.ascontiguousarray(layout.to_hf(value, cfg))
@@ -270,10 +301,11 @@ def atomic_directory(path: str, write: Callable[[str], None]):
 
 
 def save_hf(cfg: LlamaConfig, params, path: str, tokenizer=None, max_shard_size: int = 5 * 1024**3,
-            progress: bool = False):
-    """Write an HF ``LlamaForCausalLM`` directory: safetensors (sharded + index when larger than
-    ``max_shard_size`` bytes), config.json, generation_config.json, tokenizer files when given."""
-    tensors = hf_tensors(cfg, params)
+            progress: bool = False, kind: str = "causal_lm"):
+    """Write an HF ``LlamaForCausalLM`` directory (``LlamaForSequenceClassification`` for kind
+    "score"): safetensors (sharded + index when larger than ``max_shard_size`` bytes),
+    config.json, generation_config.json (causal LM), tokenizer files when given."""
+    tensors = hf_tensors(cfg, params, kind)
     dtypes = {str(t.dtype) for t in tensors.values()}
     stored_dtype = dtypes.pop() if len(dtypes) == 1 else None
     saved_cfg = cfg.replace(param_dtype=stored_dtype) if stored_dtype in DTYPES else cfg
@@ -288,11 +320,12 @@ def save_hf(cfg: LlamaConfig, params, path: str, tokenizer=None, max_shard_size:
         if len(shards) > 1:
             total = sum(t.nbytes for t in tensors.values())
             write_json(os.path.join(tmp, SAFE_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
-        write_json(os.path.join(tmp, "config.json"), saved_cfg.to_hf_dict())
-        write_json(os.path.join(tmp, "generation_config.json"), {
-            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-            "pad_token_id": cfg.pad_token_id, "_from_model_config": True,
-        })
+        write_json(os.path.join(tmp, "config.json"), hf_config_dict(saved_cfg, kind))
+        if kind == "causal_lm":
+            write_json(os.path.join(tmp, "generation_config.json"), {
+                "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                "pad_token_id": cfg.pad_token_id, "_from_model_config": True,
+            })
         if tokenizer is not None:
             save_tokenizer_files(tokenizer, tmp)
 

@@ -85,6 +85,38 @@ def test_project_checkpoint_roundtrip_and_cli_convert(hf_dir, tmp_path, capsys):
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params_half))
 
 
+def test_reward_model_exports_as_sequence_classification_and_converts_back(hf_dir, tmp_path, capsys):
+    """A ScoreModel (reward model / critic) saved as a project checkpoint converts to an HF
+    LlamaForSequenceClassification whose score on right-padded rows (HF picks the last non-pad
+    token) equals ours at the last real token (fp32, 1e-4), and converts back bitwise."""
+    from icegrt_jax.models.heads import score_at_last_token, score_params_from_llama
+
+    cfg, llama_params = load_hf(str(hf_dir))
+    params = score_params_from_llama(llama_params, 5, cfg)
+    save_model(cfg, params, str(tmp_path / "reward"), kind="score")
+    assert cli.main(["convert", str(tmp_path / "reward"), str(tmp_path / "hf")]) == 0
+    assert "LlamaForSequenceClassification" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "hf" / "generation_config.json")
+
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert type(reloaded).__name__ == "LlamaForSequenceClassification" and reloaded.config.num_labels == 1
+    rng = np.random.default_rng(4)
+    ids = np.zeros((3, 9), np.int64)
+    mask = np.zeros((3, 9), np.int64)
+    for row, n in enumerate((9, 4, 6)):
+        ids[row, :n], mask[row, :n] = rng.integers(3, cfg.vocab_size, n), 1
+    with torch.no_grad():
+        theirs = reloaded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+    values = model_from_params(cfg, params, "score")(jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(score_at_last_token(values, jnp.asarray(mask))), theirs, atol=1e-4)
+
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    cfg_back, params_back = load_model(str(tmp_path / "back"))
+    assert cfg_back == cfg
+    _leaves_equal_bitwise(params, params_back)
+    _leaves_equal_bitwise(params, load_hf(str(tmp_path / "hf"))[1])
+
+
 def test_save_model_is_atomic_on_failure(hf_dir, tmp_path):
     cfg, params = load_hf(str(hf_dir))
 

@@ -10,7 +10,8 @@ import pytest
 from helpers import run_cli_killed_at
 
 from icegrt_jax import cli
-from icegrt_jax.checkpoint import TrainCheckpointer, load_model, model_kind
+from icegrt_jax.checkpoint import TrainCheckpointer, load_model
+from icegrt_jax.hf import read_config_kind
 from icegrt_jax.config import RewardConfig, load_config
 from icegrt_jax.data.preferences import load_preferences
 from icegrt_jax.data.sources import DataError
@@ -75,7 +76,7 @@ def test_learns_a_preference_to_95_percent_held_out(reward_setup, loss):
     metrics = run_reward(load_config(RewardConfig, config, overrides))
     assert metrics["final/accuracy"] >= 0.95
     final = tmp_path / "run" / "final"
-    assert model_kind(str(final)) == "score"
+    assert read_config_kind(str(final)) == "score"
     stats = json.loads((final / "reward_stats.json").read_text())
     assert stats["split"] == "eval" and stats["score_std"] > 0
     load_model(str(final))

@@ -1,4 +1,5 @@
-"""``icegrt convert SRC OUT``: HF safetensors directory <-> project (Orbax) checkpoint."""
+"""``icegrt convert SRC OUT``: HF safetensors directory <-> project (Orbax) checkpoint, for policies
+(LlamaForCausalLM) and reward models / critics (LlamaForSequenceClassification)."""
 
 from __future__ import annotations
 
@@ -17,20 +18,24 @@ def register(subparsers):
 
 def run(args) -> int:
     """The direction is auto-detected: a project checkpoint goes to HF, anything else comes from HF."""
+    import jax
+
     from icegrt_jax import checkpoint, hf
 
     overrides = {"param_dtype": args.dtype} if args.dtype else {}
     tokenizer = args.tokenizer or (args.src if _has_tokenizer(args.src) else None)
+    model_kind = hf.read_config_kind(args.src) if os.path.isfile(os.path.join(args.src, "config.json")) else "causal_lm"
     if checkpoint.is_project_checkpoint(args.src):
         cfg, params = checkpoint.load_model(args.src, **overrides)
         hf.save_hf(cfg, params, args.out, tokenizer=tokenizer, progress=True,
-                   max_shard_size=int(args.max_shard_gb * 1024**3))
+                   max_shard_size=int(args.max_shard_gb * 1024**3), kind=model_kind)
         kind = "HF"
     else:
         cfg, params = hf.load_hf(args.src, progress=True, **overrides)
-        checkpoint.save_model(cfg, params, args.out, tokenizer=tokenizer)
+        checkpoint.save_model(cfg, params, args.out, tokenizer=tokenizer, kind=model_kind)
         kind = "project"
-    print(f"wrote {kind} checkpoint {args.out} ({cfg.num_params():,} parameters, {cfg.param_dtype})")
+    print(f"wrote {kind} checkpoint {args.out} ({hf.HF_ARCHITECTURES[model_kind]}, {sum(x.size for x in jax.tree.leaves(params)):,} "
+          f"parameters, {cfg.param_dtype})")
     return 0
 
 

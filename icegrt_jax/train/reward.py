@@ -19,13 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from icegrt_jax.checkpoint import (
-    TrainCheckpointer,
-    is_project_checkpoint,
-    load_model_dir,
-    model_kind,
-    save_model,
-)
+from icegrt_jax.checkpoint import TrainCheckpointer, load_model_dir, save_model
 from icegrt_jax.config import ConfigError, RewardConfig, config_to_yaml
 from icegrt_jax.data.batching import (
     BatchIterator,
@@ -43,7 +37,7 @@ from icegrt_jax.data.tokenize import (
     pad_token_id,
     tokenize_conversations,
 )
-from icegrt_jax.hf import abstract_model
+from icegrt_jax.hf import abstract_model, read_config_kind
 from icegrt_jax.losses import bradley_terry_loss, margin_ranking_loss
 from icegrt_jax.models.heads import score_at_last_token, score_params_from_llama
 from icegrt_jax.sharding import Partitioner, initialize_distributed, is_primary_process
@@ -185,10 +179,11 @@ def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id, partitioner: P
 
 
 def init_score_params(cfg: RewardConfig, min_vocab: int):
-    """A ScoreModel: resumed from a saved score model, or a Llama backbone (SFT / HF checkpoint,
-    or a preset initialised at random) with a fresh score head."""
+    """A ScoreModel: resumed from a saved score model (project or HF LlamaForSequenceClassification
+    checkpoint), or a Llama backbone (SFT / HF checkpoint, or a preset initialised at random)
+    with a fresh score head."""
     path = cfg.model.hf_path
-    if path is not None and is_project_checkpoint(path) and model_kind(path) == "score":
+    if path is not None and read_config_kind(path) == "score":
         loaded, params = load_model_dir(path, param_dtype=cfg.model.param_dtype)
         llama = model_config(cfg.model, loaded)
     else:
