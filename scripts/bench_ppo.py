@@ -4,12 +4,14 @@ Shape (the baselines' in ../shared/bench/): bench-small models (vocab 8000, hidd
 4 layers, 8 heads, 4 kv heads) for actor, reference, critic and reward model, all random; 16
 prompts of 16 tokens (BOS + 15 words, the "raw" template) an iteration; exactly 64 sampled
 tokens (no stop token); 1 epoch x 1 minibatch; separate critic with its own optimizer; k1 KL
-0.05; gamma = lambda = 0.95; whitened advantages. Ours does 1 generation, 4 no-grad forwards
-(old and reference log-probs, values, reward) and 2 updates, like Tunix; TRL reuses the
-sampler's log-probs (3 forwards) and updates policy and value in one backward.
+0.05; gamma = lambda = 0.95; whitened advantages. Ours runs twice: ``icegrt`` recomputes the old
+log-probs (1 generation, 4 no-grad forwards: old and reference log-probs, values, reward; 2
+updates), like Tunix; ``icegrt_sampler_logprobs`` takes them from the sampler
+(rollout.old_logprobs=sampler: 3 forwards), like TRL, which also updates policy and value in one
+backward.
 
 Usage: python scripts/bench_ppo.py [--iters 5] [--warmup 1] [--trl-python P] [--tunix-python P]
-(the baselines run only when their interpreter is given). Prints one JSON line.
+(the baselines run only when their interpreter is given). Prints JSON lines, the summary last.
 """
 
 import argparse
@@ -44,7 +46,7 @@ def build_tokenizer(path: str, seed: int = 0) -> list[str]:
     return words
 
 
-def run_ours(tmp: str, iters: int, warmup: int) -> dict:
+def run_ours(tmp: str, iters: int, warmup: int, old_logprobs: str = "recompute") -> dict:
     from flax import nnx
 
     from icegrt_jax.checkpoint import save_model
@@ -68,10 +70,12 @@ def run_ours(tmp: str, iters: int, warmup: int) -> dict:
         "rollout.max_new_tokens=64", "rollout.stop_token_ids=[]", f"reward.path={tmp}/reward",
         "ppo.epochs=1", "ppo.minibatches=1", "ppo.kl_coef=0.05", "ppo.gamma=0.95", "ppo.lam=0.95",
         "actor_optimizer.lr=1e-6", "critic_optimizer.lr=1e-6", f"training.steps={warmup + iters}",
-        "training.save_every=100000", "training.log_every=1", f"training.output_dir={tmp}/run",
+        f"rollout.old_logprobs={old_logprobs}",
+        "training.save_every=100000", "training.log_every=1", f"training.output_dir={tmp}/run-{old_logprobs}",
         "logging.progress=false"])
     run_ppo(cfg)
-    rows = [json.loads(line) for line in open(os.path.join(tmp, "run", "metrics.jsonl"))][warmup:]
+    with open(os.path.join(tmp, f"run-{old_logprobs}", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f][warmup:]
     mean = lambda key: float(np.mean([r[key] for r in rows]))
     return {"s_per_iter": mean("step_time_s"), "generate_s": mean("time_generate_s"),
             "score_s": mean("time_score_s"), "update_s": mean("time_update_s"),
@@ -93,7 +97,9 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = {"icegrt": run_ours(tmp, args.iters, args.warmup)}
-    print(json.dumps(result), flush=True)
+        print(json.dumps(result), flush=True)
+        result["icegrt_sampler_logprobs"] = run_ours(tmp, args.iters, args.warmup, "sampler")
+        print(json.dumps(result["icegrt_sampler_logprobs"]), flush=True)
     if args.trl_python:
         result["trl"] = run_baseline(args.trl_python, "trl_ppo_baseline.py", args.iters, args.warmup)
         print(json.dumps(result["trl"]), flush=True)
@@ -102,7 +108,8 @@ def main():
         print(json.dumps(result["tunix"]), flush=True)
     for name in ("trl", "tunix"):
         if name in result:
-            result[f"speedup_vs_{name}"] = result[name]["s_per_iteration"] / result["icegrt"]["s_per_iter"]
+            for ours in ("icegrt", "icegrt_sampler_logprobs"):
+                result[f"speedup_{ours}_vs_{name}"] = result[name]["s_per_iteration"] / result[ours]["s_per_iter"]
     print(json.dumps(result))
 
 
