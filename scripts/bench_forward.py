@@ -8,28 +8,18 @@ Prints JSON. Usage: python scripts/bench_forward.py [--threads 2] [--reps 5]
 import argparse
 import json
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from bench_timing import best_time
 from flax import nnx
 
 from icegrt_jax.hf import abstract_model, load_hf
 
 B, T = 16, 256
-
-
-def best_time(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main():

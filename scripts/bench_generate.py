@@ -23,21 +23,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
+
+from bench_timing import best_time
 
 SHARED_BASELINE = "/work/shared/bench/torch_sft_generate_baseline.py"
 BATCH, PROMPT, NEW = 16, 32, 64
-
-
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def fastest(fn, repeats: int) -> float:
-    fn()  # warm-up (compiles ours)
-    return min(seconds(fn) for _ in range(repeats))
 
 
 def build(path: str) -> None:
@@ -70,7 +60,7 @@ def side_torch(path: str, args) -> dict:
             return model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
 
     np.save(os.path.join(path, "torch_tokens.npy"), run()[:, PROMPT:].numpy())
-    return {"seconds": fastest(run, args.repeats)}
+    return {"seconds": best_time(run, args.repeats)}
 
 
 def side_jax(path: str, args) -> dict:
@@ -88,9 +78,9 @@ def side_jax(path: str, args) -> dict:
         return generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=new, eos_token_ids=()))
 
     np.save(os.path.join(path, "jax_tokens.npy"), run().tokens[:, -NEW:])
-    out = {"seconds": fastest(run, args.repeats)}
+    out = {"seconds": best_time(run, args.repeats)}
     if args.profile:  # decode step time from two lengths sharing one program (64-slot bucket)
-        short = fastest(lambda: run(NEW // 2 + 1), args.repeats)
+        short = best_time(lambda: run(NEW // 2 + 1), args.repeats)
         step = (out["seconds"] - short) / (NEW - NEW // 2 - 1)
         weight_bytes = cfg.num_params() * np.dtype(cfg.param_dtype).itemsize
         matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size  # the embedding is a gather

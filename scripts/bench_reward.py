@@ -8,11 +8,11 @@ Best of ``--reps`` timed calls after a warm-up. Prints one JSON line.
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_timing import best_time
 from flax import nnx
 
 from icegrt_jax.config import OptimizerConfig
@@ -27,16 +27,6 @@ from icegrt_jax.train.state import (
 )
 
 PAIRS, LENGTH, SCORED = 16, 128, 64
-
-
-def best_time(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main():

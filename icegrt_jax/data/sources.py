@@ -98,14 +98,17 @@ def iter_records(spec: str) -> Iterator[tuple[str, Any]]:
         if not path.exists():
             raise DataError(f"{spec}: no such file")
         if path.suffix == ".jsonl":
-            yield from _jsonl_records(path)
+            yield from jsonl_records(path)
         else:
             yield from _rows(spec, _open_local_dataset(path))
     else:
         yield from _rows(spec, _open_hub_dataset(spec))
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+def jsonl_records(path: str | Path, error: type[UserInputError] = DataError) -> Iterator[tuple[str, Any]]:
+    """(``file:line``, parsed object) of each non-blank line of a JSONL file; an unreadable file,
+    bad UTF-8 or bad JSON raises ``error`` naming the file (and line)."""
+    path = Path(path)
     try:
         with path.open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, start=1):
@@ -115,10 +118,12 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    raise error(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
                 yield where, record
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
 
 
 def _rows(spec: str, dataset: Iterable[dict]) -> Iterator[tuple[str, Any]]:

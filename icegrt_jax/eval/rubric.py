@@ -26,13 +26,13 @@ Annotation JSONL, one line per (response, labeler); see docs/eval.md::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from icegrt_jax.data.sources import jsonl_records
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.eval import markdown_table
 
@@ -91,19 +91,7 @@ def load_annotations(paths: Sequence[str]) -> list[Annotation]:
     """All annotations of the JSONL files (blank lines skipped); duplicates are errors."""
     annotations, seen = [], {}
     for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = list(f)
-        except OSError as e:
-            raise AnnotationError(f"{path}: cannot read annotations ({e.strerror})") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AnnotationError(f"{where}: invalid JSON ({e.msg})") from None
+        for where, record in jsonl_records(path, AnnotationError):
             annotation = parse_annotation(record, where)
             key = (annotation.model, annotation.prompt_id, annotation.labeler)
             if key in seen:

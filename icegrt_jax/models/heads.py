@@ -14,23 +14,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from icegrt_jax.models.llama import DecoderLayers, LlamaConfig, _param, decoder_forward
+from icegrt_jax.models.llama import Backbone, LlamaConfig, _param
 
 
-class ScoreModel(nnx.Module):
+class ScoreModel(Backbone):
     """``__call__(tokens, mask) -> values [B, T]`` (fp32); ``score`` reads the last real token."""
 
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
-        self.cfg = cfg
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
-        self.layers = DecoderLayers(cfg, rngs)
-        self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), cfg, "ones")
+        super().__init__(cfg, rngs)
         self.score = _param(rngs, (cfg.hidden_size,), ("embed",), cfg, fan_in=cfg.hidden_size + 1)
 
     def __call__(self, tokens, key_mask):
-        hidden, _ = decoder_forward(self.cfg, self.embed[...], self.layers, self.final_norm[...],
-                                    tokens, key_mask, None, 0)
+        hidden, _ = self.hidden_states(tokens, key_mask)
         return jnp.einsum("bth,h->bt", hidden, self.score[...].astype(hidden.dtype),
                           preferred_element_type=jnp.float32)
 

@@ -252,8 +252,9 @@ class DecoderLayers(nnx.Module):
         self.w_down = _param(rngs, (L, I, H), ("layers", "mlp", "embed"), cfg, fan_in=I)
 
 
-class Llama(nnx.Module):
-    """LLaMA causal LM. ``__call__`` returns ``(logits, new_cache)``; see the module docstring."""
+class Backbone(nnx.Module):
+    """The decoder every model here shares: ``embed``, ``layers``, ``final_norm`` (HF's
+    ``model.*``), created in this order so a head added after them never changes their init."""
 
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
@@ -261,6 +262,19 @@ class Llama(nnx.Module):
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
         self.layers = DecoderLayers(cfg, rngs)
         self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), cfg, "ones")
+
+    def hidden_states(self, tokens, key_mask, cache=None, cache_index=0):
+        """Final-norm hidden states [B, T, H] and the updated cache."""
+        return decoder_forward(self.cfg, self.embed[...], self.layers, self.final_norm[...],
+                               tokens, key_mask, cache, cache_index)
+
+
+class Llama(Backbone):
+    """LLaMA causal LM. ``__call__`` returns ``(logits, new_cache)``; see the module docstring."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        super().__init__(cfg, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(
                 rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, fan_in=cfg.hidden_size
@@ -269,11 +283,6 @@ class Llama(nnx.Module):
     def lm_head_kernel(self) -> jax.Array:
         """[hidden, vocab] output projection (the transposed embedding when tied)."""
         return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-
-    def hidden_states(self, tokens, key_mask, cache=None, cache_index=0):
-        """Final-norm hidden states [B, T, H] and the updated cache."""
-        return decoder_forward(self.cfg, self.embed[...], self.layers, self.final_norm[...],
-                               tokens, key_mask, cache, cache_index)
 
     def __call__(self, tokens, key_mask, cache=None, cache_index=0):
         hidden, cache = self.hidden_states(tokens, key_mask, cache, cache_index)

@@ -21,7 +21,36 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from icegrt_jax.config import LoggingConfig, TrainingConfig
+from icegrt_jax.checkpoint import TrainCheckpointer
+from icegrt_jax.config import LoggingConfig, TrainingConfig, config_to_yaml
+from icegrt_jax.data.batching import DataPosition
+from icegrt_jax.sharding import is_primary_process
+
+
+def open_run(cfg, name: str, state, state_shardings, batches, report: list[str]):
+    """A trainer's run directory: ``cfg.training.output_dir`` with config.yaml, the ``report`` lines
+    printed as ``[name] ...`` (process 0), and the checkpointer. When the directory holds a
+    checkpoint the run resumes from it: the state (restored onto ``state_shardings``) and the
+    data position of ``batches``. Returns (state, checkpointer)."""
+    out = cfg.training.output_dir
+    os.makedirs(out, exist_ok=True)
+    if is_primary_process():
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            f.write(config_to_yaml(cfg))
+        for line in report:
+            print(f"[{name}] {line}")
+    checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(state, shardings=state_shardings)
+        batches.position = DataPosition(**meta["data_position"])
+        if is_primary_process():
+            print(f"[{name}] resumed from step {int(state.step)} ({checkpointer.directory})")
+    return state, checkpointer
+
+
+def data_position_meta(batches) -> Callable[[], dict]:
+    """``train_loop``'s ``meta_fn`` for a ``BatchIterator``: where the next batch comes from."""
+    return lambda: {"data_position": dataclasses.asdict(batches.position)}
 
 
 class NonFiniteError(RuntimeError):

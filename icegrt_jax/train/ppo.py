@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from icegrt_jax import rl
-from icegrt_jax.checkpoint import TrainCheckpointer, load_model_dir, save_model
-from icegrt_jax.config import PPOConfig, config_to_yaml
-from icegrt_jax.data.batching import BatchIterator, DataPosition
+from icegrt_jax.checkpoint import load_model_dir, save_model
+from icegrt_jax.config import PPOConfig
+from icegrt_jax.data.batching import BatchIterator
 from icegrt_jax.data.sources import DataError, iter_records, required_text
 from icegrt_jax.data.templates import get_template
 from icegrt_jax.data.tokenize import (
@@ -53,9 +53,9 @@ from icegrt_jax.data.tokenize import (
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.models.heads import score_params_from_llama
 from icegrt_jax.sampling import SamplingParams, generate
-from icegrt_jax.sharding import Partitioner, initialize_distributed, is_primary_process
+from icegrt_jax.sharding import Partitioner, initialize_distributed
 from icegrt_jax.train import rollout
-from icegrt_jax.train.loop import train_loop
+from icegrt_jax.train.loop import data_position_meta, open_run, train_loop
 from icegrt_jax.train.model_init import init_model
 from icegrt_jax.train.reward import REWARD_STATS_FILE
 from icegrt_jax.train.state import (
@@ -389,23 +389,13 @@ def run_ppo(cfg: PPOConfig) -> dict:
     del actor_params, critic_params  # the unplaced copies
     state_shardings = partitioner.shardings(state)
 
+    state, checkpointer = open_run(cfg, "ppo", state, state_shardings, batches, [
+        f"{len(prompts)} prompts ({dropped} longer than data.max_prompt_length dropped); {total} iterations"])
     out = cfg.training.output_dir
-    os.makedirs(out, exist_ok=True)
-    if is_primary_process():
-        with open(os.path.join(out, "config.yaml"), "w") as f:
-            f.write(config_to_yaml(cfg))
-        print(f"[ppo] {len(prompts)} prompts ({dropped} longer than data.max_prompt_length dropped); "
-              f"{total} iterations")
-    checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state, shardings=state_shardings)
-        batches.position = DataPosition(**meta["data_position"])
-        if is_primary_process():
-            print(f"[ppo] resumed from iteration {int(state.step)} ({checkpointer.directory})")
     iteration = make_train_step(cfg, roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,
                                 partitioner=partitioner, state_shardings=state_shardings)
     result = train_loop(state=state, step_fn=iteration, batches=batches, total_steps=total, checkpointer=checkpointer,
-                        meta_fn=lambda: {"data_position": dataclasses.asdict(batches.position)},
+                        meta_fn=data_position_meta(batches),
                         training=cfg.training, logging=cfg.logging, output_dir=out, desc="ppo")
     checkpointer.close()
     if not result.stopped_early:

@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from icegrt_jax.checkpoint import TrainCheckpointer, load_model_dir, save_model
-from icegrt_jax.config import ConfigError, RewardConfig, config_to_yaml
+from icegrt_jax.checkpoint import load_model_dir, save_model
+from icegrt_jax.config import ConfigError, RewardConfig
 from icegrt_jax.data.batching import (
     BatchIterator,
-    DataPosition,
     bucket_lengths,
     eval_batches,
     padded_length,
@@ -40,8 +39,8 @@ from icegrt_jax.data.tokenize import (
 from icegrt_jax.hf import abstract_model, read_config_kind
 from icegrt_jax.losses import bradley_terry_loss, margin_ranking_loss
 from icegrt_jax.models.heads import score_at_last_token, score_params_from_llama
-from icegrt_jax.sharding import Partitioner, initialize_distributed, is_primary_process
-from icegrt_jax.train.loop import train_loop
+from icegrt_jax.sharding import Partitioner, initialize_distributed
+from icegrt_jax.train.loop import data_position_meta, open_run, train_loop
 from icegrt_jax.train.model_init import init_model, model_config
 from icegrt_jax.train.state import (
     accumulate_gradients,
@@ -223,20 +222,11 @@ def run_reward(cfg: RewardConfig) -> dict:
     del params  # the unplaced copy
     state_shardings = partitioner.shardings(state)
 
+    report = [f"train: {train_report.summary()}; {train_dropped} pairs longer than max_length dropped"]
+    if eval_report is not None:
+        report.append(f"eval: {eval_report.summary()}; {eval_dropped} pairs longer than max_length dropped")
+    state, checkpointer = open_run(cfg, "reward", state, state_shardings, batches, report)
     out = cfg.training.output_dir
-    os.makedirs(out, exist_ok=True)
-    if is_primary_process():
-        with open(os.path.join(out, "config.yaml"), "w") as f:
-            f.write(config_to_yaml(cfg))
-        print(f"[reward] train: {train_report.summary()}; {train_dropped} pairs longer than max_length dropped")
-        if eval_report is not None:
-            print(f"[reward] eval: {eval_report.summary()}; {eval_dropped} pairs longer than max_length dropped")
-    checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state, shardings=state_shardings)
-        batches.position = DataPosition(**meta["data_position"])
-        if is_primary_process():
-            print(f"[reward] resumed from step {int(state.step)} ({checkpointer.directory})")
 
     graphdef, _ = abstract_model(llama, "score")
     step_fn = make_train_step(graphdef, tx, learning_rate_schedule(cfg.optimizer, total_steps),
@@ -247,7 +237,7 @@ def run_reward(cfg: RewardConfig) -> dict:
     result = train_loop(
         state=state, step_fn=lambda s, b: step_fn(s, partitioner.shard_batch(b)),
         batches=batches, total_steps=total_steps, checkpointer=checkpointer,
-        meta_fn=lambda: {"data_position": dataclasses.asdict(batches.position)},
+        meta_fn=data_position_meta(batches),
         training=cfg.training, logging=cfg.logging, output_dir=out,
         eval_fn=stats_fn if evaluation else None, desc="reward")
     checkpointer.close()

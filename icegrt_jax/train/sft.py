@@ -18,11 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from icegrt_jax.checkpoint import TrainCheckpointer, save_model
-from icegrt_jax.config import SFTConfig, config_to_yaml
+from icegrt_jax.checkpoint import save_model
+from icegrt_jax.config import SFTConfig
 from icegrt_jax.data.batching import (
     BatchIterator,
-    DataPosition,
     bucket_lengths,
     eval_batches,
 )
@@ -35,8 +34,8 @@ from icegrt_jax.data.tokenize import (
 )
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.losses import chunked_token_logprobs
-from icegrt_jax.sharding import Partitioner, initialize_distributed, is_primary_process
-from icegrt_jax.train.loop import train_loop
+from icegrt_jax.sharding import Partitioner, initialize_distributed
+from icegrt_jax.train.loop import data_position_meta, open_run, train_loop
 from icegrt_jax.train.model_init import init_model
 from icegrt_jax.train.state import (
     accumulate_gradients,
@@ -145,20 +144,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     state = partitioner.init_state(lambda p: init_train_state(p, tx, cfg.training.seed), params)
     state_shardings = partitioner.shardings(state)
 
-    out = cfg.training.output_dir
-    os.makedirs(out, exist_ok=True)
-    if is_primary_process():
-        with open(os.path.join(out, "config.yaml"), "w") as f:
-            f.write(config_to_yaml(cfg))
-        for split, report in data.reports.items():
-            if report is not None:
-                print(f"[sft] {split} data: {report.summary()}")
-    checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state, shardings=state_shardings)
-        batches.position = DataPosition(**meta["data_position"])
-        if is_primary_process():
-            print(f"[sft] resumed from step {int(state.step)} ({checkpointer.directory})")
+    state, checkpointer = open_run(cfg, "sft", state, state_shardings, batches,
+                                   [f"{split} data: {report.summary()}" for split, report in data.reports.items()
+                                    if report is not None])
 
     graphdef, _ = abstract_model(llama)
     step_fn = make_train_step(graphdef, tx, learning_rate_schedule(cfg.optimizer, total_steps),
@@ -169,10 +157,11 @@ def run_sft(cfg: SFTConfig) -> dict:
     result = train_loop(
         state=state, step_fn=lambda s, b: step_fn(s, partitioner.shard_batch(b)),
         batches=batches, total_steps=total_steps, checkpointer=checkpointer,
-        meta_fn=lambda: {"data_position": dataclasses.asdict(batches.position)},
-        training=cfg.training, logging=cfg.logging, output_dir=out, eval_fn=eval_fn,
+        meta_fn=data_position_meta(batches),
+        training=cfg.training, logging=cfg.logging, output_dir=cfg.training.output_dir, eval_fn=eval_fn,
         tokens_fn=lambda b: int(b["attention_mask"].sum()), desc="sft")
     checkpointer.close()
     if not result.stopped_early:
-        save_model(llama, result.state.params, os.path.join(out, "final"), tokenizer=data.tokenizer)
+        save_model(llama, result.state.params, os.path.join(cfg.training.output_dir, "final"),
+                   tokenizer=data.tokenizer)
     return result.last_metrics
