@@ -36,7 +36,7 @@ import numpy as np
 
 from icegrt_jax.config import ConfigError, ModelConfig, PPOConfig
 from icegrt_jax.hf import abstract_model, load_hf_config
-from icegrt_jax.models.llama import LlamaConfig, init_cache, preset
+from icegrt_jax.models.llama import CACHE_AXES, LlamaConfig, init_cache, preset
 from icegrt_jax.sampling import NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, batch_bucket, bucket
 from icegrt_jax.sharding import Partitioner
 from icegrt_jax.train import ppo, rollout
@@ -211,7 +211,7 @@ def role_memory(partitioner: Partitioner, role: str, llama: LlamaConfig, kind: s
 def kv_cache_bytes(partitioner: Partitioner, llama: LlamaConfig, rows: int, slots: int) -> int:
     """k and v [L, rows, slots, kv_heads, D], rows split like the batch, kv heads like ``kv_heads``."""
     cache = jax.eval_shape(lambda: init_cache(llama, rows, slots))
-    spec = partitioner.spec(("layers", "batch", "length", "kv_heads", "head_dim"), "KV cache")
+    spec = partitioner.spec(CACHE_AXES, "KV cache")
     sharding = jax.sharding.NamedSharding(partitioner.mesh, spec)
     return sharded_bytes(cache, jax.tree.map(lambda _: sharding, cache))
 

@@ -73,7 +73,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from icegrt_jax.errors import UserInputError
-from icegrt_jax.models.llama import LlamaConfig, init_cache
+from icegrt_jax.models.llama import CACHE_AXES, LlamaConfig, init_cache
+from icegrt_jax.sharding import with_logical_constraint
 
 MIN_BUCKET = 16
 PROMPT_BUCKETS: tuple[int, ...] = tuple(2 ** i for i in range(4, 18))  # 16 ... 131072
@@ -267,7 +268,8 @@ def _decode(graphdef, params, cache, logits, prompt_mask, prompt_index, row_limi
     width = prompt_mask.shape[1]
     new_slots = cache["k"].shape[2] - width
     if num_samples > 1:
-        cache = jax.tree.map(lambda c: jnp.repeat(c, num_samples, axis=1), cache)
+        cache = jax.tree.map(lambda c: with_logical_constraint(jnp.repeat(c, num_samples, axis=1), CACHE_AXES),
+                             cache)
         logits = jnp.repeat(logits, num_samples, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, num_samples, axis=0)
         row_limit = jnp.repeat(row_limit, num_samples, axis=0)

@@ -30,6 +30,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 # The residual stream [B, T, H] under a mesh: rows split like the batch, hidden replicated
 # (its parameter axis "embed" is FSDP-sharded, the activation is not).
 RESIDUAL_AXES = ("batch", "length", None)
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # the KV cache's k and v
 
 
 class ModelConfigError(UserInputError):
@@ -347,7 +348,7 @@ def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=None):
     """Empty KV cache: k, v [L, B, S, kv_heads, D] (kv heads only, never repeated)."""
     shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
     dtype = dtype or cfg.compute_dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {name: with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES) for name in ("k", "v")}
 
 
 def _decoder_layer(cfg: LlamaConfig, w, x, cos, sin, allowed, cache, cache_index, layer):
