@@ -397,7 +397,10 @@ def decoder_forward(cfg, embed, layers: DecoderLayers, final_norm, tokens, key_m
     offset = 0 if cache is None else cache_index
     allowed, positions = attention_mask_and_positions(key_mask, tokens.shape[1], offset)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    x = with_logical_constraint(jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype), RESIDUAL_AXES)
+    # FSDP-style: the table is gathered over its embed shards before the lookup (the rows stay split
+    # by vocab), so the looked-up rows come out split by batch like every activation, not by embed.
+    table = with_logical_constraint(embed, ("vocab", None))
+    x = with_logical_constraint(jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype), RESIDUAL_AXES)
     weights = {name: var[...] for name, var in vars(layers).items() if isinstance(var, nnx.Param)}
     layer_fn = _remat(cfg, _decoder_layer)
 
