@@ -61,7 +61,14 @@ def sharded(tmp_path_factory, tiny_tokenizer_dir) -> dict:
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert results["devices"] == 8
+    results["involuntary_rematerializations"] = out.stderr.count("Involuntary full rematerialization")
     return results
+
+
+def test_no_step_makes_xla_replicate_a_sharded_tensor(sharded):
+    """XLA's SPMD partitioner warns when a layout change can only be done by replicating a tensor
+    (e.g. the embedding lookup on (2,2,2) before the table was gathered over its fsdp shards)."""
+    assert sharded["involuntary_rematerializations"] == 0
 
 
 # --- sharded runs (8 forced CPU devices) ---------------------------------------------------------
