@@ -10,6 +10,7 @@ PPO schemas can compose them the same way ``SFTConfig`` does; ``load_config`` ta
 """
 
 import dataclasses
+import itertools
 import math
 import re
 import types
@@ -139,7 +140,7 @@ class DataConfig:
         yield from _at_least(self, 1, "max_length", "batch_size")
         yield from _at_least(self, 0, "shuffle_seed")
         bounds = self.bucket_boundaries
-        if any(b < 1 for b in bounds) or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        if any(b < 1 for b in bounds) or any(a >= b for a, b in itertools.pairwise(bounds)):
             yield "bucket_boundaries", f"must be positive and strictly increasing, got {bounds}"
 
 

@@ -173,7 +173,7 @@ def _tensor_index(path: str) -> dict[str, str]:
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
     single = os.path.join(path, SAFE_SINGLE)
     if os.path.exists(single):
-        return {name: single for name in SafetensorsFile(single).keys()}
+        return {name: single for name in SafetensorsFile(single)}
     found = ", ".join(sorted(os.listdir(path))) or "nothing"
     raise CheckpointError(
         f"{path}: no {SAFE_SINGLE} or {SAFE_INDEX} (found: {found}); only safetensors weights are loaded"
@@ -198,7 +198,7 @@ def _open_and_check_shapes(cfg, index, expected, pure) -> dict[str, SafetensorsF
             if not os.path.exists(file):
                 raise CheckpointError(f"{file}: shard named in the index is missing")
             files[file] = SafetensorsFile(file)
-        if name not in files[file].keys():
+        if name not in files[file]:
             raise CheckpointError(f"{file}: missing tensor {name} (listed in the index)")
         target = _get(pure, ours)
         slot_shape = target.shape[1:] if layer is not None else target.shape

@@ -66,7 +66,7 @@ def main():
              "attention_mask": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.int32)}
     state = init_train_state(params, tx, 0)
     for _ in range(2):
-        state, metrics = step(state, batch)
+        state, _metrics = step(state, batch)
     jax.block_until_ready(state)
     times = []
     for _ in range(args.reps):

@@ -89,4 +89,4 @@ def run_cli_killed_at(trainer_module: str, kill_on_call: int, sig: str, cli_args
     cmd = [sys.executable, "-c", KILLER, trainer_module, factory, str(kill_on_call), sig, *cli_args]
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)

@@ -225,7 +225,7 @@ def test_an_epoch_counts_every_example_once():
 
 def test_shuffling_is_deterministic_per_seed_and_resumes_exactly():
     examples = fake_examples(np.random.default_rng(2).integers(2, 30, size=37))
-    settings = dict(batch_size=5, buckets=(10, 20, 30), pad_id=0)
+    settings = {"batch_size": 5, "buckets": (10, 20, 30), "pad_id": 0}
 
     def first_ids(iterator, n):
         return [next(iterator)["input_ids"][:, 0].tolist() for _ in range(n)]

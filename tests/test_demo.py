@@ -59,6 +59,11 @@ def test_demonstrations_are_of_mixed_quality_and_labelers_rank_them():
     assert all(sorted(r) == list(range(5)) and set(r[:3]) == {2, 3, 4} for r in rankings)
 
 
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def smallest_run(out: str) -> pipeline.Run:
     """The ``--fast`` configuration shrunk further, so every stage runs in seconds."""
     run = pipeline.load_run(out, fast=True)
@@ -89,7 +94,7 @@ def test_every_stage_runs_writes_the_report_and_resumes(tmp_path, capsys):
     timings = pipeline.run_demo(run)
     assert list(timings) == [name for name, _, _ in pipeline.STAGES]
 
-    report = open(os.path.join(out, "report.md")).read()
+    report = read_text(os.path.join(out, "report.md"))
     for heading in ("## Summary", "## In-domain rubric", "## Training curves", "## Stage wall times",
                     "Overall Score", "Fleiss' kappa", "General task", "Reward model: held-out pairwise accuracy",
                     "Kendall tau"):
@@ -98,10 +103,10 @@ def test_every_stage_runs_writes_the_report_and_resumes(tmp_path, capsys):
         assert criterion.capitalize() in report
     for png in ("ppo_curves.png", "reward_curve.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
-    results = json.load(open(os.path.join(out, "eval", "results.json")))
+    results = json.loads(read_text(os.path.join(out, "eval", "results.json")))
     for decoding in ("sampled", "greedy"):
         assert set(results["decoding"][decoding]["scores"]) == {pipeline.ICE_INSTRUCT, pipeline.ICE_GRT}
-    check = json.load(open(os.path.join(out, "export", "check.json")))
+    check = json.loads(read_text(os.path.join(out, "export", "check.json")))
     assert check["transformers_available"] and check["identical_greedy"] == check["prompts"] == 2
     assert os.path.exists(os.path.join(out, "export", "hf", "model.safetensors"))
 

@@ -67,7 +67,7 @@ def test_bf16_checkpoint_keeps_dtype(tmp_path):
     original = SafetensorsFile(str(src / "model.safetensors"))
     exported = SafetensorsFile(str(tmp_path / "out" / "model.safetensors"))
     assert sorted(original.keys()) == sorted(exported.keys())
-    for name in original.keys():
+    for name in original:
         assert np.array_equal(original.get(name).view(np.uint16), exported.get(name).view(np.uint16)), name
 
 
@@ -139,9 +139,11 @@ def _copy(hf_dir, tmp_path) -> str:
 
 def _edit_config(path, **changes):
     cfg_path = os.path.join(path, "config.json")
-    data = json.load(open(cfg_path))
+    with open(cfg_path) as f:
+        data = json.load(f)
     data.update(changes)
-    json.dump(data, open(cfg_path, "w"))
+    with open(cfg_path, "w") as f:
+        json.dump(data, f)
 
 
 def _rewrite_tensors(path, edit):
@@ -149,7 +151,7 @@ def _rewrite_tensors(path, edit):
 
     file = os.path.join(path, "model.safetensors")
     st = SafetensorsFile(file)
-    tensors = {name: np.array(st.get(name)) for name in st.keys()}
+    tensors = {name: np.array(st.get(name)) for name in st}
     del st
     edit(tensors)
     write_safetensors(file, tensors)
@@ -209,6 +211,6 @@ def test_bad_checkpoint_raises_clear_error_and_cli_exits_2(hf_dir, tmp_path, cap
 
 def test_console_error_is_one_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "icegrt_jax.cli", "convert", str(tmp_path / "nope"), str(tmp_path / "o")],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not a directory" in result.stderr

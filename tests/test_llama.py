@@ -14,8 +14,8 @@ from icegrt_jax.hf import load_hf, model_from_params
 from icegrt_jax.models.llama import LlamaConfig, ModelConfigError, init_cache, preset
 
 VARIANTS = {
-    "mha-untied": dict(heads=4, kv_heads=4, tied=False),
-    "gqa-tied": dict(heads=4, kv_heads=2, tied=True),
+    "mha-untied": {"heads": 4, "kv_heads": 4, "tied": False},
+    "gqa-tied": {"heads": 4, "kv_heads": 2, "tied": True},
 }
 
 

@@ -13,8 +13,8 @@ import pytest
 from icegrt_jax import losses
 
 B, T, H, V = 3, 7, 16, 50
-TOL = dict(rtol=1e-5, atol=1e-5)
-MATMUL_TOL = dict(rtol=1e-4, atol=1e-4)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+MATMUL_TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
 @pytest.fixture

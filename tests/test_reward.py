@@ -11,10 +11,10 @@ from helpers import run_cli_killed_at
 
 from icegrt_jax import cli
 from icegrt_jax.checkpoint import TrainCheckpointer, load_model
-from icegrt_jax.hf import read_config_kind
 from icegrt_jax.config import RewardConfig, load_config
 from icegrt_jax.data.preferences import load_preferences
 from icegrt_jax.data.sources import DataError
+from icegrt_jax.hf import read_config_kind
 from icegrt_jax.train.reward import run_reward
 
 WORDS = ["fox", "dog", "sea", "waves", "poem", "short", "lazy", "quick", "brown", "capital"]

@@ -15,7 +15,7 @@ import pytest
 from icegrt_jax import rl
 
 B, T, V = 5, 9, 7
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def response_mask(rng, batch=B, length=T):
@@ -54,7 +54,7 @@ def batch(rng):
     def field(scale=1.0):
         return with_garbage(rng, scale * rng.normal(size=(B, T)), mask)
 
-    return dict(mask=mask, field=field)
+    return {"mask": mask, "field": field}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -106,7 +106,7 @@ def test_vmap_over_groups_equals_one_call_per_group(rng, name):
     for k in range(2):
         jax.tree.map(
             lambda got, want: np.testing.assert_allclose(got, want, **TOL),
-            jax.tree.map(lambda leaf: leaf[k], batched),
+            jax.tree.map(lambda leaf, row=k: leaf[row], batched),
             fn(x[k], y[k], z[k], mask[k]),
         )
 

@@ -68,7 +68,7 @@ def test_tiny_model_overfits_small_batch(sft_setup):
                                           "optimizer.warmup_steps=5"])
     metrics = run_sft(cfg)
     assert metrics["loss"] < 0.05
-    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = next(m for m in lines if "loss" in m)
     assert first["loss"] > 2.0
     assert any("eval/loss" in m for m in lines)
@@ -106,7 +106,7 @@ def test_exact_resume_after_sigkill(sft_setup):
 
 def _logged(run_dir):
     """(step, loss or eval loss) of each metrics.jsonl row."""
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r.get("loss", r.get("eval/loss"))) for r in rows]
 
 

@@ -142,21 +142,21 @@ class LlamaConfig:
             if head_dim * heads != hf["hidden_size"]:
                 raise ModelConfigError(f"{source}: head_dim {head_dim} x heads {heads} != hidden_size")
             rope_params = hf.get("rope_parameters") or {}
-            fields = dict(
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"],
-                num_layers=hf["num_hidden_layers"],
-                num_heads=heads,
-                num_kv_heads=hf.get("num_key_value_heads") or heads,
-                rope_theta=float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                bos_token_id=_first_id(hf.get("bos_token_id")),
-                eos_token_id=_first_id(hf.get("eos_token_id")),
-                pad_token_id=_first_id(hf.get("pad_token_id")),
-            )
+            fields = {
+                "vocab_size": hf["vocab_size"],
+                "hidden_size": hf["hidden_size"],
+                "intermediate_size": hf["intermediate_size"],
+                "num_layers": hf["num_hidden_layers"],
+                "num_heads": heads,
+                "num_kv_heads": hf.get("num_key_value_heads") or heads,
+                "rope_theta": float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+                "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+                "max_position_embeddings": hf.get("max_position_embeddings", 2048),
+                "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+                "bos_token_id": _first_id(hf.get("bos_token_id")),
+                "eos_token_id": _first_id(hf.get("eos_token_id")),
+                "pad_token_id": _first_id(hf.get("pad_token_id")),
+            }
         except KeyError as missing:
             raise ModelConfigError(f"{source}: missing key {missing}") from None
         dtype = hf.get("torch_dtype") or hf.get("dtype")
