@@ -191,6 +191,10 @@ PRESETS: dict[str, LlamaConfig] = {
         vocab_size=8000, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
         num_kv_heads=4, max_position_embeddings=2048,
     ),
+    "llama-1b": LlamaConfig(  # TinyLlama-1.1B's shape: the ~1B config of the GPU MFU benchmark
+        hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4,
+        max_position_embeddings=2048, rms_norm_eps=1e-5,
+    ),
     "llama-7b": LlamaConfig(),
     "llama-13b": LlamaConfig(
         hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40
