@@ -1,7 +1,8 @@
 """ICE-GRT: PPO with actor, critic, frozen reference and frozen reward model (paper section 3.3).
 
 One iteration (``make_train_step``'s function): sample responses to a batch of prompts with the
-actor; score them (old log-probs, reference log-probs, values, reward-model scores); shape
+actor; score them (old log-probs, recomputed or the sampler's per ``rollout.old_logprobs``;
+reference log-probs; values; reward-model scores; the LM head runs on the response block only); shape
 per-token rewards with the KL penalty and compute GAE advantages (whitened by default, the
 paper's advantage normalisation), and step the KL controller with the rollout's KL (the new
 coefficient applies from the next iteration); then ``ppo.epochs`` passes of shuffled minibatches
