@@ -83,8 +83,11 @@ def load_model(path: str, sharding: jax.sharding.Sharding | None = None,
     return cfg, hf.params_from_pure_dict(cfg, pure, kind)
 
 
-def load_model_dir(path: str, progress: bool = False, **config_overrides) -> tuple[LlamaConfig, nnx.State]:
-    """(config, params) from a project checkpoint or an HF safetensors directory."""
+def load_model_dir(path: str, progress: bool = False, kind: str = "causal_lm",
+                   **config_overrides) -> tuple[LlamaConfig, nnx.State]:
+    """(config, params) from a project checkpoint or an HF safetensors directory holding a model
+    of ``kind`` (a ``CheckpointError`` names the mismatch otherwise)."""
+    hf.check_kind(path, kind)
     if is_project_checkpoint(path):
         return load_model(path, **config_overrides)
     return hf.load_hf(path, progress=progress, **config_overrides)

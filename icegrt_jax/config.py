@@ -301,7 +301,8 @@ class RolloutConfig:
     ``recompute`` them with a forward pass of the actor over the rollout (as OpenRLHF, Tunix), or
     take the ``sampler``'s (as TRL; one forward fewer; needs top_k 0 and top_p 1, where both are
     log_softmax(logits / T); they differ only by rounding, the decode path's attention runs over
-    the KV cache)."""
+    the KV cache, so the first update's ratio is 1 up to rounding and the KL to a reference equal
+    to the actor is that rounding, not exactly 0: larger in bf16)."""
 
     temperature: float = 1.0
     top_k: int = 0

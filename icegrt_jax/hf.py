@@ -129,9 +129,31 @@ def hf_config_dict(cfg: LlamaConfig, kind: str = "causal_lm") -> dict:
 
 
 def read_config_kind(path: str) -> str:
-    """The model kind of the checkpoint directory ``path`` (from its config.json)."""
-    with open(os.path.join(path, "config.json")) as f:
-        return model_kind_of_config(json.load(f))
+    """The model kind of the checkpoint directory ``path`` (from its config.json); a missing
+    directory or config.json, or bad JSON, is a one-line ``CheckpointError``."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory")
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{config_path}: not found (expected an HF config.json)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
+    return model_kind_of_config(config)
+
+
+def check_kind(path: str, expected: str) -> str:
+    """``path``'s model kind, or a ``CheckpointError`` when it is not ``expected`` (a reward model
+    where a policy belongs, or the reverse)."""
+    found = read_config_kind(path)
+    if found != expected:
+        raise CheckpointError(f"{path}: holds a {HF_ARCHITECTURES[found]}; a {HF_ARCHITECTURES[expected]} "
+                              "is expected here")
+    return found
 
 
 def abstract_model(cfg: LlamaConfig, kind: str = "causal_lm"):

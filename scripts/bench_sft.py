@@ -81,7 +81,8 @@ def measure_mfu(args) -> dict:
     state = jax.jit(lambda: init_train_state(nnx.split(Llama(cfg, nnx.Rngs(0)))[1], tx, 0))()
     step_s = fastest_step(step, state, random_batch(cfg, args.batch, args.seq), args.reps)
     tokens = args.batch * args.seq
-    matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size
+    lookup_only = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # a tied table is the LM head too
+    matmul_params = cfg.num_params() - lookup_only
     model_flops = 6 * matmul_params * tokens + 12 * cfg.num_layers * cfg.hidden_size * args.seq * tokens
     peak = matmul_peak_gflops(n=8192, dtype=jnp.dtype(args.dtype)) * 1e9
     return {"device": jax.devices()[0].device_kind, "preset": args.preset, "params": cfg.num_params(),

@@ -100,16 +100,21 @@ def test_reward_model_exports_as_sequence_classification_and_converts_back(hf_di
 
     reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert type(reloaded).__name__ == "LlamaForSequenceClassification" and reloaded.config.num_labels == 1
+    assert reloaded.config.pad_token_id == cfg.pad_token_id == 0
     rng = np.random.default_rng(4)
-    ids = np.zeros((3, 9), np.int64)
+    ids = np.zeros((3, 9), np.int64)  # right-padded with pad id 0; each row ends with EOS (2), as rollouts do
     mask = np.zeros((3, 9), np.int64)
     for row, n in enumerate((9, 4, 6)):
-        ids[row, :n], mask[row, :n] = rng.integers(3, cfg.vocab_size, n), 1
+        ids[row, :n - 1], ids[row, n - 1], mask[row, :n] = rng.integers(3, cfg.vocab_size, n - 1), 2, 1
     with torch.no_grad():
         theirs = reloaded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
     values = model_from_params(cfg, params, "score")(jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(score_at_last_token(values, jnp.asarray(mask))), theirs, atol=1e-4)
 
+    with pytest.raises(CheckpointError, match="holds a LlamaForSequenceClassification; a LlamaForCausalLM is expected"):
+        load_model_dir(str(tmp_path / "hf"))  # e.g. a reward model given as the policy to sample from
+    with pytest.raises(CheckpointError, match="holds a LlamaForCausalLM; a LlamaForSequenceClassification"):
+        load_model_dir(str(hf_dir), kind="score")  # a policy given as the reward model
     assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     cfg_back, params_back = load_model(str(tmp_path / "back"))
     assert cfg_back == cfg

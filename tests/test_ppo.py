@@ -146,6 +146,7 @@ def test_exact_resume_after_sigkill_mid_iteration(ppo_setup):
     ("data.prompts_per_iteration=15", "data.prompts_per_iteration: 15 is not divisible"),
     ("data.prompt_files=[/nonexistent/p.jsonl]", "/nonexistent/p.jsonl"),
     ("rollout.temperature=0", "rollout.temperature"),
+    ("reward.function=null reward.path=/nonexistent/rm", "/nonexistent/rm: not a directory"),
     ("rollout.old_logprobs=sampler rollout.top_k=5", "rollout.old_logprobs: 'sampler' needs top_k 0 and top_p 1"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(ppo_setup, capsys, override, message):

@@ -135,3 +135,11 @@ def test_identical_ranked_responses_are_dropped_and_counted(tmp_path):
     pairs, report = load_preferences([str(tmp_path / "rank.jsonl")])
     # consensus [3, 0, 4, 1, 2]: pairs (3,1) (3,2) (0,1) (0,2); (0,1) is "same" vs "same"
     assert len(pairs) == 3 and report.identical_pairs_dropped == 1
+
+
+def test_missing_backbone_directory_is_one_line_exit_2(reward_setup, capsys):
+    tmp_path, config = reward_setup
+    assert cli.main(["reward", "--config", config, "model.preset=null", "model.hf_path=/nonexistent/sft"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "/nonexistent/sft: not a directory" in err, err
+    assert not os.path.exists(tmp_path / "run")

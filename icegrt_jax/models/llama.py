@@ -127,7 +127,7 @@ class LlamaConfig:
         if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
             raise ModelConfigError(
                 f"{source}: unsupported architecture {arch[0]!r} (model_type {hf.get('model_type')!r}); "
-                "only LlamaForCausalLM is supported"
+                "only LLaMA models (LlamaForCausalLM, LlamaForSequenceClassification) are supported"
             )
         for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
             if hf.get(key, expected) != expected:

@@ -60,9 +60,9 @@ class NonFiniteError(RuntimeError):
 class MetricsLogger:
     """Scalars to ``metrics.jsonl`` and TensorBoard under ``directory`` (process 0 only).
 
-    A run resumed at ``resume_step`` first drops what the interrupted run logged after that
-    step (the JSONL rewritten atomically, TensorBoard's events purged), so each step appears
-    once, as in an uninterrupted run."""
+    A run starting at ``resume_step`` (0 for a fresh start) first drops what an interrupted run
+    logged after that step (the JSONL rewritten atomically, TensorBoard's events purged), so each
+    step appears once, as in an uninterrupted run."""
 
     def __init__(self, directory: str, cfg: LoggingConfig, resume_step: int = 0):
         self._jsonl = self._tensorboard = None
@@ -76,8 +76,7 @@ class MetricsLogger:
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(os.path.join(directory, "tensorboard"),
-                                              purge_step=resume_step + 1 if resume_step else None)
+            self._tensorboard = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, step: int, metrics: dict[str, float]):
         if self._jsonl:

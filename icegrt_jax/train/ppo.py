@@ -22,8 +22,8 @@ by the data-parallel size (``check_rollout_batch``, before anything compiles).
 Multi-process (``jax.distributed``): every process runs this same host loop on the global mesh.
 Each holds the whole prompt list and draws the same batch; the sampler gathers its outputs to
 every process (``sampling.to_host``), so decoding, re-tokenising and programmatic scoring see the
-whole rollout everywhere, and ``Partitioner.shard_batch`` hands each process's devices their
-rows. Only process 0 logs; every process writes its shards of the checkpoints.
+whole rollout everywhere (a ``reward.function`` runs on every process; process 0's scores are
+broadcast), and ``Partitioner.shard_batch`` hands each process's devices their rows. Only process 0 logs; every process writes its shards of the checkpoints.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from icegrt_jax import rl
 from icegrt_jax.checkpoint import load_model_dir, save_model
@@ -246,7 +247,10 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
             responses = [tokenizer.decode(result.response_tokens(r), skip_special_tokens=True)
                          for r in range(len(prompts))]
         if score_function is not None:
-            return partitioner.shard_batch(np.asarray(score_function(prompts, responses), np.float32))
+            scores = np.asarray(score_function(prompts, responses), np.float32)
+            if jax.process_count() > 1:  # process 0's scores for everyone: a scorer need not be deterministic
+                scores = np.asarray(multihost_utils.broadcast_one_to_all(scores))
+            return partitioner.shard_batch(scores)
         if not pass_through:
             tokens, attention_mask = partitioner.shard_batch(rollout.retokenize_for_reward(
                 reward_tokenizer, template, prompts, responses, result.finished_by_eos,
@@ -338,7 +342,7 @@ def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
     llama, actor_params = init_model(cfg.model, cfg.training.seed, min_vocab=len(tokenizer))
     reward_graphdef = reward_params = reward_stats = reward_tokenizer = None
     if cfg.reward.path is not None:
-        reward_cfg, reward_params = load_model_dir(cfg.reward.path)
+        reward_cfg, reward_params = load_model_dir(cfg.reward.path, kind="score")
         reward_graphdef, _ = abstract_model(reward_cfg, "score")
         reward_tokenizer = load_tokenizer(cfg.reward.path)
         stats_path = os.path.join(cfg.reward.path, REWARD_STATS_FILE)

@@ -183,7 +183,7 @@ def init_score_params(cfg: RewardConfig, min_vocab: int):
     with a fresh score head."""
     path = cfg.model.hf_path
     if path is not None and read_config_kind(path) == "score":
-        loaded, params = load_model_dir(path, param_dtype=cfg.model.param_dtype)
+        loaded, params = load_model_dir(path, kind="score", param_dtype=cfg.model.param_dtype)
         llama = model_config(cfg.model, loaded)
     else:
         llama, llama_params = init_model(cfg.model, cfg.training.seed, min_vocab=min_vocab)
