@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.models.heads import ScoreModel
-from icegrt_jax.models.llama import DTYPES, Llama, LlamaConfig, ModelConfigError
+from icegrt_jax.models.llama import (
+    DTYPES,
+    Llama,
+    LlamaConfig,
+    ModelConfigError,
+    read_config_json,
+)
 from icegrt_jax.safetensors_io import (
     SafetensorsError,
     SafetensorsFile,
@@ -130,20 +136,10 @@ def hf_config_dict(cfg: LlamaConfig, kind: str = "causal_lm") -> dict:
 
 def read_config_kind(path: str) -> str:
     """The model kind of the checkpoint directory ``path`` (from its config.json); a missing
-    directory or config.json, or bad JSON, is a one-line ``CheckpointError``."""
+    directory, config.json or bad JSON is a one-line error."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
-    config_path = os.path.join(path, "config.json")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{config_path}: not found (expected an HF config.json)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object")
-    return model_kind_of_config(config)
+    return model_kind_of_config(read_config_json(os.path.join(path, "config.json")))
 
 
 def check_kind(path: str, expected: str) -> str:

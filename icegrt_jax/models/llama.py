@@ -167,14 +167,21 @@ class LlamaConfig:
 
     @classmethod
     def from_json_file(cls, path: str, **overrides) -> LlamaConfig:
-        try:
-            with open(path) as f:
-                hf = json.load(f)
-        except FileNotFoundError:
-            raise ModelConfigError(f"{path}: not found (expected an HF config.json)") from None
-        except json.JSONDecodeError as e:
-            raise ModelConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        return cls.from_hf_dict(hf, source=path, **overrides)
+        return cls.from_hf_dict(read_config_json(path), source=path, **overrides)
+
+
+def read_config_json(path: str) -> dict[str, Any]:
+    """An HF config.json as a dict; a missing file or bad JSON is a one-line ``ModelConfigError``."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ModelConfigError(f"{path}: not found (expected an HF config.json)") from None
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"{path}: expected a JSON object")
+    return config
 
 
 def _first_id(token_id):
