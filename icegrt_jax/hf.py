@@ -142,14 +142,13 @@ def read_config_kind(path: str) -> str:
     return model_kind_of_config(read_config_json(os.path.join(path, "config.json")))
 
 
-def check_kind(path: str, expected: str) -> str:
-    """``path``'s model kind, or a ``CheckpointError`` when it is not ``expected`` (a reward model
-    where a policy belongs, or the reverse)."""
+def check_kind(path: str, expected: str):
+    """A ``CheckpointError`` unless ``path`` holds a model of kind ``expected`` (e.g. a reward
+    model where a policy belongs, or the reverse)."""
     found = read_config_kind(path)
     if found != expected:
         raise CheckpointError(f"{path}: holds a {HF_ARCHITECTURES[found]}; a {HF_ARCHITECTURES[expected]} "
                               "is expected here")
-    return found
 
 
 def abstract_model(cfg: LlamaConfig, kind: str = "causal_lm"):

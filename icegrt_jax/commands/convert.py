@@ -24,7 +24,7 @@ def run(args) -> int:
 
     overrides = {"param_dtype": args.dtype} if args.dtype else {}
     tokenizer = args.tokenizer or (args.src if _has_tokenizer(args.src) else None)
-    model_kind = hf.read_config_kind(args.src) if os.path.isfile(os.path.join(args.src, "config.json")) else "causal_lm"
+    model_kind = hf.read_config_kind(args.src)  # a missing directory or config.json: a one-line error
     if checkpoint.is_project_checkpoint(args.src):
         cfg, params = checkpoint.load_model(args.src, **overrides)
         if model_kind == "score":

@@ -23,7 +23,8 @@ Multi-process (``jax.distributed``): every process runs this same host loop on t
 Each holds the whole prompt list and draws the same batch; the sampler gathers its outputs to
 every process (``sampling.to_host``), so decoding, re-tokenising and programmatic scoring see the
 whole rollout everywhere (a ``reward.function`` runs on every process; process 0's scores are
-broadcast), and ``Partitioner.shard_batch`` hands each process's devices their rows. Only process 0 logs; every process writes its shards of the checkpoints.
+broadcast), and ``Partitioner.shard_batch`` hands each process's devices their rows. Only
+process 0 logs; every process writes its shards of the checkpoints.
 """
 
 from __future__ import annotations
