@@ -30,6 +30,12 @@ top_p's value, max_new_tokens, the EOS ids (padded to a multiple of 4) and the s
 values. ``TRACE_COUNTS`` counts the traces of each jitted function (tests use it to check the
 bound).
 
+Weights and cache layout. Each ``generate`` call first copies the layer weights into per-layer
+arrays in the compute dtype, plus the LM head kernel (``_inference_weights``, one copy of the
+weights in memory while it runs), and the cache is per layer (``init_cache(per_layer=True)``): a
+decode step then reads every weight once and slices nothing. From the stacked parameters, XLA:GPU
+copied each layer's MLP kernels out of the stack every step (BENCHMARKS.md, "On a GPU").
+
 ``num_samples`` samples per prompt share one prefill: the prompt's cache is repeated
 ``num_samples`` times along the batch axis on device before decoding.
 
@@ -73,7 +79,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from icegrt_jax.errors import UserInputError
-from icegrt_jax.models.llama import CACHE_AXES, LlamaConfig, init_cache
+from icegrt_jax.models.llama import CACHE_AXES, LlamaConfig, init_cache, unstack_layers
 from icegrt_jax.sharding import with_logical_constraint
 
 MIN_BUCKET = 16
@@ -237,25 +243,34 @@ def row_keys(seed, prompt_index, num_samples: int):
 
 # --- jitted programs ---------------------------------------------------------------------------
 
-def _lm_head_last(model, hidden):
-    kernel = model.lm_head_kernel().astype(model.cfg.compute_dtype)
-    return jnp.einsum("bh,hv->bv", hidden, kernel, preferred_element_type=jnp.float32)
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _inference_weights(graphdef, params):
+    """The weights generation reads every step, copied once per ``generate`` call in the compute
+    dtype: the per-layer weights (``unstack_layers``) and the LM head kernel [H, V]."""
+    model = nnx.merge(graphdef, params)
+    dtype = model.cfg.compute_dtype
+    return {"layers": unstack_layers(model.layers, dtype), "lm_head": model.lm_head_kernel().astype(dtype)}
+
+
+def _logits(model, weights, tokens, key_mask, cache, cache_index):
+    """fp32 logits [B, V] of the last of ``tokens`` and the updated cache."""
+    hidden, cache = model.hidden_states(tokens, key_mask, cache, cache_index, weights["layers"])
+    return jnp.einsum("bh,hv->bv", hidden[:, -1], weights["lm_head"], preferred_element_type=jnp.float32), cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_slots"))
-def _prefill(graphdef, params, tokens, prompt_mask, *, new_slots):
+def _prefill(graphdef, params, weights, tokens, prompt_mask, *, new_slots):
     """Write the prompts into a fresh cache of P + N slots; logits [B, V] at the last slot."""
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, params)
     batch, width = tokens.shape
-    cache = init_cache(model.cfg, batch, width + new_slots)
+    cache = init_cache(model.cfg, batch, width + new_slots, per_layer=True)
     key_mask = jnp.pad(prompt_mask, ((0, 0), (0, new_slots)))
-    hidden, cache = model.hidden_states(tokens, key_mask, cache, 0)
-    return _lm_head_last(model, hidden[:, -1]), cache
+    return _logits(model, weights, tokens, key_mask, cache, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static", "num_samples"))
-def _decode(graphdef, params, cache, logits, prompt_mask, prompt_index, row_limit, seed,
+def _decode(graphdef, params, weights, cache, logits, prompt_mask, prompt_index, row_limit, seed,
             temperature, top_p, pad_id, eos, *, static: StaticOptions, num_samples: int):
     """The decode loop. Per prompt: prompt_mask [B, P], prompt_index [B], row_limit [B] (0 for a
     dummy row); eos [E] (-1 entries match nothing). Returns response tokens, logprobs, mask
@@ -266,9 +281,9 @@ def _decode(graphdef, params, cache, logits, prompt_mask, prompt_index, row_limi
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, params)
     width = prompt_mask.shape[1]
-    new_slots = cache["k"].shape[2] - width
+    new_slots = cache[0]["k"].shape[1] - width
     if num_samples > 1:
-        cache = jax.tree.map(lambda c: with_logical_constraint(jnp.repeat(c, num_samples, axis=1), CACHE_AXES),
+        cache = jax.tree.map(lambda c: with_logical_constraint(jnp.repeat(c, num_samples, axis=0), CACHE_AXES[1:]),
                              cache)
         logits = jnp.repeat(logits, num_samples, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, num_samples, axis=0)
@@ -298,8 +313,8 @@ def _decode(graphdef, params, cache, logits, prompt_mask, prompt_index, row_limi
     def body(state):
         step, cache, key_mask, out_tok = state[:4]
         last = jax.lax.dynamic_slice_in_dim(out_tok, step - 1, 1, axis=1)
-        step_logits, cache = model(last, key_mask, cache, width + step - 1)
-        return sample_into((step, cache) + state[2:], step_logits[:, 0])
+        step_logits, cache = _logits(model, weights, last, key_mask, cache, width + step - 1)
+        return sample_into((step, cache) + state[2:], step_logits)
 
     state = (jnp.int32(0), cache, key_mask,
              jnp.full((rows, new_slots), pad_id, jnp.int32), jnp.zeros((rows, new_slots), jnp.float32),
@@ -383,10 +398,11 @@ def generate(model_or_params, prompts: Sequence[Sequence[int]], params: Sampling
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if batch_size < len(prompts) \
         else list(range(len(prompts)))
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    weights = _inference_weights(graphdef, state)
     bar = _progress_bar(len(prompts), progress)
     for chunk in chunks:
         out_tok, out_lp, out_mask, eos_flags = _generate_batch(
-            graphdef, state, cfg, [prompts[i] for i in chunk], np.asarray(chunk, np.int32),
+            graphdef, state, weights, cfg, [prompts[i] for i in chunk], np.asarray(chunk, np.int32),
             static, params, new_slots, pad_id, eos)
         for c, i in enumerate(chunk):
             p = prompts[i]
@@ -402,7 +418,7 @@ def generate(model_or_params, prompts: Sequence[Sequence[int]], params: Sampling
     return GenerationResult(tokens, logprobs, mask, prompt_mask | mask, mask.sum(1).astype(np.int32), by_eos)
 
 
-def _generate_batch(graphdef, state, cfg, prompts, prompt_index, static, params, new_slots, pad_id, eos):
+def _generate_batch(graphdef, state, weights, cfg, prompts, prompt_index, static, params, new_slots, pad_id, eos):
     count = len(prompts)
     padded = batch_bucket(count)
     width = bucket(max(len(p) for p in prompts), PROMPT_BUCKETS)
@@ -417,9 +433,9 @@ def _generate_batch(graphdef, state, cfg, prompts, prompt_index, static, params,
         tokens[row, width - len(p):] = p
         mask[row, width - len(p):] = 1
         limit[row] = min(params.max_new_tokens, cfg.max_position_embeddings - len(p))
-    logits, cache = _prefill(graphdef, state, tokens, mask, new_slots=new_slots)
+    logits, cache = _prefill(graphdef, state, weights, tokens, mask, new_slots=new_slots)
     out_tok, out_lp, out_mask, by_eos = _decode(
-        graphdef, state, cache, logits, mask, index, limit, np.uint32(params.seed),
+        graphdef, state, weights, cache, logits, mask, index, limit, np.uint32(params.seed),
         np.float32(params.temperature or 1.0), np.float32(params.top_p), np.int32(pad_id), eos,
         static=static, num_samples=params.num_samples)
     rows = count * params.num_samples

@@ -36,7 +36,7 @@ from icegrt_jax.config import (
 )
 from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import Llama, LlamaConfig
-from icegrt_jax.sampling import SamplingParams, _prefill, generate
+from icegrt_jax.sampling import SamplingParams, _inference_weights, _prefill, generate
 from icegrt_jax.sharding import Partitioner, ShardingError
 from icegrt_jax.train import ppo, reward, sft
 from icegrt_jax.train.state import (
@@ -249,10 +249,11 @@ def check_tensor_parallel_sampling() -> dict:
         sharded_params = p.put(params)
         with p.activate():
             sharded = generate((graphdef, sharded_params), prompts, options)
-            _, cache = _prefill(graphdef, sharded_params, np.ones((4, 16), np.int32), np.ones((4, 16), np.int32),
-                                new_slots=16)
+            weights = _inference_weights(graphdef, sharded_params)
+            _, cache = _prefill(graphdef, sharded_params, weights, np.ones((4, 16), np.int32),
+                                np.ones((4, 16), np.int32), new_slots=16)
         results[name] = {"same_tokens": bool(np.array_equal(sharded.tokens, single.tokens)),
-                         "cache_spec": str(cache["k"].sharding.spec),
+                         "cache_spec": str(cache[0]["k"].sharding.spec),
                          "logprobs_abs": float(np.max(np.abs(sharded.logprobs - single.logprobs))),
                          "wq_spec": str(sharded_params["layers"]["wq"].get_value().sharding.spec)}
     return results

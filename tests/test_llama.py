@@ -11,7 +11,13 @@ import pytest
 from helpers import hf_logits, left_padded_batch, make_hf_llama
 
 from icegrt_jax.hf import load_hf, model_from_params
-from icegrt_jax.models.llama import LlamaConfig, ModelConfigError, init_cache, preset
+from icegrt_jax.models.llama import (
+    LlamaConfig,
+    ModelConfigError,
+    init_cache,
+    preset,
+    unstack_layers,
+)
 
 VARIANTS = {
     "mha-untied": {"heads": 4, "kv_heads": 4, "tied": False},
@@ -37,9 +43,14 @@ def test_logits_match_transformers_left_padded(hf_pair, scan_layers):
     np.testing.assert_allclose(np.asarray(ours)[valid], hf_logits(torch_model, ids, mask)[valid], atol=1e-4, rtol=0)
 
 
-def test_kv_cache_decoding_equals_full_forward(hf_pair):
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per-layer"])
+def test_kv_cache_decoding_equals_full_forward(hf_pair, per_layer):
+    """Prefill + decode steps through the cache give the full forward's logits (atol 1e-5: fp32,
+    only the reduction order differs); the stacked path runs the scanned layers and its stacked
+    cache, the per-layer path the sampler's: ``unstack_layers`` weights and a per-layer cache."""
     _, cfg, params = hf_pair
     model = model_from_params(cfg, params)
+    layer_weights = unstack_layers(model.layers, cfg.compute_dtype) if per_layer else None
     ids, mask = left_padded_batch([6, 3], total=6, vocab=cfg.vocab_size, seed=2)
     extra = np.random.default_rng(3).integers(3, cfg.vocab_size, (2, 4))
     full_ids = np.concatenate([ids, extra], axis=1)
@@ -47,19 +58,23 @@ def test_kv_cache_decoding_equals_full_forward(hf_pair):
     full_logits, _ = model(jnp.asarray(full_ids), jnp.asarray(full_mask))
 
     cache_len = 16  # larger than needed: unused slots must be masked out
-    cache = init_cache(cfg, batch_size=2, max_len=cache_len)
+    cache = init_cache(cfg, batch_size=2, max_len=cache_len, per_layer=per_layer)
     key_mask = np.zeros((2, cache_len), np.int32)
     key_mask[:, :6] = mask
-    logits, cache = model(jnp.asarray(ids), jnp.asarray(key_mask), cache=cache, cache_index=0)
+    logits, cache = model(jnp.asarray(ids), jnp.asarray(key_mask), cache, 0, layer_weights)
     steps = [logits]
     for t in range(extra.shape[1]):
         key_mask[:, 6 + t] = 1
-        logits, cache = model(jnp.asarray(extra[:, t:t + 1]), jnp.asarray(key_mask), cache=cache, cache_index=6 + t)
+        logits, cache = model(jnp.asarray(extra[:, t:t + 1]), jnp.asarray(key_mask), cache, 6 + t, layer_weights)
         steps.append(logits)
     incremental = np.concatenate([np.asarray(s) for s in steps], axis=1)
     valid = full_mask.astype(bool)
     np.testing.assert_allclose(incremental[valid], np.asarray(full_logits)[valid], atol=1e-5, rtol=0)
-    assert cache["k"].shape == (cfg.num_layers, 2, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    layer_shape = (2, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    if per_layer:
+        assert len(cache) == cfg.num_layers and all(c["k"].shape == layer_shape for c in cache)
+    else:
+        assert cache["k"].shape == (cfg.num_layers, *layer_shape)
 
 
 def test_bf16_compute_is_finite_and_close_to_fp32(hf_pair):

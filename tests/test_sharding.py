@@ -130,7 +130,7 @@ def test_tensor_parallel_greedy_sampling_matches_one_device(sharded, mesh):
     assert result["logprobs_abs"] < 1e-5
     assert "tensor" in result["wq_spec"]
     # The KV cache [layers, batch, slots, kv_heads, head_dim]: rows over data, kv heads over tensor.
-    assert result["cache_spec"] == "P(None, 'data', None, 'tensor')"
+    assert result["cache_spec"] == "P('data', None, 'tensor')"
 
 
 @pytest.mark.parametrize("case, message", [

@@ -275,9 +275,11 @@ class Backbone(nnx.Module):
         self.layers = DecoderLayers(cfg, rngs)
         self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), cfg, "ones")
 
-    def hidden_states(self, tokens, key_mask, cache=None, cache_index=0):
-        """Final-norm hidden states [B, T, H] and the updated cache."""
-        return decoder_forward(self.cfg, self.embed[...], self.layers, self.final_norm[...],
+    def hidden_states(self, tokens, key_mask, cache=None, cache_index=0, layer_weights=None):
+        """Final-norm hidden states [B, T, H] and the updated cache. ``layer_weights``: the
+        per-layer copy from ``unstack_layers`` to run instead of the stacked parameters."""
+        weights = stacked_weights(self.layers) if layer_weights is None else layer_weights
+        return decoder_forward(self.cfg, self.embed[...], weights, self.final_norm[...],
                                tokens, key_mask, cache, cache_index)
 
 
@@ -296,8 +298,8 @@ class Llama(Backbone):
         """[hidden, vocab] output projection (the transposed embedding when tied)."""
         return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
-    def __call__(self, tokens, key_mask, cache=None, cache_index=0):
-        hidden, cache = self.hidden_states(tokens, key_mask, cache, cache_index)
+    def __call__(self, tokens, key_mask, cache=None, cache_index=0, layer_weights=None):
+        hidden, cache = self.hidden_states(tokens, key_mask, cache, cache_index, layer_weights)
         kernel = self.lm_head_kernel().astype(self.cfg.compute_dtype)
         logits = jnp.einsum("bth,hv->btv", hidden, kernel, preferred_element_type=jnp.float32)
         return logits, cache
@@ -355,18 +357,39 @@ def attention_mask_and_positions(key_mask, num_queries, offset):
     return allowed, jnp.maximum(positions, 0)
 
 
-def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=None):
-    """Empty KV cache: k, v [L, B, S, kv_heads, D] (kv heads only, never repeated)."""
-    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=None, per_layer: bool = False):
+    """Empty KV cache: k, v [L, B, S, kv_heads, D] (kv heads only, never repeated); with
+    ``per_layer`` a tuple of L caches {k, v} [B, S, kv_heads, D], for ``unstack_layers`` weights."""
     dtype = dtype or cfg.compute_dtype
-    return {name: with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES) for name in ("k", "v")}
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    if per_layer:
+        return tuple({name: with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES[1:]) for name in ("k", "v")}
+                     for _ in range(cfg.num_layers))
+    return {name: with_logical_constraint(jnp.zeros((cfg.num_layers, *shape), dtype), CACHE_AXES)
+            for name in ("k", "v")}
+
+
+def _update_cache(cache, k, v, cache_index, layer):
+    """Write this layer's new k, v [B, T, K, D] at slot ``cache_index``; return the cache and the
+    layer's k, v over all slots. ``cache``: the stacked cache [L, B, S, K, D], written in place at
+    ``layer`` (a decode step never copies it), or one layer's own {k, v} [B, S, K, D] (``layer``
+    None)."""
+    if layer is None:
+        cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), (0, cache_index, 0, 0))
+                 for name, new in (("k", k), ("v", v))}
+        return cache, cache["k"], cache["v"]
+    start = (layer, 0, cache_index, 0, 0)
+    cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), start)
+             for name, new in (("k", k), ("v", v))}
+    k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False) for name in "kv")
+    return cache, k, v
 
 
 def _decoder_layer(cfg: LlamaConfig, w, x, cos, sin, allowed, cache, cache_index, layer):
     """One pre-norm block: x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x)).
 
-    ``cache`` is the whole stacked cache [L, B, S, K, D]; this layer's new k/v are written in
-    place at (layer, :, cache_index) so a decode step never copies the cache.
+    ``cache``: None, the stacked cache with this ``layer``'s index, or this layer's own cache
+    with ``layer`` None (see ``_update_cache``).
     """
     dt = cfg.compute_dtype
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
@@ -375,10 +398,8 @@ def _decoder_layer(cfg: LlamaConfig, w, x, cos, sin, allowed, cache, cache_index
     v = jnp.einsum("bth,hkd->btkd", h, w["wv"].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:
-        start = (layer, 0, cache_index, 0, 0)
-        cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), start)
-                 for name, new in (("k", k), ("v", v))}
-        k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False).astype(dt) for name in "kv")
+        cache, k, v = _update_cache(cache, k, v, cache_index, layer)
+        k, v = k.astype(dt), v.astype(dt)
     attn = attention(q, k, v, allowed)
     x = x + jnp.einsum("btnd,ndh->bth", attn, w["wo"].astype(dt))
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
@@ -397,11 +418,29 @@ def _remat(cfg: LlamaConfig, fn):
     return fn
 
 
-def decoder_forward(cfg, embed, layers: DecoderLayers, final_norm, tokens, key_mask, cache, cache_index):
+def stacked_weights(layers: DecoderLayers) -> dict[str, jax.Array]:
+    """The layer parameters as arrays stacked on a leading layers axis: name -> [L, ...]."""
+    return {name: var[...] for name, var in vars(layers).items() if isinstance(var, nnx.Param)}
+
+
+def unstack_layers(layers: DecoderLayers, dtype) -> tuple[dict[str, jax.Array], ...]:
+    """A per-layer copy of the layer weights in ``dtype``: L dicts name -> array.
+
+    For decoding: a loop over separate arrays reads each weight once per step, where the stacked
+    parameters cost a slice (on GPU, XLA copies the MLP kernels out of the stack every step) and
+    a cast per step when the parameters are kept in fp32. Costs one copy of the weights."""
+    stacked = stacked_weights(layers)
+    num_layers = next(iter(stacked.values())).shape[0]
+    return tuple({name: w[i].astype(dtype) for name, w in stacked.items()} for i in range(num_layers))
+
+
+def decoder_forward(cfg, embed, weights, final_norm, tokens, key_mask, cache, cache_index):
     """Embeddings -> L decoder layers (scanned or unrolled) -> final RMSNorm.
 
     tokens [B, T]; key_mask [B, S] over keys (S = T without cache, cache size with one);
-    cache_index: the cache slot of tokens[:, 0].
+    cache_index: the cache slot of tokens[:, 0]. ``weights``: ``stacked_weights`` (name ->
+    [L, ...]; scanned unless ``cfg.scan_layers`` is off; a stacked cache) or ``unstack_layers``'
+    per-layer tuple (an unrolled loop; a per-layer cache, ``init_cache(..., per_layer=True)``).
     """
     if cache is None and key_mask.shape[1] != tokens.shape[1]:
         raise ValueError(f"key_mask {key_mask.shape} must match tokens {tokens.shape} without a cache")
@@ -412,7 +451,6 @@ def decoder_forward(cfg, embed, layers: DecoderLayers, final_norm, tokens, key_m
     # by vocab), so the looked-up rows come out split by batch like every activation, not by embed.
     table = with_logical_constraint(embed, ("vocab", None))
     x = with_logical_constraint(jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype), RESIDUAL_AXES)
-    weights = {name: var[...] for name, var in vars(layers).items() if isinstance(var, nnx.Param)}
     layer_fn = _remat(cfg, _decoder_layer)
 
     def body(carry, per_layer):
@@ -421,7 +459,12 @@ def decoder_forward(cfg, embed, layers: DecoderLayers, final_norm, tokens, key_m
         x, cache = layer_fn(cfg, w, x, cos, sin, allowed, cache, cache_index, layer)
         return (with_logical_constraint(x, RESIDUAL_AXES), cache), None
 
-    if cfg.scan_layers:
+    if isinstance(weights, tuple):
+        caches = [None] * len(weights) if cache is None else list(cache)
+        for layer, layer_weights in enumerate(weights):
+            (x, caches[layer]), _ = body((x, caches[layer]), (layer_weights, None))
+        cache = None if cache is None else tuple(caches)
+    elif cfg.scan_layers:
         (x, cache), _ = jax.lax.scan(body, (x, cache), (weights, jnp.arange(cfg.num_layers)))
     else:
         for layer in range(cfg.num_layers):
