@@ -79,7 +79,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from icegrt_jax.errors import UserInputError
-from icegrt_jax.models.llama import CACHE_AXES, LlamaConfig, init_cache, unstack_layers
+from icegrt_jax.models.llama import LAYER_CACHE_AXES, LlamaConfig, init_cache, unstack_layers
 from icegrt_jax.sharding import with_logical_constraint
 
 MIN_BUCKET = 16
@@ -281,10 +281,10 @@ def _decode(graphdef, params, weights, cache, logits, prompt_mask, prompt_index,
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, params)
     width = prompt_mask.shape[1]
-    new_slots = cache[0]["k"].shape[1] - width
+    new_slots = cache[0]["k"].shape[2] - width
     if num_samples > 1:
-        cache = jax.tree.map(lambda c: with_logical_constraint(jnp.repeat(c, num_samples, axis=0), CACHE_AXES[1:]),
-                             cache)
+        cache = tuple({name: with_logical_constraint(jnp.repeat(c, num_samples, axis=0), LAYER_CACHE_AXES[name])
+                       for name, c in layer.items()} for layer in cache)
         logits = jnp.repeat(logits, num_samples, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, num_samples, axis=0)
         row_limit = jnp.repeat(row_limit, num_samples, axis=0)

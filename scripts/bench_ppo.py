@@ -10,7 +10,7 @@ updates), like Tunix; ``icegrt_sampler_logprobs`` takes them from the sampler
 (rollout.old_logprobs=sampler: 3 forwards), like TRL, which also updates policy and value in one
 backward.
 
-Usage: python scripts/bench_ppo.py [--iters 5] [--warmup 1] [--trl-python P] [--tunix-python P]
+Usage: python scripts/bench_ppo.py [--iters 5] [--warmup 1] [--trl-python P] [--tunix-python P] [--override K=V]
 (the baselines run only when their interpreter is given). Prints JSON lines, the summary last.
 """
 
@@ -46,7 +46,7 @@ def build_tokenizer(path: str, seed: int = 0) -> list[str]:
     return words
 
 
-def run_ours(tmp: str, iters: int, warmup: int, old_logprobs: str = "recompute") -> dict:
+def run_ours(tmp: str, iters: int, warmup: int, old_logprobs: str = "recompute", overrides=()) -> dict:
     from flax import nnx
 
     from icegrt_jax.checkpoint import save_model
@@ -72,7 +72,7 @@ def run_ours(tmp: str, iters: int, warmup: int, old_logprobs: str = "recompute")
         "actor_optimizer.lr=1e-6", "critic_optimizer.lr=1e-6", f"training.steps={warmup + iters}",
         f"rollout.old_logprobs={old_logprobs}",
         "training.save_every=100000", "training.log_every=1", f"training.output_dir={tmp}/run-{old_logprobs}",
-        "logging.progress=false"])
+        "logging.progress=false", *overrides])
     run_ppo(cfg)
     with open(os.path.join(tmp, f"run-{old_logprobs}", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f][warmup:]
@@ -94,11 +94,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--trl-python")
     parser.add_argument("--tunix-python")
+    parser.add_argument("--override", action="append", default=[], help="extra config override for ours, e.g. "
+                        "model.scan_layers=false (repeatable)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"icegrt": run_ours(tmp, args.iters, args.warmup)}
+        result = {"icegrt": run_ours(tmp, args.iters, args.warmup, overrides=args.override)}
         print(json.dumps(result), flush=True)
-        result["icegrt_sampler_logprobs"] = run_ours(tmp, args.iters, args.warmup, "sampler")
+        result["icegrt_sampler_logprobs"] = run_ours(tmp, args.iters, args.warmup, "sampler", args.override)
         print(json.dumps(result["icegrt_sampler_logprobs"]), flush=True)
     if args.trl_python:
         result["trl"] = run_baseline(args.trl_python, "trl_ppo_baseline.py", args.iters, args.warmup)

@@ -70,11 +70,12 @@ def test_kv_cache_decoding_equals_full_forward(hf_pair, per_layer):
     incremental = np.concatenate([np.asarray(s) for s in steps], axis=1)
     valid = full_mask.astype(bool)
     np.testing.assert_allclose(incremental[valid], np.asarray(full_logits)[valid], atol=1e-5, rtol=0)
-    layer_shape = (2, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    B, S, K, D = 2, cache_len, cfg.num_kv_heads, cfg.head_dim
     if per_layer:
-        assert len(cache) == cfg.num_layers and all(c["k"].shape == layer_shape for c in cache)
+        assert len(cache) == cfg.num_layers
+        assert all(c["k"].shape == (B, K, S, D) and c["v"].shape == (B, K, D, S) for c in cache)
     else:
-        assert cache["k"].shape == (cfg.num_layers, *layer_shape)
+        assert cache["k"].shape == (cfg.num_layers, B, S, K, D)
 
 
 def test_bf16_compute_is_finite_and_close_to_fp32(hf_pair):

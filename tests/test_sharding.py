@@ -129,8 +129,8 @@ def test_tensor_parallel_greedy_sampling_matches_one_device(sharded, mesh):
     assert result["same_tokens"]
     assert result["logprobs_abs"] < 1e-5
     assert "tensor" in result["wq_spec"]
-    # The KV cache [layers, batch, slots, kv_heads, head_dim]: rows over data, kv heads over tensor.
-    assert result["cache_spec"] == "P('data', None, 'tensor')"
+    # A layer's k cache [batch, kv_heads, slots, head_dim]: rows over data, kv heads over tensor.
+    assert result["cache_spec"] == "P('data', 'tensor')"
 
 
 @pytest.mark.parametrize("case, message", [

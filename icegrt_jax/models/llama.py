@@ -31,6 +31,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 # (its parameter axis "embed" is FSDP-sharded, the activation is not).
 RESIDUAL_AXES = ("batch", "length", None)
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # the KV cache's k and v
+LAYER_CACHE_AXES = {"k": ("batch", "kv_heads", "length", "head_dim"),  # one layer's head-major cache
+                    "v": ("batch", "kv_heads", "head_dim", "length")}
 
 
 class ModelConfigError(UserInputError):
@@ -330,19 +332,28 @@ def apply_rope(x, cos, sin):
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def attention(q, k, v, allowed):
+# Layouts of k and v for ``attention`` (einsum letters: b batch, s key slot, k kv head, d head dim).
+# "head_major" puts each matmul's contracted axis last in both operands (q k^T contracts d, p v
+# contracts s), the layout XLA:CPU's YNNPACK matmuls read: the per-layer decode cache is kept so,
+# which spares a transpose of each layer's cache every decode step.
+KV_LAYOUTS = {"slot_major": ("bskd", "bskd"), "head_major": ("bksd", "bkds")}
+
+
+def attention(q, k, v, allowed, layout: str = "slot_major"):
     """Grouped-query softmax(q k^T / sqrt(D)) v without repeating k/v heads.
 
-    q [B, T, N, D]; k, v [B, S, K, D]; allowed [B, T, S] bool. Scores and softmax in fp32.
+    q [B, T, N, D]; k, v [B, S, K, D] ("slot_major") or k [B, K, S, D], v [B, K, D, S]
+    ("head_major"); allowed [B, T, S] bool. Scores and softmax in fp32.
     """
     B, T, N, D = q.shape
-    K = k.shape[2]
+    k_spec, v_spec = KV_LAYOUTS[layout]
+    K = k.shape[k_spec.index("k")]
     q = q.reshape(B, T, K, N // K, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (D ** -0.5)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bkgts,{v_spec}->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, N, D).astype(q.dtype)
 
 
@@ -359,30 +370,33 @@ def attention_mask_and_positions(key_mask, num_queries, offset):
 
 def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=None, per_layer: bool = False):
     """Empty KV cache: k, v [L, B, S, kv_heads, D] (kv heads only, never repeated); with
-    ``per_layer`` a tuple of L caches {k, v} [B, S, kv_heads, D], for ``unstack_layers`` weights."""
+    ``per_layer`` a tuple of L caches in the head-major layout, k [B, kv_heads, S, D] and
+    v [B, kv_heads, D, S], for ``unstack_layers`` weights."""
     dtype = dtype or cfg.compute_dtype
-    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    B, S, K, D = batch_size, max_len, cfg.num_kv_heads, cfg.head_dim
     if per_layer:
-        return tuple({name: with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES[1:]) for name in ("k", "v")}
-                     for _ in range(cfg.num_layers))
-    return {name: with_logical_constraint(jnp.zeros((cfg.num_layers, *shape), dtype), CACHE_AXES)
+        shapes = {"k": (B, K, S, D), "v": (B, K, D, S)}
+        return tuple({name: with_logical_constraint(jnp.zeros(shape, dtype), LAYER_CACHE_AXES[name])
+                      for name, shape in shapes.items()} for _ in range(cfg.num_layers))
+    return {name: with_logical_constraint(jnp.zeros((cfg.num_layers, B, S, K, D), dtype), CACHE_AXES)
             for name in ("k", "v")}
 
 
 def _update_cache(cache, k, v, cache_index, layer):
-    """Write this layer's new k, v [B, T, K, D] at slot ``cache_index``; return the cache and the
-    layer's k, v over all slots. ``cache``: the stacked cache [L, B, S, K, D], written in place at
-    ``layer`` (a decode step never copies it), or one layer's own {k, v} [B, S, K, D] (``layer``
-    None)."""
+    """Write this layer's new k, v [B, T, K, D] at slot ``cache_index``; return the cache, the
+    layer's k, v over all slots and their ``attention`` layout. ``cache``: the stacked cache
+    [L, B, S, K, D], written in place at ``layer`` (a decode step never copies it), or one layer's
+    own head-major cache (``layer`` None)."""
     if layer is None:
-        cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), (0, cache_index, 0, 0))
-                 for name, new in (("k", k), ("v", v))}
-        return cache, cache["k"], cache["v"]
+        k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, K, T, D], [B, K, D, T]
+        cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype), (0, 0, cache_index, 0)),
+                 "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype), (0, 0, 0, cache_index))}
+        return cache, cache["k"], cache["v"], "head_major"
     start = (layer, 0, cache_index, 0, 0)
     cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), start)
              for name, new in (("k", k), ("v", v))}
     k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False) for name in "kv")
-    return cache, k, v
+    return cache, k, v, "slot_major"
 
 
 def _decoder_layer(cfg: LlamaConfig, w, x, cos, sin, allowed, cache, cache_index, layer):
@@ -397,10 +411,11 @@ def _decoder_layer(cfg: LlamaConfig, w, x, cos, sin, allowed, cache, cache_index
     k = jnp.einsum("bth,hkd->btkd", h, w["wk"].astype(dt))
     v = jnp.einsum("bth,hkd->btkd", h, w["wv"].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    layout = "slot_major"
     if cache is not None:
-        cache, k, v = _update_cache(cache, k, v, cache_index, layer)
+        cache, k, v, layout = _update_cache(cache, k, v, cache_index, layer)
         k, v = k.astype(dt), v.astype(dt)
-    attn = attention(q, k, v, allowed)
+    attn = attention(q, k, v, allowed, layout)
     x = x + jnp.einsum("btnd,ndh->bth", attn, w["wo"].astype(dt))
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
     gate = jnp.einsum("bth,hi->bti", h, w["w_gate"].astype(dt))
