@@ -79,7 +79,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from icegrt_jax.errors import UserInputError
-from icegrt_jax.models.llama import LAYER_CACHE_AXES, LlamaConfig, init_cache, unstack_layers
+from icegrt_jax.models.llama import (
+    LAYER_CACHE_AXES,
+    LlamaConfig,
+    init_cache,
+    unstack_layers,
+)
 from icegrt_jax.sharding import with_logical_constraint
 
 MIN_BUCKET = 16
