@@ -424,7 +424,7 @@ def _decoder_layer(cfg: LlamaConfig, w, x, cos, sin, allowed, cache, cache_index
         cache, k, v, layout = _update_cache(cache, k, v, cache_index, layer)
         k, v = k.astype(dt), v.astype(dt)
     attn = attention(q, k, v, allowed, layout)
-    x = x + jnp.einsum("btnd,ndh->bth", attn, w["wo"].astype(dt))
+    x = x + jnp.einsum("bti,ih->bth", attn.reshape(*attn.shape[:2], -1), w["wo"].astype(dt).reshape(-1, x.shape[-1]))
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
     gate = jnp.einsum("bth,hi->bti", h, w["w_gate"].astype(dt))
     up = jnp.einsum("bth,hi->bti", h, w["w_up"].astype(dt))
