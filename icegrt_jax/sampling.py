@@ -34,7 +34,8 @@ Weights and cache layout. Each ``generate`` call first copies the layer weights 
 arrays in the compute dtype, plus the LM head kernel (``_inference_weights``, one copy of the
 weights in memory while it runs), and the cache is per layer (``init_cache(per_layer=True)``): a
 decode step then reads every weight once and slices nothing. From the stacked parameters, XLA:GPU
-copied each layer's MLP kernels out of the stack every step (BENCHMARKS.md, "On a GPU").
+copied each layer's MLP kernels out of the stack every step (BENCHMARKS.md, "On a GPU"). On CPU
+the decode loop compiles without XLA's YNNPACK fusions (``_CPU_DECODE_OPTIONS``).
 
 ``num_samples`` samples per prompt share one prefill: the prompt's cache is repeated
 ``num_samples`` times along the batch axis on device before decoding.
