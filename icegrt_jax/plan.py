@@ -17,7 +17,8 @@ Per device and per role:
 
 The steps run one after another, so the device peak is the resident state (all params and
 optimizer states) plus the largest transient: generation (KV cache + the actor's forward, an
-upper bound on the prefill), scoring (each forward), or an update (gradients + activations).
+upper bound on the prefill, plus the sampler's per-layer copy of the actor's weights in the
+compute dtype), scoring (each forward), or an update (gradients + activations).
 
 Caveat: buffer assignment is the CPU compiler's; a GPU compile (other fusions, cuDNN attention
 workspaces, collective buffers) differs by a few percent, so leave that much headroom.
@@ -57,6 +58,7 @@ class RoleMemory:
     optimizer: int = 0
     gradients: int = 0
     kv_cache: int = 0
+    decode_weights: int = 0  # the sampler's per-layer copy in the compute dtype (actor, while generating)
     activations: int = 0  # the largest of the role's compiled steps
 
     @property
@@ -65,7 +67,7 @@ class RoleMemory:
 
     @property
     def total(self) -> int:
-        return self.params + self.optimizer + self.gradients + self.kv_cache + self.activations
+        return self.params + self.optimizer + self.gradients + self.kv_cache + self.decode_weights + self.activations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +207,7 @@ def role_memory(partitioner: Partitioner, role: str, llama: LlamaConfig, kind: s
         memory["activations"] = forward_temp
     if role == "actor":
         memory["kv_cache"] = kv_cache_bytes(partitioner, llama, shapes["generation_rows"], shapes["cache_slots"])
+        memory["decode_weights"] = decode_weight_bytes(partitioner, params, llama)
     return RoleMemory(role=role, model=describe(llama), **memory), update_transient
 
 
@@ -214,6 +217,15 @@ def kv_cache_bytes(partitioner: Partitioner, llama: LlamaConfig, rows: int, slot
     spec = partitioner.spec(CACHE_AXES, "KV cache")
     sharding = jax.sharding.NamedSharding(partitioner.mesh, spec)
     return sharded_bytes(cache, jax.tree.map(lambda _: sharding, cache))
+
+
+def decode_weight_bytes(partitioner: Partitioner, params, llama: LlamaConfig) -> int:
+    """``sampling._inference_weights``: the layer weights and the LM head kernel in the compute
+    dtype, sharded like the parameters they are copied from."""
+    head = "embed" if llama.tie_word_embeddings else "lm_head"
+    copied = {name: params[name] for name in ("layers", head)}
+    as_compute = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, llama.compute_dtype), copied)
+    return sharded_bytes(as_compute, partitioner.shardings(copied))
 
 
 def describe(llama: LlamaConfig) -> str:
@@ -240,7 +252,7 @@ def plan_ppo(cfg: PPOConfig, device_memory_gib: float, reward_preset: str | None
         if update_transient:
             transients[f"update: {role}"] = update_transient
     actor = roles[0]
-    transients["generate"] = actor.kv_cache + transients["score: actor"]
+    transients["generate"] = actor.kv_cache + actor.decode_weights + transients["score: actor"]
     return Plan(devices=partitioner.mesh.size, mesh=dict(partitioner.mesh.shape),
                 device_memory=int(device_memory_gib * GIB), roles=roles, transients=transients, shapes=shapes)
 
@@ -259,11 +271,11 @@ def format_plan(plan: Plan) -> str:
     mesh = " x ".join(f"{name} {size}" for name, size in plan.mesh.items())
     lines = [(f"{plan.devices} devices, mesh {mesh}; rollout {plan.shapes['rows']} rows x "
               f"{plan.shapes['length']} tokens, update minibatch {plan.shapes['minibatch_rows']} rows"),
-             "", "| role | model | params | optimizer | gradients | KV cache | activations | total |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "", "| role | model | params | optimizer | gradients | KV cache | decode copy | activations | total |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in plan.roles:
         lines.append(f"| {r.role} | {r.model} | {gib(r.params)} | {gib(r.optimizer)} | {gib(r.gradients)} | "
-                     f"{gib(r.kv_cache)} | {gib(r.activations)} | {gib(r.total)} |")
+                     f"{gib(r.kv_cache)} | {gib(r.decode_weights)} | {gib(r.activations)} | {gib(r.total)} |")
     phase, largest = max(plan.transients.items(), key=lambda item: item[1])
     verdict = "fits" if plan.fits else "does NOT fit"
     lines += ["", (f"GiB per device. Resident (params + optimizer states): {gib(plan.resident)}; largest "

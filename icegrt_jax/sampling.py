@@ -223,10 +223,11 @@ def filter_logits(scaled, top_k: int, top_p=None):
 
 def sample_step(logits, keys, static: StaticOptions, temperature, top_p):
     """One token per row from fp32 ``logits`` [R, V] -> (tokens [R] int32, logprobs [R] f32)."""
-    if static.greedy:  # argmax's first index on ties, as two plain reductions (XLA:CPU's argmax is slow)
-        top = jnp.max(logits, axis=-1, keepdims=True)
+    if static.greedy:  # argmax as plain reductions (XLA:CPU's argmax is slow): first index on ties,
+        top = jnp.max(logits, axis=-1, keepdims=True)  # the first NaN if any (as argmax: a valid id)
         vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-        tokens = jnp.min(jnp.where(logits == top, vocab, logits.shape[-1]), axis=-1)
+        hit = (logits == top) | jnp.isnan(logits)
+        tokens = jnp.min(jnp.where(hit, vocab, logits.shape[-1]), axis=-1)
         return tokens, -jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))  # z[token] - logsumexp(z)
     scaled = filter_logits(logits / temperature, static.top_k, top_p if static.filter_top_p else None)
     tokens = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)

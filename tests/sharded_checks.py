@@ -255,7 +255,9 @@ def check_tensor_parallel_sampling() -> dict:
         results[name] = {"same_tokens": bool(np.array_equal(sharded.tokens, single.tokens)),
                          "cache_spec": str(cache[0]["k"].sharding.spec),
                          "logprobs_abs": float(np.max(np.abs(sharded.logprobs - single.logprobs))),
-                         "wq_spec": str(sharded_params["layers"]["wq"].get_value().sharding.spec)}
+                         "wq_spec": str(sharded_params["layers"]["wq"].get_value().sharding.spec),
+                         "wq_shard": list(sharded_params["layers"]["wq"].get_value().addressable_shards[0].data.shape),
+                         "copy_wq_shard": list(weights["layers"][0]["wq"].addressable_shards[0].data.shape)}
     return results
 
 

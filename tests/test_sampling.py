@@ -115,6 +115,22 @@ def test_greedy_matches_transformers_token_for_token_with_eos(tiny):
     assert (result.logprobs[result.mask == 0] == 0).all()
 
 
+def test_greedy_step_is_argmax_with_first_index_ties_and_its_log_softmax():
+    """The greedy step's reductions against numpy: argmax (first index on ties, the first NaN if a
+    row has one, so always a valid id) and log_softmax(z)[token] (rtol 1e-6: fp32)."""
+    logits = np.array([[1.0, 3.0, 3.0, -2.0], [0.5, -1.0, 0.25, 0.5], [2.0, np.nan, 5.0, np.nan],
+                       [-np.inf, -1.0, -np.inf, -1.0]], np.float32)
+    greedy = SamplingParams(greedy=True).static_options()
+    tokens, logp = sample_step(jnp.asarray(logits), None, greedy, 1.0, 1.0)
+    np.testing.assert_array_equal(np.asarray(tokens), [1, 0, 1, 1])
+    assert np.asarray(tokens).tolist() == np.argmax(logits, axis=-1).tolist()
+    finite = np.isfinite(logits).any(-1) & ~np.isnan(logits).any(-1)
+    reference = (logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True))
+                 - logits.max(-1, keepdims=True))
+    want = reference[np.arange(4), np.argmax(logits, axis=-1)]
+    np.testing.assert_allclose(np.asarray(logp)[finite], want[finite], rtol=1e-6)
+
+
 def test_top_k_1_equals_greedy_for_every_sample_and_temperature_0_is_greedy(tiny):
     _, model = tiny
     prompts = random_prompts(LENGTHS, model.cfg.vocab_size, seed=1)

@@ -129,6 +129,7 @@ def test_tensor_parallel_greedy_sampling_matches_one_device(sharded, mesh):
     assert result["same_tokens"]
     assert result["logprobs_abs"] < 1e-5
     assert "tensor" in result["wq_spec"]
+    assert result["copy_wq_shard"] == result["wq_shard"][1:]  # the sampler's per-layer copy: split alike
     # A layer's k cache [batch, kv_heads, slots, head_dim]: rows over data, kv heads over tensor.
     assert result["cache_spec"] == "P('data', 'tensor')"
 
@@ -208,9 +209,12 @@ def test_distributed_start_is_recognised_from_the_environment():
 
 # --- icegrt plan (run inside the 8-device subprocess) ----------------------------------------------
 
-def shard_bytes(model_cls, cfg, sizes: dict[str, int], rules) -> int:
-    """Independent count: each dimension divided by the mesh sizes of its logical axis; bf16."""
+def shard_bytes(model_cls, cfg, sizes: dict[str, int], rules, only=None) -> int:
+    """Independent count: each dimension divided by the mesh sizes of its logical axis; bf16.
+    ``only``: the top-level parameter names to count (default all)."""
     _, params = nnx.split(nnx.eval_shape(lambda: model_cls(cfg)))
+    if only is not None:
+        params = [params[name] for name in only]
     total = 0
     for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         names = leaf.get_metadata()["out_sharding"]
@@ -237,6 +241,10 @@ def test_plan_counts_params_optimizer_gradients_and_kv_cache_exactly(sharded):
     assert roles["reference"]["optimizer"] == roles["reward"]["gradients"] == 0
     # k and v [layers 2, rows 16 / 4, slots 32 + 32, kv heads 2 / 2, head_dim 16] in bf16
     assert roles["actor"]["kv_cache"] == 2 * 2 * (16 // 4) * 64 * 1 * 16 * 2
+    head = "embed" if tiny.tie_word_embeddings else "lm_head"  # the sampler's copy: layers + LM head, bf16
+    assert roles["actor"]["decode_weights"] == shard_bytes(Llama, tiny, sizes, rules, only=("layers", head)) > 0
+    assert plan["transients"]["generate"] == (roles["actor"]["kv_cache"] + roles["actor"]["decode_weights"]
+                                              + plan["transients"]["score: actor"])
     assert all(r["activations"] > 0 for r in roles.values())
     assert plan["peak"] == plan["resident"] + max(plan["transients"].values())
     assert plan["resident"] == sum(r["params"] + r["optimizer"] for r in roles.values())

@@ -451,7 +451,8 @@ def unstack_layers(layers: DecoderLayers, dtype) -> tuple[dict[str, jax.Array], 
 
     For decoding: a loop over separate arrays reads each weight once per step, where the stacked
     parameters cost a slice (on GPU, XLA copies the MLP kernels out of the stack every step) and
-    a cast per step when the parameters are kept in fp32. Costs one copy of the weights."""
+    a cast per step when the parameters are kept in fp32. Costs one copy of the weights (under a
+    mesh XLA shards it like the parameters it is sliced from)."""
     stacked = stacked_weights(layers)
     num_layers = next(iter(stacked.values())).shape[0]
     return tuple({name: w[i].astype(dtype) for name, w in stacked.items()} for i in range(num_layers))
