@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 4 and 8 in one device call (see BENCHMARKS.md, "GPU").
+# The GPU measurements of issues 4 and 8 in one device call (see BENCHMARKS.md, "On a GPU").
 # Runs under the device image's python3 (its jax with CUDA, torch, transformers); the two packages
 # of ours it lacks travel as wheels in .whl/ (omegaconf, tensorboardX). Results land in $OUT.
-#   device run: bash scripts/gpu_checks.sh      (carry: .whl)
+# Make the wheels here first (echo /.whl/ >> .git/info/exclude):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl omegaconf==2.4.0 tensorboardX==2.6.5
+#   device run: bash scripts/gpu_checks.sh      (carry: .whl; ~4 minutes on an H200)
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
