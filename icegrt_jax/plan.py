@@ -8,8 +8,9 @@ Per device and per role:
 
 - params, optimizer state (AdamW moments in the param dtype), gradients (one param-shaped copy)
   and KV cache: exact, ``sum over leaves of prod(shard shape) x itemsize`` with the shard shapes
-  the mesh rules give (the cache is ``init_cache``'s [L, rows, P + N, kv_heads, D] for k and v,
-  rows split by ``batch``, kv heads by ``kv_heads``);
+  the mesh rules give (the cache is the sampler's, ``init_cache(per_layer=True)``: per layer k
+  [rows, kv_heads, P + N, D] and v [rows, kv_heads, D, P + N], rows split by ``batch``, kv heads
+  by ``kv_heads``);
 - activations: the compiled program's ``memory_analysis().temp_size_in_bytes`` (everything that
   is neither an argument nor an output), minus the gradients for the update steps. The programs
   are the trainer's own: ``ppo.make_actor_update`` / ``make_critic_update`` on a minibatch and
@@ -37,7 +38,7 @@ import numpy as np
 
 from icegrt_jax.config import ConfigError, ModelConfig, PPOConfig
 from icegrt_jax.hf import abstract_model, load_hf_config
-from icegrt_jax.models.llama import CACHE_AXES, LlamaConfig, init_cache, preset
+from icegrt_jax.models.llama import LAYER_CACHE_AXES, LlamaConfig, init_cache, preset
 from icegrt_jax.sampling import NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, batch_bucket, bucket
 from icegrt_jax.sharding import Partitioner
 from icegrt_jax.train import ppo, rollout
@@ -212,11 +213,12 @@ def role_memory(partitioner: Partitioner, role: str, llama: LlamaConfig, kind: s
 
 
 def kv_cache_bytes(partitioner: Partitioner, llama: LlamaConfig, rows: int, slots: int) -> int:
-    """k and v [L, rows, slots, kv_heads, D], rows split like the batch, kv heads like ``kv_heads``."""
-    cache = jax.eval_shape(lambda: init_cache(llama, rows, slots))
-    spec = partitioner.spec(CACHE_AXES, "KV cache")
-    sharding = jax.sharding.NamedSharding(partitioner.mesh, spec)
-    return sharded_bytes(cache, jax.tree.map(lambda _: sharding, cache))
+    """The sampler's cache: per layer, k [rows, kv_heads, slots, D] and v [rows, kv_heads, D, slots],
+    rows split like the batch, kv heads like ``kv_heads``."""
+    cache = jax.eval_shape(lambda: init_cache(llama, rows, slots, per_layer=True))
+    shardings = {name: jax.sharding.NamedSharding(partitioner.mesh, partitioner.spec(axes, "KV cache"))
+                 for name, axes in LAYER_CACHE_AXES.items()}
+    return sum(sharded_bytes(layer[name], shardings[name]) for layer in cache for name in layer)
 
 
 def decode_weight_bytes(partitioner: Partitioner, params, llama: LlamaConfig) -> int:

@@ -239,7 +239,7 @@ def test_plan_counts_params_optimizer_gradients_and_kv_cache_exactly(sharded):
         assert 2 * roles[role]["params"] <= roles[role]["optimizer"] <= 2 * roles[role]["params"] + 64
         assert roles[role]["gradients"] == roles[role]["params"]
     assert roles["reference"]["optimizer"] == roles["reward"]["gradients"] == 0
-    # k and v [layers 2, rows 16 / 4, slots 32 + 32, kv heads 2 / 2, head_dim 16] in bf16
+    # 2 layers x k and v of rows 16 / 4, kv heads 2 / 2, slots 32 + 32, head_dim 16, in bf16
     assert roles["actor"]["kv_cache"] == 2 * 2 * (16 // 4) * 64 * 1 * 16 * 2
     head = "embed" if tiny.tie_word_embeddings else "lm_head"  # the sampler's copy: layers + LM head, bf16
     assert roles["actor"]["decode_weights"] == shard_bytes(Llama, tiny, sizes, rules, only=("layers", head)) > 0
