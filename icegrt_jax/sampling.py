@@ -48,7 +48,10 @@ Sampling and log-probs. With ``z`` the fp32 logits of a step and ``T`` the tempe
   top-p then keeps the smallest prefix of tokens sorted by descending probability whose mass
   reaches ``top_p`` (a token is kept iff the mass of the tokens strictly before it is < top_p;
   ties with the last kept value are kept); removed tokens get ``-inf``, giving ``f``. The token is
-  drawn from ``softmax(f)`` and its log-prob is ``log_softmax(f)[token]``: the log-prob under the
+  drawn from ``softmax(f)`` by inverting its CDF at one uniform number per row and step
+  (``inverse_cdf_sample``: one random number, not one per vocabulary entry as Gumbel-max needs,
+  which on CPU cost more than the model's decode step) and its log-prob is
+  ``log_softmax(f)[token]``: the log-prob under the
   distribution it was sampled from, renormalised over the kept tokens. With ``top_k=0`` and
   ``top_p=1`` this is exactly ``log_softmax(z / T)[token]``, which PPO recomputes from a full
   forward by dividing the logits by the same temperature.
@@ -230,9 +233,44 @@ def sample_step(logits, keys, static: StaticOptions, temperature, top_p):
         tokens = jnp.min(jnp.where(hit, vocab, logits.shape[-1]), axis=-1)
         return tokens, -jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))  # z[token] - logsumexp(z)
     scaled = filter_logits(logits / temperature, static.top_k, top_p if static.filter_top_p else None)
-    tokens = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    logp = jax.nn.log_softmax(scaled, axis=-1)
-    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    weights = jnp.exp(scaled - top)  # 0 for the filtered tokens
+    uniform = jax.vmap(lambda key: jax.random.uniform(key, dtype=jnp.float32))(keys)
+    tokens = inverse_cdf_sample(weights, uniform)
+    chosen = jnp.take_along_axis(scaled - top, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - jnp.log(jnp.sum(weights, axis=-1))  # f[token] - logsumexp(f)
+
+
+def inverse_cdf_sample(weights, uniform, block: int = 128):
+    """Index i drawn with probability w_i / sum(w) from weights [R, V] >= 0, given uniform [R]
+    in [0, 1): the first i with cumsum(w)[i] > u * sum(w) (the inverse CDF at u).
+
+    Two-level: the block of ``block`` entries holding the target by the blocks' cumulative
+    masses, then the entry inside it, so no cumulative sum runs over the whole vocabulary. An
+    entry of weight 0 is never chosen: where float rounding puts the target outside the
+    positive-weight range, the first or last entry of positive weight is taken.
+    """
+    rows, vocab = weights.shape
+    size = min(block, vocab)
+    blocks = -(-vocab // size)
+    grid = jnp.pad(weights, ((0, 0), (0, blocks * size - vocab))).reshape(rows, blocks, size)
+    block_mass = jnp.sum(grid, axis=-1)
+    block_cum = jnp.cumsum(block_mass, axis=-1)
+    target = uniform * block_cum[:, -1]
+    chosen = _first_above(block_cum, block_mass, target)
+    inside = jnp.take_along_axis(grid, chosen[:, None, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(block_cum - block_mass, chosen[:, None], axis=1)[:, 0]
+    return (chosen * size + _first_above(jnp.cumsum(inside, axis=-1), inside, target - before)).astype(jnp.int32)
+
+
+def _first_above(cum, mass, target):
+    """Per row, the first index with cum > target, clipped to the indices of positive mass."""
+    index = jnp.arange(cum.shape[-1])
+    first = jnp.sum(cum <= target[:, None], axis=-1)
+    positive = mass > 0
+    lowest = jnp.min(jnp.where(positive, index, cum.shape[-1]), axis=-1)
+    highest = jnp.max(jnp.where(positive, index, 0), axis=-1)
+    return jnp.clip(first, lowest, highest)
 
 
 def row_keys(seed, prompt_index, num_samples: int):
@@ -332,11 +370,14 @@ def _decode(graphdef, params, weights, cache, logits, prompt_mask, prompt_index,
 
 _DECODE_STATIC = ("graphdef", "static", "num_samples")
 _decode_jit = jax.jit(_decode, static_argnames=_DECODE_STATIC)
-# A decode step is ~50 small ops (batch-row matmuls, norms, one query's attention). XLA:CPU's
+# A decode step is ~80 small ops (batch-row matmuls, norms, one query's attention). XLA:CPU's
 # YNNPACK fusions cost a fixed ~0.1 ms each, which dominates at these sizes, so on CPU the decode
 # loop compiles without them (its own dot and loop emitters): 1.3x faster decode on bench-small.
-# The training steps' larger matmuls run faster with YNNPACK and keep it.
-_CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# The training steps' larger matmuls run faster with YNNPACK and keep it. XLA's tree reduction
+# rewriter splits every reduction longer than 32 (norms over H, attention over the cache slots)
+# into a reduce-window and a second reduce, each ~50 us at these sizes: without it a fp32 sum runs
+# in one pass (1.15x faster decode).
+_CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_disable_hlo_passes": "tree_reduction_rewriter"}
 _decode_jit_cpu = jax.jit(_decode, static_argnames=_DECODE_STATIC, compiler_options=_CPU_DECODE_OPTIONS)
 
 

@@ -27,6 +27,7 @@ from icegrt_jax.sampling import (
     bucket,
     filter_logits,
     generate,
+    inverse_cdf_sample,
     row_keys,
     sample_step,
 )
@@ -223,6 +224,38 @@ def test_sampled_frequencies_pass_chi_square(temperature, top_k, top_p):
     counts = np.array([(tokens == t).sum() for t in allowed])
     assert stats.chisquare(counts, probs * draws).pvalue > 1e-3
     np.testing.assert_allclose(logp, np.log(probs)[np.searchsorted(allowed, tokens)], atol=1e-5)
+
+
+_inverse_cdf = jax.jit(inverse_cdf_sample, static_argnums=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights=st.lists(st.sampled_from([0.0, 0.0, 1e-3, 0.5, 1.0, 3.0]), min_size=1, max_size=40),
+       uniforms=st.lists(st.floats(0.0, 1.0, exclude_max=True, width=32), min_size=1, max_size=8),
+       block=st.sampled_from([1, 4, 7, 128]))
+def test_inverse_cdf_sample_matches_a_plain_python_search(weights, uniforms, block):
+    """The first index whose running total exceeds u * total (float64 loop), for blocked and
+    unblocked layouts; an entry of weight 0 is never returned, even at u = 0 or u -> 1."""
+    assume(sum(weights) > 0)
+    w = np.asarray(weights, np.float32)
+    u = np.asarray(uniforms + [0.0, np.nextafter(np.float32(1), np.float32(0))], np.float32)
+    got = np.asarray(_inverse_cdf(jnp.broadcast_to(jnp.asarray(w), (u.size, w.size)), jnp.asarray(u), block))
+    total = float(w.astype(np.float64).sum())
+    for uniform, index in zip(u, got):
+        assert w[index] > 0
+        target, running, expected = float(uniform) * total, 0.0, None
+        for i, weight in enumerate(w.astype(np.float64)):
+            running += weight
+            if running > target:
+                expected = i
+                break
+        boundary = min(abs(np.cumsum(w.astype(np.float64)) - target))
+        if expected is not None and boundary > 1e-5 * total:  # float32 sums decide exact ties
+            assert index == expected, (uniform, index, expected)
+    # Targets just outside [0, total), as float rounding of the sums can make them, are clipped
+    # to the first / last entry of positive weight (never a zero-weight or padding entry).
+    edges = np.asarray(_inverse_cdf(jnp.broadcast_to(jnp.asarray(w), (2, w.size)), jnp.asarray([-1e-6, 1.0]), block))
+    assert list(edges) == [np.flatnonzero(w)[0], np.flatnonzero(w)[-1]]
 
 
 def test_rng_is_per_row_and_reproducible(tiny):
