@@ -1,7 +1,8 @@
 """``icegrt``: the command-line entry point; subcommands live in ``icegrt_jax.commands``.
 
 Any ``UserInputError`` (bad file, flag, config key, tensor) becomes one line on stderr and exit
-code 2; argparse usage errors also exit 2.
+code 2; argparse usage errors also exit 2. Run as a command (``argv`` None), it first re-executes
+itself with malloc on huge pages where that helps (``icegrt_jax.runtime``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 import sys
 
 from icegrt_jax.errors import UserInputError
+from icegrt_jax.runtime import reexec_with_malloc_hugepages
 
 EXIT_USAGE = 2
 COMMANDS = ("convert", "demo", "train", "generate", "eval", "rubric", "plan")
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        reexec_with_malloc_hugepages()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -11,7 +11,9 @@ updates), like Tunix; ``icegrt_sampler_logprobs`` takes them from the sampler
 backward.
 
 Usage: python scripts/bench_ppo.py [--iters 5] [--warmup 1] [--trl-python P] [--tunix-python P] [--override K=V]
-(the baselines run only when their interpreter is given). Prints JSON lines, the summary last.
+[--baselines-hugepages] (the baselines run only when their interpreter is given). Ours runs as
+``icegrt`` does, with malloc on transparent huge pages (``icegrt_jax.runtime``); the baselines run
+without that glibc tunable unless ``--baselines-hugepages``. Prints JSON lines, the summary last.
 """
 
 import argparse
@@ -22,6 +24,8 @@ import subprocess
 import tempfile
 
 import numpy as np
+
+from icegrt_jax.runtime import TUNABLE, reexec_with_malloc_hugepages
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench")
 VOCAB, PROMPT_WORDS, PROMPTS = 8000, 15, 64
@@ -82,10 +86,14 @@ def run_ours(tmp: str, iters: int, warmup: int, old_logprobs: str = "recompute",
             "response_length": mean("response_length")}
 
 
-def run_baseline(python: str, script: str, iters: int, warmup: int) -> dict:
+def run_baseline(python: str, script: str, iters: int, warmup: int, hugepages: bool) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if not hugepages:  # the environment the baseline would have had without our re-execution
+        kept = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(TUNABLE)]
+        env.update({"GLIBC_TUNABLES": ":".join(kept)} if kept else {})
     out = subprocess.run([python, os.path.join(BENCH, script), "--iters", str(iters), "--warmup", str(warmup)],
-                         capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+                         capture_output=True, text=True, check=True, env=env)
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "glibc_tunables": env.get("GLIBC_TUNABLES", "")}
 
 
 def main():
@@ -96,17 +104,23 @@ def main():
     parser.add_argument("--tunix-python")
     parser.add_argument("--override", action="append", default=[], help="extra config override for ours, e.g. "
                         "model.scan_layers=false (repeatable)")
+    parser.add_argument("--baselines-hugepages", action="store_true",
+                        help="run the baselines with glibc.malloc.hugetlb=1 too (ours always has it where it helps)")
     args = parser.parse_args()
+    reexec_with_malloc_hugepages()
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"icegrt": run_ours(tmp, args.iters, args.warmup, overrides=args.override)}
+        result = {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+        result["icegrt"] = run_ours(tmp, args.iters, args.warmup, overrides=args.override)
         print(json.dumps(result), flush=True)
         result["icegrt_sampler_logprobs"] = run_ours(tmp, args.iters, args.warmup, "sampler", args.override)
         print(json.dumps(result["icegrt_sampler_logprobs"]), flush=True)
     if args.trl_python:
-        result["trl"] = run_baseline(args.trl_python, "trl_ppo_baseline.py", args.iters, args.warmup)
+        result["trl"] = run_baseline(args.trl_python, "trl_ppo_baseline.py", args.iters, args.warmup,
+                                     args.baselines_hugepages)
         print(json.dumps(result["trl"]), flush=True)
     if args.tunix_python:
-        result["tunix"] = run_baseline(args.tunix_python, "tunix_ppo_baseline.py", args.iters, args.warmup)
+        result["tunix"] = run_baseline(args.tunix_python, "tunix_ppo_baseline.py", args.iters, args.warmup,
+                                       args.baselines_hugepages)
         print(json.dumps(result["tunix"]), flush=True)
     for name in ("trl", "tunix"):
         if name in result:
