@@ -3,6 +3,7 @@ advantage normalisation, independent learning rates, exact resume mid-iteration,
 
 import json
 import signal
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from helpers import run_cli_killed_at
 from icegrt_jax import cli, rl
 from icegrt_jax.checkpoint import load_model
 from icegrt_jax.config import PPOConfig, PPOLossConfig, load_config
+from icegrt_jax.train import ppo
 from icegrt_jax.train.model_init import init_model
 from icegrt_jax.train.ppo import run_ppo
 from icegrt_jax.train.rollout import compute_advantages
@@ -122,6 +124,26 @@ def test_actor_and_critic_learning_rates_are_independent(ppo_setup):
         actor_backbone = {k: initial[k] for k in ("embed", "layers", "final_norm")}
         assert _changed(actor, initial) == (frozen == "critic")
         assert _changed(critic_backbone, actor_backbone) == (frozen == "actor")
+
+
+def test_critic_step_that_gives_the_values_equals_the_separate_forward_path(ppo_setup, monkeypatch):
+    """One epoch, one minibatch: the fused program (value forward, experience, critic step) against
+    the separate value forward + experience + critic update (forced by splitting the critic's step
+    into 2 exactly accumulated micro-batches). Same rollout, so the values, advantages, losses and
+    gradient norms of the iteration agree to float32 reduction order (rtol 1e-4)."""
+    tmp_path, config = ppo_setup
+    calls = Counter()
+    for name in ("make_critic_update", "make_critic_update_with_values"):
+        factory = getattr(ppo, name)
+        monkeypatch.setattr(ppo, name, lambda *a, _f=factory, _n=name, **k: calls.update([_n]) or _f(*a, **k))
+    one = ["training.steps=2", "ppo.epochs=1", "ppo.minibatches=1"]
+    fused = _run(config, tmp_path / "fused", *one)
+    separate = _run(config, tmp_path / "separate", *one, "critic_optimizer.grad_accum_steps=2")
+    assert calls == {"make_critic_update": 2, "make_critic_update_with_values": 1}  # built only where used
+    for key in ("value_loss", "value_clip_frac", "critic_grad_norm", "advantage_mean", "advantage_std",
+                "return_mean", "explained_variance", "kl", "score_mean", "policy_loss", "actor_grad_norm"):
+        np.testing.assert_allclose(fused[0][key], separate[0][key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert fused[1]["time_update_s"] > 0 and np.isfinite(fused[1]["value_loss"])
 
 
 def test_exact_resume_after_sigkill_mid_iteration(ppo_setup):

@@ -7,8 +7,10 @@ per-token rewards with the KL penalty and compute GAE advantages (whitened by de
 paper's advantage normalisation), and step the KL controller with the rollout's KL (the new
 coefficient applies from the next iteration); then ``ppo.epochs`` passes of shuffled minibatches
 update the actor (clipped surrogate, eq. 3, optional entropy bonus) and the critic (clipped
-value loss), each with its own optimizer and learning rate. The trainer owns no formula: they
-live in ``icegrt_jax.rl`` and ``icegrt_jax.losses``.
+value loss), each with its own optimizer and learning rate. With one epoch, one minibatch and no
+critic accumulation (``fuses_value_forward``) the critic's single step runs first, in one program
+with the experience: its forward gives the values (one critic forward less an iteration). The
+trainer owns no formula: they live in ``icegrt_jax.rl`` and ``icegrt_jax.losses``.
 
 Sharding (``icegrt_jax.sharding``, as in SFT). The run's state (actor and critic train states,
 KL controller, reward moments) is created on ``cfg.mesh`` by ``Partitioner.init_state``; the
@@ -67,6 +69,7 @@ from icegrt_jax.train.state import (
     apply_gradients,
     init_train_state,
     make_optimizer,
+    means_from_sums,
     split_micro_batches,
 )
 
@@ -162,18 +165,66 @@ def make_critic_update(graphdef, tx, cfg: PPOConfig, *, partitioner: Partitioner
 
     def sum_loss(params, mb):
         values = rollout.critic_values(graphdef, params, mb["tokens"], mb["attention_mask"])
-        loss, metrics = rl.value_loss(values, mb["old_values"], mb["returns"], mb["mask"], cfg.ppo.value_clip)
-        weight = jnp.sum(mb["mask"])
-        metrics = {"value_loss": loss, "value_clip_frac": metrics["value_clip_frac"]}
-        return loss * weight, (weight, jax.tree.map(lambda m: m * weight, metrics))
+        return _value_loss_sums(values, mb, cfg.ppo.value_clip)
 
     def update(state, minibatch):
         micro = split_micro_batches(minibatch, cfg.critic_optimizer.grad_accum_steps)
-        grads, loss, _, metrics = accumulate_gradients(sum_loss, state.params, micro)
-        state, update_metrics = apply_gradients(state, grads, loss, tx)
-        return state, {**metrics, "critic_grad_norm": update_metrics["grad_norm"], "finite": update_metrics["finite"]}
+        return _critic_step(state, accumulate_gradients(sum_loss, state.params, micro), tx)
 
     return _jit_update(update, partitioner, state_shardings)
+
+
+def _value_loss_sums(values, mb, clip):
+    """(clipped value loss x W, (W, metrics x W)), W = the minibatch's response tokens."""
+    loss, metrics = rl.value_loss(values, mb["old_values"], mb["returns"], mb["mask"], clip)
+    weight = jnp.sum(mb["mask"])
+    metrics = {"value_loss": loss, "value_clip_frac": metrics["value_clip_frac"]}
+    return loss * weight, (weight, jax.tree.map(lambda m: m * weight, metrics))
+
+
+def _critic_step(state, accumulated, tx):
+    """Apply ``accumulate_gradients``' (grads, loss, weight, metrics) to the critic's state."""
+    grads, loss, _, metrics = accumulated
+    state, update_metrics = apply_gradients(state, grads, loss, tx)
+    return state, {**metrics, "critic_grad_norm": update_metrics["grad_norm"], "finite": update_metrics["finite"]}
+
+
+def fuses_value_forward(cfg: PPOConfig) -> bool:
+    """Whether the critic takes exactly one step on the whole rollout an iteration (one epoch, one
+    minibatch, no accumulation), so that ``make_critic_update_with_values`` applies."""
+    return cfg.ppo.epochs == 1 and cfg.ppo.minibatches == 1 and cfg.critic_optimizer.grad_accum_steps == 1
+
+
+def make_critic_update_with_values(graphdef, tx, cfg: PPOConfig, experience_fn, *, partitioner: Partitioner,
+                                   state_shardings):
+    """The critic's value forward, the experience and the critic's one step, in one program (when
+    ``fuses_value_forward``). The update's forward runs at the parameters the scoring phase's value
+    forward would, so its values (gradient stopped) are V(s_t) for GAE and the clipped loss's old
+    values: the separate forward is skipped. ``experience_fn``: ``rollout.experience_from_scores``
+    with its keywords bound. Jitted ``(critic_state, rows, kl, moments) -> (critic_state, metrics,
+    values, experience_fn's outputs)``; rows: tokens, attention_mask, mask, raw_scores,
+    finished_by_eos, old_logprobs, ref_logprobs."""
+
+    def sum_loss(params, rows, kl, moments):
+        values = rollout.critic_values(graphdef, params, rows["tokens"], rows["attention_mask"])
+        old_values = jax.lax.stop_gradient(values)
+        experience = experience_fn(rows["raw_scores"], rows["finished_by_eos"], rows["old_logprobs"],
+                                   rows["ref_logprobs"], old_values, rows["mask"], kl, moments)
+        mb = {"old_values": old_values, "returns": experience[1].returns, "mask": rows["mask"]}
+        loss_sum, (weight, metric_sums) = _value_loss_sums(values, mb, cfg.ppo.value_clip)
+        return loss_sum, (weight, metric_sums, old_values, experience)
+
+    def update(state, rows, kl, moments):
+        (loss_sum, (weight, metric_sums, values, experience)), grads = jax.value_and_grad(sum_loss, has_aux=True)(
+            state.params, rows, kl, moments)
+        state, metrics = _critic_step(state, means_from_sums(grads, loss_sum, weight, metric_sums), tx)
+        return state, metrics, values, experience
+
+    rows_sh, replicated = partitioner.batch_sharding, partitioner.replicated
+    return partitioner.jit(update, in_shardings=(state_shardings, rows_sh, replicated, replicated),
+                           out_shardings=(state_shardings, replicated, rows_sh,
+                                          (rows_sh, rows_sh, rows_sh, replicated, replicated)),
+                           donate_argnums=0)
 
 
 def minibatch_indices(key, rows: int, minibatches: int) -> list[np.ndarray]:
@@ -228,9 +279,10 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
     value_fn = forward(rollout.critic_values, roles.critic_graphdef, state_shardings.critic.params)
     reward_fn = (forward(rollout.reward_model_scores, roles.reward_graphdef, partitioner.shardings(roles.reward_params))
                  if roles.reward_graphdef is not None else None)
+    experience = functools.partial(rollout.experience_from_scores, reward_cfg=cfg.reward,
+                                   reward_stats=roles.reward_stats, loss_cfg=p)
     experience_fn = partitioner.jit(
-        functools.partial(rollout.experience_from_scores, reward_cfg=cfg.reward, reward_stats=roles.reward_stats,
-                          loss_cfg=p),
+        experience,
         in_shardings=(rows_sh,) * 6 + (replicated, replicated),
         out_shardings=(rows_sh, rows_sh, rows_sh, replicated, replicated))
     minibatch_fn = partitioner.jit(take_rows, in_shardings=(rows_sh, replicated), out_shardings=rows_sh)
@@ -238,6 +290,10 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                                      state_shardings=state_shardings.actor)
     critic_update = make_critic_update(roles.critic_graphdef, critic_tx, cfg, partitioner=partitioner,
                                        state_shardings=state_shardings.critic)
+    fused = fuses_value_forward(cfg)
+    critic_update_with_values = make_critic_update_with_values(
+        roles.critic_graphdef, critic_tx, cfg, experience, partitioner=partitioner,
+        state_shardings=state_shardings.critic) if fused else None
     template = get_template(cfg.data.template)
     pass_through = reward_tokenizer is not None and rollout.same_tokenizer(tokenizer, reward_tokenizer)
     stop = cfg.rollout.stop_token_ids
@@ -280,17 +336,25 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
             old_logprobs, entropy = logprob_fn(state.actor.params, tokens, attention_mask, temperature,
                                                response_actions)
         ref_logprobs, _ = logprob_fn(roles.reference_params, tokens, attention_mask, temperature, response_actions)
-        values = value_fn(state.critic.params, tokens, attention_mask)
         raw_scores = score([e.source for e in prompt_batch], result, tokens, attention_mask)
-        scores, adv, sequence_kl, kl, moments = jax.block_until_ready(experience_fn(
-            raw_scores, rollout_rows["finished_by_eos"], old_logprobs, ref_logprobs, values, mask, state.kl,
-            state.reward_moments))
-        scored = time.perf_counter()
+        critic = state.critic
+        if fused:  # the critic's one step gives the values: its forward moves into the update phase
+            jax.block_until_ready((old_logprobs, ref_logprobs, raw_scores))
+            scored = time.perf_counter()
+            critic, critic_metrics, values, (scores, adv, sequence_kl, kl, moments) = critic_update_with_values(
+                critic, {**rollout_rows, "raw_scores": raw_scores, "old_logprobs": old_logprobs,
+                         "ref_logprobs": ref_logprobs}, state.kl, state.reward_moments)
+        else:
+            values = value_fn(critic.params, tokens, attention_mask)
+            scores, adv, sequence_kl, kl, moments = jax.block_until_ready(experience_fn(
+                raw_scores, rollout_rows["finished_by_eos"], old_logprobs, ref_logprobs, values, mask, state.kl,
+                state.reward_moments))
+            scored = time.perf_counter()
 
         experience = {"tokens": tokens, "attention_mask": attention_mask, "mask": mask,
                       "old_logprobs": old_logprobs, "advantages": adv.advantages, "old_values": values,
                       "returns": adv.returns}
-        actor, critic = state.actor, state.critic
+        actor = state.actor
         update_metrics, key = [], jax.random.fold_in(jax.random.key(cfg.training.seed), step)
         for epoch in range(p.epochs):
             for rows in minibatch_indices(jax.random.fold_in(key, epoch), len(prompt_batch), p.minibatches):
@@ -298,7 +362,8 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                 metrics = {}
                 if step >= p.critic_warmup_iterations:
                     actor, metrics = actor_update(actor, minibatch)
-                critic, critic_metrics = critic_update(critic, minibatch)
+                if not fused:
+                    critic, critic_metrics = critic_update(critic, minibatch)
                 update_metrics.append({**metrics, **critic_metrics,
                                        "finite": critic_metrics["finite"] * metrics.get("finite", 1.0)})
         jax.block_until_ready((actor, critic))

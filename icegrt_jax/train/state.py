@@ -102,6 +102,11 @@ def accumulate_gradients(sum_loss_fn: SumLossFn, params, micro_batches):
         zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
                  jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
         (grads, loss_sum, weight, metric_sums), _ = jax.lax.scan(body, zeros, micro_batches)
+    return means_from_sums(grads, loss_sum, weight, metric_sums)
+
+
+def means_from_sums(grads, loss_sum, weight, metric_sums):
+    """(grads / W, loss_sum / W, W, metric_sums / W) with W = max(weight, 1): the token means."""
     total = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / total, grads)
     return grads, loss_sum / total, weight, jax.tree.map(lambda m: m / total, metric_sums)
