@@ -1,8 +1,9 @@
 """``icegrt``: the command-line entry point; subcommands live in ``icegrt_jax.commands``.
 
 Any ``UserInputError`` (bad file, flag, config key, tensor) becomes one line on stderr and exit
-code 2; argparse usage errors also exit 2. Run as a command (``argv`` None), it first re-executes
-itself with malloc on huge pages where that helps (``icegrt_jax.runtime``).
+code 2; argparse usage errors also exit 2. The ``icegrt`` command is ``console_main``: it first
+re-executes itself with malloc on huge pages where that helps (``icegrt_jax.runtime``);
+``main(argv)`` has no such side effect.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:
-        reexec_with_malloc_hugepages()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -37,5 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def console_main() -> int:
+    """The ``icegrt`` command: ``main`` on ``sys.argv``, in a process with malloc on huge pages."""
+    reexec_with_malloc_hugepages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -35,7 +35,8 @@ arrays in the compute dtype, plus the LM head kernel (``_inference_weights``, on
 weights in memory while it runs), and the cache is per layer (``init_cache(per_layer=True)``): a
 decode step then reads every weight once and slices nothing. From the stacked parameters, XLA:GPU
 copied each layer's MLP kernels out of the stack every step (BENCHMARKS.md, "On a GPU"). On CPU
-the decode loop compiles without XLA's YNNPACK fusions (``_CPU_DECODE_OPTIONS``).
+the decode loop compiles without XLA's YNNPACK fusions and tree reduction rewriter
+(``_CPU_DECODE_OPTIONS``; its fp32 sums then run in one pass, in order).
 
 ``num_samples`` samples per prompt share one prefill: the prompt's cache is repeated
 ``num_samples`` times along the batch axis on device before decoding.
@@ -48,10 +49,10 @@ Sampling and log-probs. With ``z`` the fp32 logits of a step and ``T`` the tempe
   top-p then keeps the smallest prefix of tokens sorted by descending probability whose mass
   reaches ``top_p`` (a token is kept iff the mass of the tokens strictly before it is < top_p;
   ties with the last kept value are kept); removed tokens get ``-inf``, giving ``f``. The token is
-  drawn from ``softmax(f)`` by inverting its CDF at one uniform number per row and step
-  (``inverse_cdf_sample``: one random number, not one per vocabulary entry as Gumbel-max needs,
-  which on CPU cost more than the model's decode step) and its log-prob is
-  ``log_softmax(f)[token]``: the log-prob under the
+  drawn from ``softmax(f)`` by inverting its CDF at two uniform numbers per row and step, one
+  for a block of tokens, one inside it (``inverse_cdf_sample``: not one random number per
+  vocabulary entry as Gumbel-max needs, which on CPU cost more than the model's decode step) and
+  its log-prob is ``log_softmax(f)[token]``: the log-prob under the
   distribution it was sampled from, renormalised over the kept tokens. With ``top_k=0`` and
   ``top_p=1`` this is exactly ``log_softmax(z / T)[token]``, which PPO recomputes from a full
   forward by dividing the logits by the same temperature.
@@ -61,10 +62,14 @@ RNG and determinism. Row (prompt ``i`` of the caller's list, sample ``j``) draws
 (seed, i, j, t), not on the batch it shares or the order of processing. Results are therefore
 bitwise reproducible for a given seed and inputs, and a prompt's samples do not depend on the
 other prompts in its batch as long as the batch has the same bucketed shape (rows never read
-each other). When the batch bucket, prompt bucket or new-token bucket differs, floating-point
-reduction order inside XLA's kernels may differ in the last bits and, rarely, flip a sample
-whose draw sits on a boundary (or a greedy near-tie). A caller that needs fresh samples for the
-same prompt list (each PPO iteration) passes a new seed.
+each other). When the batch bucket, prompt bucket or new-token bucket differs (or the mesh),
+floating-point reduction order inside XLA's kernels may differ in the last bits, which moves the
+CDF's boundaries by as much: a draw that lands within that distance of a boundary takes the
+neighbouring token (and a greedy near-tie may flip). Each flip is about as likely as the summed
+mass of the very light tokens near the draw, so without top-k/top-p long responses over a large
+vocabulary can diverge between bucketings; equal samples are promised only for equal bucketed
+shapes. A caller that needs fresh samples for the same prompt list (each PPO iteration) passes a
+new seed.
 """
 
 from __future__ import annotations
@@ -235,20 +240,20 @@ def sample_step(logits, keys, static: StaticOptions, temperature, top_p):
     scaled = filter_logits(logits / temperature, static.top_k, top_p if static.filter_top_p else None)
     top = jnp.max(scaled, axis=-1, keepdims=True)
     weights = jnp.exp(scaled - top)  # 0 for the filtered tokens
-    uniform = jax.vmap(lambda key: jax.random.uniform(key, dtype=jnp.float32))(keys)
-    tokens = inverse_cdf_sample(weights, uniform)
+    uniforms = jax.vmap(lambda key: jax.random.uniform(key, (2,), dtype=jnp.float32))(keys)
+    tokens = inverse_cdf_sample(weights, uniforms)
     chosen = jnp.take_along_axis(scaled - top, tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen - jnp.log(jnp.sum(weights, axis=-1))  # f[token] - logsumexp(f)
 
 
-def inverse_cdf_sample(weights, uniform, block: int = 128):
-    """Index i drawn with probability w_i / sum(w) from weights [R, V] >= 0, given uniform [R]
-    in [0, 1): the first i with cumsum(w)[i] > u * sum(w) (the inverse CDF at u).
-
-    Two-level: the block of ``block`` entries holding the target by the blocks' cumulative
-    masses, then the entry inside it, so no cumulative sum runs over the whole vocabulary. An
-    entry of weight 0 is never chosen: where float rounding puts the target outside the
-    positive-weight range, the first or last entry of positive weight is taken.
+def inverse_cdf_sample(weights, uniforms, block: int = 128):
+    """Index i drawn with probability w_i / sum(w) from weights [R, V] >= 0, given uniforms [R, 2]
+    in [0, 1): the block of ``block`` entries is the first whose running block total exceeds
+    u_0 x sum(w), the entry the first in it whose running total exceeds u_1 x (the block's mass):
+    P(i) = P(block) P(i | block) = w_i / sum(w), each factor resolved to float32's 2^-23 of its
+    own total, and no cumulative sum runs over the whole vocabulary. An entry of weight 0 (a
+    filtered token, block padding) is never chosen: where float rounding puts a target outside
+    the positive-weight range, the first or last entry of positive weight is taken.
     """
     rows, vocab = weights.shape
     size = min(block, vocab)
@@ -256,21 +261,20 @@ def inverse_cdf_sample(weights, uniform, block: int = 128):
     grid = jnp.pad(weights, ((0, 0), (0, blocks * size - vocab))).reshape(rows, blocks, size)
     block_mass = jnp.sum(grid, axis=-1)
     block_cum = jnp.cumsum(block_mass, axis=-1)
-    target = uniform * block_cum[:, -1]
-    chosen = _first_above(block_cum, block_mass, target)
+    chosen = _first_above(block_cum, block_mass, uniforms[:, 0] * block_cum[:, -1])
     inside = jnp.take_along_axis(grid, chosen[:, None, None], axis=1)[:, 0]
-    before = jnp.take_along_axis(block_cum - block_mass, chosen[:, None], axis=1)[:, 0]
-    return (chosen * size + _first_above(jnp.cumsum(inside, axis=-1), inside, target - before)).astype(jnp.int32)
+    inside_cum = jnp.cumsum(inside, axis=-1)
+    entry = _first_above(inside_cum, inside, uniforms[:, 1] * inside_cum[:, -1])
+    return (chosen * size + entry).astype(jnp.int32)
 
 
 def _first_above(cum, mass, target):
-    """Per row, the first index with cum > target, clipped to the indices of positive mass."""
+    """Per row, the first index of positive mass with cum > target; the last index of positive
+    mass where rounding leaves none above the target."""
     index = jnp.arange(cum.shape[-1])
-    first = jnp.sum(cum <= target[:, None], axis=-1)
     positive = mass > 0
-    lowest = jnp.min(jnp.where(positive, index, cum.shape[-1]), axis=-1)
-    highest = jnp.max(jnp.where(positive, index, 0), axis=-1)
-    return jnp.clip(first, lowest, highest)
+    above = jnp.min(jnp.where(positive & (cum > target[:, None]), index, cum.shape[-1]), axis=-1)
+    return jnp.minimum(above, jnp.max(jnp.where(positive, index, 0), axis=-1))
 
 
 def row_keys(seed, prompt_index, num_samples: int):

@@ -25,7 +25,7 @@ import tempfile
 
 import numpy as np
 
-from icegrt_jax.runtime import TUNABLE, reexec_with_malloc_hugepages
+from icegrt_jax.runtime import REEXEC_MARKER, TUNABLE, reexec_with_malloc_hugepages
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench")
 VOCAB, PROMPT_WORDS, PROMPTS = 8000, 15, 64
@@ -88,7 +88,7 @@ def run_ours(tmp: str, iters: int, warmup: int, old_logprobs: str = "recompute",
 
 def run_baseline(python: str, script: str, iters: int, warmup: int, hugepages: bool) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if not hugepages:  # the environment the baseline would have had without our re-execution
+    if not hugepages and env.pop(REEXEC_MARKER, None):  # undo what our re-execution added
         kept = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(TUNABLE)]
         env.update({"GLIBC_TUNABLES": ":".join(kept)} if kept else {})
     out = subprocess.run([python, os.path.join(BENCH, script), "--iters", str(iters), "--warmup", str(warmup)],

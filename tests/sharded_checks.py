@@ -356,6 +356,25 @@ def check_ppo_run(directory: str, tokenizer_dir: str) -> dict:
             "final_saved": os.path.isdir(os.path.join(directory, "ppo-run", "final"))}
 
 
+def check_fused_critic_run(directory: str, tokenizer_dir: str) -> dict:
+    """One iteration with one epoch, one minibatch, no critic accumulation (the critic's step gives
+    the values: ``make_critic_update_with_values``) on (2,2,2) and on one device: its metrics."""
+    runs = {}
+    for name, mesh in (("2x2x2", {"data": 2, "fsdp": 2, "tensor": 2}), ("one_device", {"data": 1})):
+        path = write_config(directory, f"ppo-fused-{name}", {
+            "model": {"preset": "tiny", "vocab_size": 400}, "critic_optimizer": {"lr": 1e-3},
+            "data": {"prompt_files": [os.path.join(directory, "prompts.jsonl")], "tokenizer_path": tokenizer_dir,
+                     "prompts_per_iteration": 16},
+            "rollout": {"max_new_tokens": 8}, "reward": {"function": SCORER},
+            "training": {"steps": 1, "log_every": 1, "output_dir": os.path.join(directory, f"fused-{name}")},
+            "logging": {"progress": False}, "mesh": mesh})
+        with contextlib.redirect_stdout(io.StringIO()):
+            ppo.run_ppo(load_config(PPOConfig, path))
+        with open(os.path.join(directory, f"fused-{name}", "metrics.jsonl")) as f:
+            runs[name] = json.loads(f.readline())
+    return runs
+
+
 PLAN_CONFIG = {
     "model": {"preset": "tiny", "dtype": "bfloat16", "param_dtype": "bfloat16", "remat": "full"},
     "actor_optimizer": {"grad_accum_steps": 2}, "critic_optimizer": {"grad_accum_steps": 2},
@@ -389,6 +408,7 @@ def main(directory: str, tokenizer_dir: str):
         "reward": check_reward_steps(),
         "ppo_updates": check_ppo_updates(),
         "ppo_run": check_ppo_run(directory, tokenizer_dir),
+        "fused_critic_run": check_fused_critic_run(directory, tokenizer_dir),
         "restore": check_resharding_restore(states["2x2x2"], os.path.join(directory, "checkpoints")),
         "sampling": check_tensor_parallel_sampling(),
         "plan": check_plan(directory),

@@ -8,7 +8,13 @@ import sys
 
 import pytest
 
-from icegrt_jax.runtime import OPT_OUT, TUNABLE, hugepage_environment, thp_mode
+from icegrt_jax.runtime import (
+    OPT_OUT,
+    REEXEC_MARKER,
+    TUNABLE,
+    hugepage_environment,
+    thp_mode,
+)
 
 GLIBC = ("glibc", "2.36")
 
@@ -19,6 +25,7 @@ GLIBC = ("glibc", "2.36")
      f"glibc.malloc.tcache_count=0:{TUNABLE}=1"),
     ({"GLIBC_TUNABLES": f"{TUNABLE}=0"}, GLIBC, "madvise", None),  # the user's own choice stands
     ({OPT_OUT: "0"}, GLIBC, "madvise", None),
+    ({REEXEC_MARKER: "1"}, GLIBC, "madvise", None),  # at most one re-execution
     ({}, GLIBC, "always", None),  # malloc's memory gets huge pages already
     ({}, GLIBC, "never", None),
     ({}, GLIBC, None, None),  # no THP in this kernel
@@ -30,7 +37,7 @@ def test_hugepage_environment_applies_only_where_it_changes_something(environ, l
     if expected is None:
         assert env is None
     else:
-        assert env["GLIBC_TUNABLES"] == expected and env["PATH"] == "/bin"
+        assert env["GLIBC_TUNABLES"] == expected and env["PATH"] == "/bin" and env[REEXEC_MARKER] == "1"
 
 
 def test_thp_mode_reads_the_bracketed_word(tmp_path):
@@ -59,7 +66,7 @@ print(os.environ.get("GLIBC_TUNABLES", ""), resource.getrusage(resource.RUSAGE_S
 
 
 def _child(mode: str) -> tuple[str, int]:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT, REEXEC_MARKER)}
     out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True, env=env)
     tunables, faults = out.stdout.rsplit(maxsplit=1) if " " in out.stdout.strip() else ("", out.stdout)
     return tunables.strip(), int(faults)

@@ -202,22 +202,30 @@ def test_filter_logits_matches_plain_python(logits, top_k, top_p):
     np.testing.assert_array_equal(out[sorted(allowed)], scaled[sorted(allowed)])
 
 
+SPREAD = [299, 3, 128, 127, 200, 256, 10, 257]  # over three 128-token blocks of a 300-token vocabulary
+
+
+@pytest.mark.parametrize("vocab", [8, 300])
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (1.5, 6, 1.0), (0.7, 0, 0.8),
                                                        (1.3, 6, 0.85)])
-def test_sampled_frequencies_pass_chi_square(temperature, top_k, top_p):
+def test_sampled_frequencies_pass_chi_square(temperature, top_k, top_p, vocab):
     """20000 draws from a fixed 8-token distribution with the sampler's per-row keys against
-    softmax(filtered(logits / T)); never a token outside the allowed set."""
-    logits = np.log(np.array([0.3, 0.2, 0.15, 0.12, 0.1, 0.07, 0.04, 0.02], np.float32))
+    softmax(filtered(logits / T)); never a token outside the allowed set. With ``vocab`` 300 the
+    8 tokens sit in different blocks of the inverse-CDF search, the others have weight 0."""
+    probs8 = np.array([0.3, 0.2, 0.15, 0.12, 0.1, 0.07, 0.04, 0.02], np.float32)
+    logits = np.log(probs8) if vocab == 8 else np.full(vocab, -1e9, np.float32)
+    if vocab != 8:
+        logits[SPREAD] = np.log(probs8)
     draws = 20000
     keys = row_keys(np.uint32(11), jnp.arange(draws), 1)
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)
     static = StaticOptions(greedy=False, top_k=top_k, filter_top_p=top_p < 1)
     tokens, logp = jax.jit(sample_step, static_argnums=2)(
-        jnp.broadcast_to(jnp.asarray(logits), (draws, 8)), keys, static, temperature, top_p)
+        jnp.broadcast_to(jnp.asarray(logits), (draws, vocab)), keys, static, temperature, top_p)
     tokens, logp = np.asarray(tokens), np.asarray(logp)
     scaled = logits / temperature
     allowed, _ = reference_allowed(scaled, top_k, top_p)
-    allowed = sorted(allowed)
+    allowed = sorted(i for i in allowed if scaled[i] > -1e6)  # weight-0 tokens: never drawn (below)
     probs = np.exp(scaled[allowed].astype(np.float64) - scaled[allowed].max())
     probs /= probs.sum()
     assert set(tokens) <= set(allowed)
@@ -229,33 +237,48 @@ def test_sampled_frequencies_pass_chi_square(temperature, top_k, top_p):
 _inverse_cdf = jax.jit(inverse_cdf_sample, static_argnums=2)
 
 
+def _reference_inverse_cdf(w: np.ndarray, u0: float, u1: float, block: int):
+    """(index, distance of each target to its nearest running total) by float64 loops."""
+    size = min(block, w.size)
+    padded = np.zeros(-(-w.size // size) * size)
+    padded[:w.size] = w
+    grid = padded.reshape(-1, size)
+
+    def first_above(masses, u):
+        target, running = u * sum(masses), 0.0
+        for i, mass in enumerate(masses):
+            running += mass
+            if running > target:
+                return i, min(abs(np.cumsum(masses) - target)) / sum(masses)
+        raise AssertionError("u < 1 always lands inside")
+
+    b, gap_block = first_above(grid.sum(1), u0)
+    j, gap_entry = first_above(grid[b], u1)
+    return b * size + j, min(gap_block, gap_entry)
+
+
 @settings(max_examples=60, deadline=None)
 @given(weights=st.lists(st.sampled_from([0.0, 0.0, 1e-3, 0.5, 1.0, 3.0]), min_size=1, max_size=40),
-       uniforms=st.lists(st.floats(0.0, 1.0, exclude_max=True, width=32), min_size=1, max_size=8),
+       uniforms=st.lists(st.tuples(*[st.floats(0.0, 1.0, exclude_max=True, width=32)] * 2), min_size=1, max_size=8),
        block=st.sampled_from([1, 4, 7, 128]))
 def test_inverse_cdf_sample_matches_a_plain_python_search(weights, uniforms, block):
-    """The first index whose running total exceeds u * total (float64 loop), for blocked and
-    unblocked layouts; an entry of weight 0 is never returned, even at u = 0 or u -> 1."""
+    """Block by the first running block total above u_0 x total, then the entry by the first
+    running total above u_1 x the block's mass (float64 loops), every row its own weights; an
+    entry of weight 0 is never returned, even at u = 0 or u -> 1."""
     assume(sum(weights) > 0)
-    w = np.asarray(weights, np.float32)
-    u = np.asarray(uniforms + [0.0, np.nextafter(np.float32(1), np.float32(0))], np.float32)
-    got = np.asarray(_inverse_cdf(jnp.broadcast_to(jnp.asarray(w), (u.size, w.size)), jnp.asarray(u), block))
-    total = float(w.astype(np.float64).sum())
-    for uniform, index in zip(u, got):
-        assert w[index] > 0
-        target, running, expected = float(uniform) * total, 0.0, None
-        for i, weight in enumerate(w.astype(np.float64)):
-            running += weight
-            if running > target:
-                expected = i
-                break
-        boundary = min(abs(np.cumsum(w.astype(np.float64)) - target))
-        if expected is not None and boundary > 1e-5 * total:  # float32 sums decide exact ties
-            assert index == expected, (uniform, index, expected)
+    below_one = float(np.nextafter(np.float32(1), np.float32(0)))
+    u = np.asarray(uniforms + [(0.0, 0.0), (below_one, below_one)], np.float32)
+    w = np.stack([np.roll(np.asarray(weights, np.float32), r) for r in range(len(u))])  # rows differ
+    got = np.asarray(_inverse_cdf(jnp.asarray(w), jnp.asarray(u), block))
+    for row, index in enumerate(got):
+        assert w[row, index] > 0
+        expected, gap = _reference_inverse_cdf(w[row].astype(np.float64), float(u[row, 0]), float(u[row, 1]), block)
+        if gap > 1e-5:  # float32 sums decide exact ties
+            assert index == expected, (row, index, expected)
     # Targets just outside [0, total), as float rounding of the sums can make them, are clipped
     # to the first / last entry of positive weight (never a zero-weight or padding entry).
-    edges = np.asarray(_inverse_cdf(jnp.broadcast_to(jnp.asarray(w), (2, w.size)), jnp.asarray([-1e-6, 1.0]), block))
-    assert list(edges) == [np.flatnonzero(w)[0], np.flatnonzero(w)[-1]]
+    edges = np.asarray(_inverse_cdf(jnp.asarray(w[:2]), jnp.asarray([[-1e-6, -1e-6], [1.0, 1.0]]), block))
+    assert list(edges) == [np.flatnonzero(w[0])[0], np.flatnonzero(w[1])[-1]]
 
 
 def test_rng_is_per_row_and_reproducible(tiny):

@@ -9,8 +9,9 @@ coefficient applies from the next iteration); then ``ppo.epochs`` passes of shuf
 update the actor (clipped surrogate, eq. 3, optional entropy bonus) and the critic (clipped
 value loss), each with its own optimizer and learning rate. With one epoch, one minibatch and no
 critic accumulation (``fuses_value_forward``) the critic's single step runs first, in one program
-with the experience: its forward gives the values (one critic forward less an iteration). The
-trainer owns no formula: they live in ``icegrt_jax.rl`` and ``icegrt_jax.losses``.
+with the experience: its forward gives the values (one critic forward less an iteration; that
+program's time counts in ``time_update_s``, not ``time_score_s``). The trainer owns no formula:
+they live in ``icegrt_jax.rl`` and ``icegrt_jax.losses``.
 
 Sharding (``icegrt_jax.sharding``, as in SFT). The run's state (actor and critic train states,
 KL controller, reward moments) is created on ``cfg.mesh`` by ``Partitioner.init_state``; the
@@ -276,7 +277,9 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
 
     logprob_fn = forward(rollout.sequence_logprobs, roles.actor_graphdef, state_shardings.actor.params,
                          static_argnums=(3, 4))
-    value_fn = forward(rollout.critic_values, roles.critic_graphdef, state_shardings.critic.params)
+    fused = fuses_value_forward(cfg)
+    value_fn = (forward(rollout.critic_values, roles.critic_graphdef, state_shardings.critic.params)
+                if not fused else None)
     reward_fn = (forward(rollout.reward_model_scores, roles.reward_graphdef, partitioner.shardings(roles.reward_params))
                  if roles.reward_graphdef is not None else None)
     experience = functools.partial(rollout.experience_from_scores, reward_cfg=cfg.reward,
@@ -288,12 +291,13 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
     minibatch_fn = partitioner.jit(take_rows, in_shardings=(rows_sh, replicated), out_shardings=rows_sh)
     actor_update = make_actor_update(roles.actor_graphdef, actor_tx, cfg, partitioner=partitioner,
                                      state_shardings=state_shardings.actor)
-    critic_update = make_critic_update(roles.critic_graphdef, critic_tx, cfg, partitioner=partitioner,
-                                       state_shardings=state_shardings.critic)
-    fused = fuses_value_forward(cfg)
-    critic_update_with_values = make_critic_update_with_values(
-        roles.critic_graphdef, critic_tx, cfg, experience, partitioner=partitioner,
-        state_shardings=state_shardings.critic) if fused else None
+    if fused:
+        critic_update_with_values = make_critic_update_with_values(
+            roles.critic_graphdef, critic_tx, cfg, experience, partitioner=partitioner,
+            state_shardings=state_shardings.critic)
+    else:
+        critic_update = make_critic_update(roles.critic_graphdef, critic_tx, cfg, partitioner=partitioner,
+                                           state_shardings=state_shardings.critic)
     template = get_template(cfg.data.template)
     pass_through = reward_tokenizer is not None and rollout.same_tokenizer(tokenizer, reward_tokenizer)
     stop = cfg.rollout.stop_token_ids
