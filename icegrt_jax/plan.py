@@ -18,7 +18,10 @@ Per device and per role:
   With one epoch, one minibatch and no critic accumulation the trainer runs
   ``make_critic_update_with_values`` instead of ``critic_values`` + ``make_critic_update``: the
   same critic forward and backward plus the experience arrays ([rows, length] each), sized here
-  by the separate critic update (an approximation by those few arrays).
+  by the separate critic update (an approximation by those few arrays). When the actor's step,
+  too, is one step on the whole rollout (``ppo.fuses_rollout_forwards``), ``make_joint_update``
+  runs both updates in one program: its transient is counted as the sum of the two updates'
+  (both models' gradients and activations live at once; XLA may reuse a little of it).
 
 The steps run one after another, so the device peak is the resident state (all params and
 optimizer states) plus the largest transient: generation (KV cache + the actor's forward, an
@@ -257,6 +260,8 @@ def plan_ppo(cfg: PPOConfig, device_memory_gib: float, reward_preset: str | None
         transients[f"score: {role}"] = forwards[key]
         if update_transient:
             transients[f"update: {role}"] = update_transient
+    if ppo.fuses_rollout_forwards(cfg):  # make_joint_update: both updates' transients live at once
+        transients["update: actor + critic"] = transients["update: actor"] + transients["update: critic"]
     actor = roles[0]
     transients["generate"] = actor.kv_cache + actor.decode_weights + transients["score: actor"]
     return Plan(devices=partitioner.mesh.size, mesh=dict(partitioner.mesh.shape),

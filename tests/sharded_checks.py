@@ -357,21 +357,23 @@ def check_ppo_run(directory: str, tokenizer_dir: str) -> dict:
 
 
 def check_fused_critic_run(directory: str, tokenizer_dir: str) -> dict:
-    """One iteration with one epoch, one minibatch, no critic accumulation (the critic's step gives
-    the values: ``make_critic_update_with_values``) on (2,2,2) and on one device: its metrics."""
+    """Two iterations with one epoch, one minibatch, no accumulation on (2,2,2) and on one device:
+    the first a critic warm-up (the critic's step gives the values:
+    ``make_critic_update_with_values``), the second the joint actor + critic program
+    (``make_joint_update``): their metrics."""
     runs = {}
     for name, mesh in (("2x2x2", {"data": 2, "fsdp": 2, "tensor": 2}), ("one_device", {"data": 1})):
         path = write_config(directory, f"ppo-fused-{name}", {
             "model": {"preset": "tiny", "vocab_size": 400}, "critic_optimizer": {"lr": 1e-3},
             "data": {"prompt_files": [os.path.join(directory, "prompts.jsonl")], "tokenizer_path": tokenizer_dir,
                      "prompts_per_iteration": 16},
-            "rollout": {"max_new_tokens": 8}, "reward": {"function": SCORER},
-            "training": {"steps": 1, "log_every": 1, "output_dir": os.path.join(directory, f"fused-{name}")},
+            "rollout": {"max_new_tokens": 8}, "reward": {"function": SCORER}, "ppo": {"critic_warmup_iterations": 1},
+            "training": {"steps": 2, "log_every": 1, "output_dir": os.path.join(directory, f"fused-{name}")},
             "logging": {"progress": False}, "mesh": mesh})
         with contextlib.redirect_stdout(io.StringIO()):
             ppo.run_ppo(load_config(PPOConfig, path))
         with open(os.path.join(directory, f"fused-{name}", "metrics.jsonl")) as f:
-            runs[name] = json.loads(f.readline())
+            runs[name] = [json.loads(line) for line in f]
     return runs
 
 

@@ -1,7 +1,6 @@
 """ICE-GRT PPO: the loop on tiny random models, learning, KL control, reward placement,
 advantage normalisation, independent learning rates, exact resume mid-iteration, bad input."""
 
-import functools
 import json
 import signal
 from collections import Counter
@@ -9,22 +8,18 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from helpers import run_cli_killed_at
 
 from icegrt_jax import cli, rl
 from icegrt_jax.checkpoint import load_model
-from icegrt_jax.config import MeshConfig, PPOConfig, PPOLossConfig, load_config
-from icegrt_jax.models.heads import ScoreModel
+from icegrt_jax.config import PPOConfig, PPOLossConfig, load_config
 from icegrt_jax.models.llama import preset
-from icegrt_jax.sharding import Partitioner
-from icegrt_jax.train import ppo, rollout
+from icegrt_jax.train import ppo
 from icegrt_jax.train.model_init import init_model
 from icegrt_jax.train.ppo import run_ppo
 from icegrt_jax.train.rollout import compute_advantages
-from icegrt_jax.train.state import init_train_state
 
 SCORER = "ppo_scorers:letter_e_share"
 
@@ -133,70 +128,38 @@ def test_actor_and_critic_learning_rates_are_independent(ppo_setup):
         assert _changed(critic_backbone, actor_backbone) == (frozen == "actor")
 
 
-def test_critic_step_that_gives_the_values_equals_the_separate_forward_path(ppo_setup, monkeypatch):
-    """One epoch, one minibatch: the fused program (value forward, experience, critic step) against
-    the separate value forward + experience + critic update (forced by splitting the critic's step
-    into 2 exactly accumulated micro-batches). Same rollout, so the values, advantages, losses and
-    gradient norms of the iteration agree to float32 reduction order (rtol 1e-4)."""
+UPDATE_FACTORIES = ("make_joint_update", "make_critic_update_with_values", "make_actor_update", "make_critic_update")
+
+
+def test_fused_update_programs_equal_the_separate_path(ppo_setup, monkeypatch):
+    """One epoch, one minibatch, three ways: the joint program (both forwards, the experience and
+    both steps in one: the default here), the critic's step with the values + the actor's update
+    (forced by 2 actor micro-batches, exactly accumulated), and all separate (2 critic micro-batches
+    too). Same first rollout, so its iteration's metrics agree to float32 reduction order (rtol
+    1e-4); each run builds only the programs it uses."""
     tmp_path, config = ppo_setup
     calls = Counter()
-    for name in ("make_critic_update", "make_critic_update_with_values"):
+    for name in UPDATE_FACTORIES:
         factory = getattr(ppo, name)
         monkeypatch.setattr(ppo, name, lambda *a, _f=factory, _n=name, **k: calls.update([_n]) or _f(*a, **k))
-    one = ["training.steps=2", "ppo.epochs=1", "ppo.minibatches=1"]
-    fused = _run(config, tmp_path / "fused", *one)
-    separate = _run(config, tmp_path / "separate", *one, "critic_optimizer.grad_accum_steps=2")
-    assert calls == {"make_critic_update": 1, "make_critic_update_with_values": 1}  # built only where used
-    for key in ("value_loss", "value_clip_frac", "critic_grad_norm", "advantage_mean", "advantage_std",
-                "return_mean", "explained_variance", "kl", "score_mean", "policy_loss", "actor_grad_norm"):
-        np.testing.assert_allclose(fused[0][key], separate[0][key], rtol=1e-4, atol=1e-6, err_msg=key)
-    assert fused[1]["time_update_s"] > 0 and np.isfinite(fused[1]["value_loss"])
-
-
-def test_critic_update_with_values_returns_the_separate_paths_state():
-    """The fused program's returned critic parameters, values and experience against a separate
-    value forward + ``experience_from_scores`` + ``make_critic_update`` on the same rollout rows.
-    Plain SGD, so parameters differ by lr x the gradient difference (Adam's first step would
-    amplify float noise to lr x sign(g)); atol 1e-5 for float32 reduction order."""
-    cfg = PPOConfig()
-    model_cfg = preset("tiny", vocab_size=64)
-    graphdef, params = nnx.split(ScoreModel(model_cfg, nnx.Rngs(3)))
-    initial = jax.tree.map(np.asarray, params)  # the updates donate the state's buffers
-    tx = optax.sgd(0.5)
-    rng = np.random.default_rng(0)
-    rows, length = 4, 12
-    attention_mask = np.ones((rows, length), np.int32)
-    attention_mask[1, :3] = 0  # a left-padded prompt
-    mask = np.zeros((rows, length - 1), np.float32)
-    mask[:, 5:] = 1
-    mask[2, 9:] = 0  # a response that ended early
-    batch = {"tokens": jnp.asarray(rng.integers(1, 64, (rows, length)), jnp.int32),
-             "attention_mask": jnp.asarray(attention_mask), "mask": jnp.asarray(mask),
-             "raw_scores": jnp.asarray(rng.normal(size=rows), jnp.float32),
-             "finished_by_eos": jnp.asarray([True, False, True, False]),
-             "old_logprobs": jnp.asarray(rng.normal(-3, 1, (rows, length - 1)), jnp.float32),
-             "ref_logprobs": jnp.asarray(rng.normal(-3, 1, (rows, length - 1)), jnp.float32)}
-    kl, moments = rl.init_kl_controller(0.05, None, 10000), rl.init_running_moments()
-    experience = functools.partial(rollout.experience_from_scores, reward_cfg=cfg.reward, reward_stats=None,
-                                   loss_cfg=cfg.ppo)
-    one_device = Partitioner.from_config(MeshConfig(data=1), jax.devices()[:1])
-    state = init_train_state(params, tx, 0)
-    fused = ppo.make_critic_update_with_values(graphdef, tx, cfg, experience, partitioner=one_device,
-                                               state_shardings=one_device.shardings(state))
-    fused_state, fused_metrics, fused_values, fused_experience = fused(jax.tree.map(jnp.copy, state), batch, kl,
-                                                                       moments)
-    values = rollout.critic_values(graphdef, params, batch["tokens"], batch["attention_mask"])
-    separate_experience = experience(batch["raw_scores"], batch["finished_by_eos"], batch["old_logprobs"],
-                                     batch["ref_logprobs"], values, batch["mask"], kl, moments)
-    minibatch = {**batch, "old_values": values, "returns": separate_experience[1].returns}
-    separate_state, separate_metrics = ppo.make_critic_update(graphdef, tx, cfg)(state, minibatch)
-    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
-    close(fused_values, values)
-    jax.tree.map(close, fused_experience, separate_experience)
-    jax.tree.map(close, fused_state.params, separate_state.params)
-    assert _changed(fused_state.params, initial)  # a step was taken
-    for key in ("value_loss", "value_clip_frac", "critic_grad_norm"):
-        close(fused_metrics[key], separate_metrics[key], err_msg=key)
+    one = ("training.steps=2", "ppo.epochs=1", "ppo.minibatches=1")
+    runs = {}
+    for name, overrides, built in (
+            ("joint", (), {"make_joint_update"}),
+            ("critic_fused", ("actor_optimizer.grad_accum_steps=2",), {"make_critic_update_with_values",
+                                                                       "make_actor_update"}),
+            ("separate", ("actor_optimizer.grad_accum_steps=2", "critic_optimizer.grad_accum_steps=2"),
+             {"make_actor_update", "make_critic_update"})):
+        calls.clear()
+        runs[name] = _run(config, tmp_path / name, *one, *overrides)
+        assert calls == dict.fromkeys(built, 1), name
+        assert runs[name][1]["time_update_s"] > 0 and np.isfinite(runs[name][1]["value_loss"])
+    for name in ("joint", "critic_fused"):
+        for key in ("value_loss", "value_clip_frac", "critic_grad_norm", "advantage_mean", "advantage_std",
+                    "return_mean", "explained_variance", "kl", "score_mean", "policy_loss", "actor_grad_norm",
+                    "entropy", "rollout_entropy", "ratio_mean"):
+            np.testing.assert_allclose(runs[name][0][key], runs["separate"][0][key], rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{name}: {key}")
 
 
 def test_exact_resume_after_sigkill_mid_iteration(ppo_setup):
@@ -264,9 +227,8 @@ def test_scoring_forward_recomputes_the_samplers_logprobs_on_the_response_only()
     they equal the sampler's own log-probs (top_k 0, top_p 1) within 1e-4 (fp32; the decode path
     sums attention over the cache in another order). With ``response_actions`` only the response
     block goes through the LM head: identical there, 0 before."""
-    from flax import nnx
 
-    from icegrt_jax.models.llama import Llama, preset
+    from icegrt_jax.models.llama import Llama
     from icegrt_jax.sampling import SamplingParams, generate
     from icegrt_jax.train.rollout import sequence_logprobs
 

@@ -10,7 +10,10 @@ update the actor (clipped surrogate, eq. 3, optional entropy bonus) and the crit
 value loss), each with its own optimizer and learning rate. With one epoch, one minibatch and no
 critic accumulation (``fuses_value_forward``) the critic's single step runs first, in one program
 with the experience: its forward gives the values (one critic forward less an iteration; that
-program's time counts in ``time_update_s``, not ``time_score_s``). The trainer owns no formula:
+program's time counts in ``time_update_s``, not ``time_score_s``). With no actor accumulation
+either (``fuses_rollout_forwards``) the actor's single step joins that program
+(``make_joint_update``) and, with recomputed old log-probs, its forward gives them: the scoring
+phase keeps the reference and reward forwards only. The trainer owns no formula:
 they live in ``icegrt_jax.rl`` and ``icegrt_jax.losses``.
 
 Sharding (``icegrt_jax.sharding``, as in SFT). The run's state (actor and critic train states,
@@ -136,27 +139,34 @@ def make_actor_update(graphdef, tx, cfg: PPOConfig, *, partitioner: Partitioner 
     """Jitted ``(actor_state, minibatch) -> (actor_state, metrics)``: clipped surrogate (eq. 3)
     minus ``entropy_coef`` x entropy, accumulated exactly over micro-batches. With a
     ``partitioner`` it runs sharded (the state laid out by ``state_shardings``)."""
-    p = cfg.ppo
 
     def sum_loss(params, mb):
-        logprobs, entropy = rollout.sequence_logprobs(graphdef, params, mb["tokens"], mb["attention_mask"],
-                                                      cfg.rollout.temperature, cfg.rollout.max_new_tokens)
-        loss, metrics = rl.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
-                                           p.clip_eps, p.dual_clip, p.aggregate)
-        metrics = {"policy_loss": loss, "clip_frac": metrics["clip_frac"], "approx_kl": metrics["approx_kl"],
-                   "ratio_mean": metrics["ratio_mean"], "entropy": rl.masked_mean(entropy, mb["mask"])}
-        if p.entropy_coef:  # only then does the entropy enter the gradient (no backward pass for 0 x H)
-            loss = loss - p.entropy_coef * metrics["entropy"]
-        weight = _token_weight(mb["mask"], p.aggregate)
-        return loss * weight, (weight, jax.tree.map(lambda m: m * weight, metrics))
+        return _policy_loss_sums(*_actor_logprobs(graphdef, params, mb, cfg), mb, cfg.ppo)
 
     def update(state, minibatch):
         micro = split_micro_batches(minibatch, cfg.actor_optimizer.grad_accum_steps)
-        grads, loss, _, metrics = accumulate_gradients(sum_loss, state.params, micro)
-        state, update_metrics = apply_gradients(state, grads, loss, tx)
-        return state, {**metrics, "actor_grad_norm": update_metrics["grad_norm"], "finite": update_metrics["finite"]}
+        return _optimizer_step(state, accumulate_gradients(sum_loss, state.params, micro), tx, "actor")
 
     return _jit_update(update, partitioner, state_shardings)
+
+
+def _actor_logprobs(graphdef, params, rows, cfg: PPOConfig):
+    """(log pi(a_t | s_t), entropy) [R, L-1] of the rollout ``rows`` (LM head on the response block)."""
+    return rollout.sequence_logprobs(graphdef, params, rows["tokens"], rows["attention_mask"],
+                                     cfg.rollout.temperature, cfg.rollout.max_new_tokens)
+
+
+def _policy_loss_sums(logprobs, entropy, mb, p):
+    """(clipped surrogate - entropy_coef x entropy) x W, (W, metrics x W)), W = ``_token_weight``."""
+    loss, metrics = rl.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
+                                       p.clip_eps, p.dual_clip, p.aggregate)
+    metrics = {"policy_loss": loss, "clip_frac": metrics["clip_frac"], "approx_kl": metrics["approx_kl"],
+               "ratio_mean": metrics["ratio_mean"], "entropy": rl.masked_mean(entropy, mb["mask"])}
+    if p.entropy_coef:  # only then does the entropy enter the gradient (no backward pass for 0 x H)
+        loss = loss - p.entropy_coef * metrics["entropy"]
+    weight = _token_weight(mb["mask"], p.aggregate)
+    return loss * weight, (weight, jax.tree.map(lambda m: m * weight, metrics))
+
 
 
 def make_critic_update(graphdef, tx, cfg: PPOConfig, *, partitioner: Partitioner | None = None,
@@ -170,7 +180,7 @@ def make_critic_update(graphdef, tx, cfg: PPOConfig, *, partitioner: Partitioner
 
     def update(state, minibatch):
         micro = split_micro_batches(minibatch, cfg.critic_optimizer.grad_accum_steps)
-        return _critic_step(state, accumulate_gradients(sum_loss, state.params, micro), tx)
+        return _optimizer_step(state, accumulate_gradients(sum_loss, state.params, micro), tx, "critic")
 
     return _jit_update(update, partitioner, state_shardings)
 
@@ -183,11 +193,12 @@ def _value_loss_sums(values, mb, clip):
     return loss * weight, (weight, jax.tree.map(lambda m: m * weight, metrics))
 
 
-def _critic_step(state, accumulated, tx):
-    """Apply ``accumulate_gradients``' (grads, loss, weight, metrics) to the critic's state."""
+def _optimizer_step(state, accumulated, tx, role: str):
+    """Apply ``accumulate_gradients``' (grads, loss, weight, metrics) to ``role``'s (actor or
+    critic) state; metrics gain ``{role}_grad_norm`` and ``finite``."""
     grads, loss, _, metrics = accumulated
     state, update_metrics = apply_gradients(state, grads, loss, tx)
-    return state, {**metrics, "critic_grad_norm": update_metrics["grad_norm"], "finite": update_metrics["finite"]}
+    return state, {**metrics, f"{role}_grad_norm": update_metrics["grad_norm"], "finite": update_metrics["finite"]}
 
 
 def fuses_value_forward(cfg: PPOConfig) -> bool:
@@ -218,7 +229,7 @@ def make_critic_update_with_values(graphdef, tx, cfg: PPOConfig, experience_fn, 
     def update(state, rows, kl, moments):
         (loss_sum, (weight, metric_sums, values, experience)), grads = jax.value_and_grad(sum_loss, has_aux=True)(
             state.params, rows, kl, moments)
-        state, metrics = _critic_step(state, means_from_sums(grads, loss_sum, weight, metric_sums), tx)
+        state, metrics = _optimizer_step(state, means_from_sums(grads, loss_sum, weight, metric_sums), tx, "critic")
         return state, metrics, values, experience
 
     rows_sh, replicated = partitioner.batch_sharding, partitioner.replicated
@@ -226,6 +237,59 @@ def make_critic_update_with_values(graphdef, tx, cfg: PPOConfig, experience_fn, 
                            out_shardings=(state_shardings, replicated, rows_sh,
                                           (rows_sh, rows_sh, rows_sh, replicated, replicated)),
                            donate_argnums=0)
+
+
+def fuses_rollout_forwards(cfg: PPOConfig) -> bool:
+    """Whether the actor, too, takes exactly one step on the whole rollout an iteration
+    (``fuses_value_forward`` and no actor accumulation), so that ``make_joint_update`` applies
+    (from the first iteration past the critic warm-up)."""
+    return fuses_value_forward(cfg) and cfg.actor_optimizer.grad_accum_steps == 1
+
+
+def make_joint_update(actor_graphdef, critic_graphdef, actor_tx, critic_tx, cfg: PPOConfig, experience_fn, *,
+                      partitioner: Partitioner, state_shardings):
+    """The actor's and the critic's forwards, the experience and one step of each, in one program
+    (when ``fuses_rollout_forwards``). As in ``make_critic_update_with_values`` the forwards run at
+    the parameters the scoring phase's would: the critic's gives the values and, with
+    ``rollout.old_logprobs: recompute``, the actor's gives the old log-probs (gradient stopped, so
+    the step's ratio is exactly 1): two forwards an iteration fewer. The price: both models'
+    activations are live at once. The losses are separate, so each model's gradient is its own
+    loss's. Jitted ``(actor_state, critic_state, rows, kl, moments) -> (actor_state, critic_state,
+    metrics, old_logprobs, entropy, values, experience_fn's outputs)``; rows as there, without
+    ``old_logprobs`` when they are recomputed. ``state_shardings``: the ``PPOState``'s."""
+    p, recompute = cfg.ppo, cfg.rollout.old_logprobs == "recompute"
+
+    def sum_losses(params, rows, kl, moments):
+        actor_params, critic_params = params
+        logprobs, entropy = _actor_logprobs(actor_graphdef, actor_params, rows, cfg)
+        values = rollout.critic_values(critic_graphdef, critic_params, rows["tokens"], rows["attention_mask"])
+        old_logprobs = jax.lax.stop_gradient(logprobs) if recompute else rows["old_logprobs"]
+        old_values = jax.lax.stop_gradient(values)
+        experience = experience_fn(rows["raw_scores"], rows["finished_by_eos"], old_logprobs, rows["ref_logprobs"],
+                                   old_values, rows["mask"], kl, moments)
+        mb = {"old_logprobs": old_logprobs, "advantages": experience[1].advantages, "old_values": old_values,
+              "returns": experience[1].returns, "mask": rows["mask"]}
+        actor_sums = _policy_loss_sums(logprobs, entropy, mb, p)
+        critic_sums = _value_loss_sums(values, mb, p.value_clip)
+        outputs = (old_logprobs, jax.lax.stop_gradient(entropy), old_values, experience)
+        return actor_sums[0] + critic_sums[0], (actor_sums, critic_sums, outputs)
+
+    def update(actor, critic, rows, kl, moments):
+        (_, (actor_sums, critic_sums, outputs)), (actor_grads, critic_grads) = jax.value_and_grad(
+            sum_losses, has_aux=True)((actor.params, critic.params), rows, kl, moments)
+        actor, actor_metrics = _optimizer_step(actor, means_from_sums(actor_grads, actor_sums[0], *actor_sums[1]),
+                                               actor_tx, "actor")
+        critic, critic_metrics = _optimizer_step(critic, means_from_sums(critic_grads, critic_sums[0], *critic_sums[1]),
+                                                 critic_tx, "critic")
+        metrics = {**actor_metrics, **critic_metrics, "finite": actor_metrics["finite"] * critic_metrics["finite"]}
+        return actor, critic, metrics, *outputs
+
+    rows_sh, replicated = partitioner.batch_sharding, partitioner.replicated
+    states = (state_shardings.actor, state_shardings.critic)
+    return partitioner.jit(update, in_shardings=(*states, rows_sh, replicated, replicated),
+                           out_shardings=(*states, replicated, rows_sh, rows_sh, rows_sh,
+                                          (rows_sh, rows_sh, rows_sh, replicated, replicated)),
+                           donate_argnums=(0, 1))
 
 
 def minibatch_indices(key, rows: int, minibatches: int) -> list[np.ndarray]:
@@ -289,13 +353,21 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
         in_shardings=(rows_sh,) * 6 + (replicated, replicated),
         out_shardings=(rows_sh, rows_sh, rows_sh, replicated, replicated))
     minibatch_fn = partitioner.jit(take_rows, in_shardings=(rows_sh, replicated), out_shardings=rows_sh)
-    actor_update = make_actor_update(roles.actor_graphdef, actor_tx, cfg, partitioner=partitioner,
-                                     state_shardings=state_shardings.actor)
-    if fused:
+    # The update programs (built where used): with fuses_rollout_forwards the joint program (in the
+    # critic warm-up the critic's step with the values); else with fused the critic's step with the
+    # values and the actor's per minibatch; else the actor's and the critic's per minibatch.
+    joint_update = actor_update = None
+    if fuses_rollout_forwards(cfg):
+        joint_update = make_joint_update(roles.actor_graphdef, roles.critic_graphdef, actor_tx, critic_tx, cfg,
+                                         experience, partitioner=partitioner, state_shardings=state_shardings)
+    else:
+        actor_update = make_actor_update(roles.actor_graphdef, actor_tx, cfg, partitioner=partitioner,
+                                         state_shardings=state_shardings.actor)
+    if fused and (joint_update is None or p.critic_warmup_iterations):
         critic_update_with_values = make_critic_update_with_values(
             roles.critic_graphdef, critic_tx, cfg, experience, partitioner=partitioner,
             state_shardings=state_shardings.critic)
-    else:
+    elif not fused:
         critic_update = make_critic_update(roles.critic_graphdef, critic_tx, cfg, partitioner=partitioner,
                                            state_shardings=state_shardings.critic)
     template = get_template(cfg.data.template)
@@ -334,20 +406,29 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                                                 "mask": result.mask[:, 1:], "finished_by_eos": result.finished_by_eos})
         tokens, attention_mask, mask = (rollout_rows[k] for k in ("tokens", "attention_mask", "mask"))
         response_actions = cfg.rollout.max_new_tokens
+        joint = joint_update is not None and step >= p.critic_warmup_iterations
         if cfg.rollout.old_logprobs == "sampler":  # action t emits token t + 1
             old_logprobs, entropy = partitioner.shard_batch(result.logprobs[:, 1:]), None
+        elif joint:  # the joint update's actor forward gives them
+            old_logprobs = entropy = None
         else:
             old_logprobs, entropy = logprob_fn(state.actor.params, tokens, attention_mask, temperature,
                                                response_actions)
         ref_logprobs, _ = logprob_fn(roles.reference_params, tokens, attention_mask, temperature, response_actions)
         raw_scores = score([e.source for e in prompt_batch], result, tokens, attention_mask)
-        critic = state.critic
-        if fused:  # the critic's one step gives the values: its forward moves into the update phase
+        actor, critic = state.actor, state.critic
+        rows = {**rollout_rows, "raw_scores": raw_scores, "ref_logprobs": ref_logprobs,
+                **({} if old_logprobs is None else {"old_logprobs": old_logprobs})}
+        if fused:  # the update's forwards give the values (and the old log-probs): they move into it
             jax.block_until_ready((old_logprobs, ref_logprobs, raw_scores))
             scored = time.perf_counter()
+        if joint:
+            actor, critic, metrics, old_logprobs, update_entropy, values, (scores, adv, sequence_kl, kl, moments) = (
+                joint_update(actor, critic, rows, state.kl, state.reward_moments))
+            entropy = update_entropy if cfg.rollout.old_logprobs == "recompute" else None  # as the forward's
+        elif fused:
             critic, critic_metrics, values, (scores, adv, sequence_kl, kl, moments) = critic_update_with_values(
-                critic, {**rollout_rows, "raw_scores": raw_scores, "old_logprobs": old_logprobs,
-                         "ref_logprobs": ref_logprobs}, state.kl, state.reward_moments)
+                critic, rows, state.kl, state.reward_moments)
         else:
             values = value_fn(critic.params, tokens, attention_mask)
             scores, adv, sequence_kl, kl, moments = jax.block_until_ready(experience_fn(
@@ -358,11 +439,10 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
         experience = {"tokens": tokens, "attention_mask": attention_mask, "mask": mask,
                       "old_logprobs": old_logprobs, "advantages": adv.advantages, "old_values": values,
                       "returns": adv.returns}
-        actor = state.actor
-        update_metrics, key = [], jax.random.fold_in(jax.random.key(cfg.training.seed), step)
-        for epoch in range(p.epochs):
-            for rows in minibatch_indices(jax.random.fold_in(key, epoch), len(prompt_batch), p.minibatches):
-                minibatch = minibatch_fn(experience, rows)
+        update_metrics, key = [metrics] if joint else [], jax.random.fold_in(jax.random.key(cfg.training.seed), step)
+        for epoch in range(0 if joint else p.epochs):
+            for indices in minibatch_indices(jax.random.fold_in(key, epoch), len(prompt_batch), p.minibatches):
+                minibatch = minibatch_fn(experience, indices)
                 metrics = {}
                 if step >= p.critic_warmup_iterations:
                     actor, metrics = actor_update(actor, minibatch)
