@@ -14,6 +14,7 @@ from icegrt_jax.hf import load_hf, model_from_params
 from icegrt_jax.models.llama import (
     LlamaConfig,
     ModelConfigError,
+    dense,
     init_cache,
     preset,
     swiglu_mlp,
@@ -122,20 +123,33 @@ def swiglu_by_formula(h, w_gate, w_up, w_down):
     return jnp.einsum("bti,ih->bth", jax.nn.silu(h @ w_gate) * (h @ w_up), w_down)
 
 
+WRITTEN_OUT_BACKWARDS = {  # name: (function, its formula for autodiff, argument shapes, cotangent shape)
+    "swiglu_mlp": (swiglu_mlp, swiglu_by_formula, [(2, 5, 8), (8, 12), (8, 12), (12, 8)], (2, 5, 8)),
+    "dense_widening": (dense, lambda x, w: x @ w, [(2, 5, 8), (8, 12)], (2, 5, 12)),  # dW = x^T dy
+    "dense_narrowing": (dense, lambda x, w: x @ w, [(2, 5, 12), (12, 8)], (2, 5, 8)),  # dW = (dy^T x)^T
+    "dense_fp32_out": (lambda x, w: dense(x, w, jnp.float32),
+                       lambda x, w: jnp.einsum("bti,io->bto", x, w, preferred_element_type=jnp.float32),
+                       [(2, 5, 8), (8, 12)], (2, 5, 12)),
+}
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_swiglu_written_out_backward_equals_autodiff_of_the_formula(dtype, tolerance):
-    """``swiglu_mlp``'s custom VJP against jax's autodiff of (silu(h W_g) * h W_u) W_d: fp32 to
-    reduction order (rtol 1e-5); bf16 within 2e-2 relative to each gradient's scale (its
-    elementwise part runs in fp32, autodiff's in bf16: they round differently)."""
+@pytest.mark.parametrize("name", sorted(WRITTEN_OUT_BACKWARDS))
+def test_written_out_backward_equals_autodiff_of_the_formula(name, dtype, tolerance):
+    """The model's custom VJPs (``swiglu_mlp``, ``dense`` both ways round ``weight_gradient``, with
+    an fp32 result) against jax's autodiff of their formulas: fp32 to reduction order (rtol
+    1e-5); bf16 within 2e-2 relative to each gradient's scale (swiglu's elementwise gradient
+    runs in fp32, autodiff's in bf16: they round differently). Same output, same dtypes."""
+    function, formula, shapes, cotangent_shape = WRITTEN_OUT_BACKWARDS[name]
     rng = np.random.default_rng(0)
-    args = [jnp.asarray(rng.normal(size=shape) * scale, dtype)
-            for shape, scale in (((2, 5, 8), 1.0), ((8, 12), 0.5), ((8, 12), 0.5), ((12, 8), 0.5))]
-    cotangent = jnp.asarray(rng.normal(size=(2, 5, 8)), dtype)
-    out, custom_vjp = jax.vjp(swiglu_mlp, *args)
-    expected_out, formula_vjp = jax.vjp(swiglu_by_formula, *args)
+    args = [jnp.asarray(rng.normal(size=shape) * (1.0 if i == 0 else 0.5), dtype) for i, shape in enumerate(shapes)]
+    out, custom_vjp = jax.vjp(function, *args)
+    expected_out, formula_vjp = jax.vjp(formula, *args)
+    assert out.dtype == expected_out.dtype
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected_out, np.float32))
+    cotangent = jnp.asarray(rng.normal(size=cotangent_shape), out.dtype)
     for got, expected in zip(custom_vjp(cotangent), formula_vjp(cotangent), strict=True):
-        assert got.dtype == dtype and got.shape == expected.shape
+        assert got.dtype == expected.dtype == dtype and got.shape == expected.shape
         got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
         np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
 

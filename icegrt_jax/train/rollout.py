@@ -38,9 +38,7 @@ def sequence_logprobs(graphdef, params, tokens, attention_mask, temperature: flo
     model = nnx.merge(graphdef, params)
     hidden, _ = model.hidden_states(tokens, attention_mask)
     first = 0 if response_actions is None else max(tokens.shape[1] - 1 - response_actions, 0)
-    kernel = model.lm_head_kernel().astype(model.cfg.compute_dtype)
-    logits = jnp.einsum("bth,hv->btv", hidden[:, first:-1], kernel, preferred_element_type=jnp.float32)
-    logits = logits / temperature
+    logits = model.logits(hidden[:, first:-1]) / temperature
     skipped = ((0, 0), (first, 0))
     return (jnp.pad(token_logprobs(logits, tokens[:, first + 1:]), skipped),
             jnp.pad(entropy_from_logits(logits), skipped))
