@@ -14,7 +14,8 @@ Per device and per role:
 - activations: the compiled program's ``memory_analysis().temp_size_in_bytes`` (everything that
   is neither an argument nor an output), minus the gradients for the update steps. The programs
   are the trainer's own: ``ppo.make_actor_update`` / ``make_critic_update`` on a minibatch and
-  ``rollout.sequence_logprobs`` / ``critic_values`` / ``reward_model_scores`` on a rollout batch.
+  ``rollout.sequence_logprobs`` (``_without_entropy`` for the reference) / ``critic_values`` /
+  ``reward_model_scores`` on a rollout batch.
   With one epoch, one minibatch and no critic accumulation the trainer runs
   ``make_critic_update_with_values`` instead of ``critic_values`` + ``make_critic_update``: the
   same critic forward and backward plus the experience arrays ([rows, length] each), sized here
@@ -173,7 +174,7 @@ def rollout_batch(partitioner: Partitioner, rows: int, length: int) -> dict:
 
 # --- the plan -----------------------------------------------------------------------------------
 
-FORWARDS = {"actor": rollout.sequence_logprobs, "reference": rollout.sequence_logprobs,
+FORWARDS = {"actor": rollout.sequence_logprobs, "reference": rollout.sequence_logprobs_without_entropy,
             "critic": rollout.critic_values, "reward": rollout.reward_model_scores}
 
 

@@ -329,8 +329,8 @@ def compile_counts():
         logger.propagate = True
 
 
-PPO_PROGRAMS = ("_prefill", "_decode", "sequence_logprobs", "critic_values", "experience_from_scores",
-                "take_rows", "update")
+PPO_PROGRAMS = ("_prefill", "_decode", "sequence_logprobs", "sequence_logprobs_without_entropy", "critic_values",
+                "experience_from_scores", "take_rows", "update")
 
 
 def check_ppo_run(directory: str, tokenizer_dir: str) -> dict:

@@ -111,8 +111,10 @@ def test_sharded_ppo_update_matches_one_device(sharded, mesh, role, curves):
 def test_sharded_ppo_run_compiles_each_program_once(sharded):
     result = sharded["ppo_run"]
     assert result["iterations"] == [1, 2] and result["finite"] and result["final_saved"]
-    assert result["compiles"] == {"_prefill": 1, "_decode": 1, "sequence_logprobs": 1, "critic_values": 1,
-                                  "experience_from_scores": 1, "take_rows": 1, "update": 2}  # actor, critic
+    assert result["compiles"] == {"_prefill": 1, "_decode": 1, "sequence_logprobs": 1,  # old log-probs
+                                  "sequence_logprobs_without_entropy": 1,  # the reference's
+                                  "critic_values": 1, "experience_from_scores": 1, "take_rows": 1,
+                                  "update": 2}  # actor, critic
 
 
 def test_sharded_fused_update_programs_match_one_device(sharded):

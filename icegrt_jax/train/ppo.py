@@ -341,6 +341,8 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
 
     logprob_fn = forward(rollout.sequence_logprobs, roles.actor_graphdef, state_shardings.actor.params,
                          static_argnums=(3, 4))
+    reference_fn = forward(rollout.sequence_logprobs_without_entropy, roles.actor_graphdef,
+                           state_shardings.actor.params, static_argnums=(3, 4))
     fused = fuses_value_forward(cfg)
     value_fn = (forward(rollout.critic_values, roles.critic_graphdef, state_shardings.critic.params)
                 if not fused else None)
@@ -414,7 +416,7 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
         else:
             old_logprobs, entropy = logprob_fn(state.actor.params, tokens, attention_mask, temperature,
                                                response_actions)
-        ref_logprobs, _ = logprob_fn(roles.reference_params, tokens, attention_mask, temperature, response_actions)
+        ref_logprobs = reference_fn(roles.reference_params, tokens, attention_mask, temperature, response_actions)
         raw_scores = score([e.source for e in prompt_batch], result, tokens, attention_mask)
         actor, critic = state.actor, state.critic
         rows = {**rollout_rows, "raw_scores": raw_scores, "ref_logprobs": ref_logprobs,

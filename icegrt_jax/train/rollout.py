@@ -44,6 +44,13 @@ def sequence_logprobs(graphdef, params, tokens, attention_mask, temperature: flo
             jnp.pad(entropy_from_logits(logits), skipped))
 
 
+def sequence_logprobs_without_entropy(graphdef, params, tokens, attention_mask, temperature: float,
+                                      response_actions: int | None = None):
+    """``sequence_logprobs``' log-probs alone (the reference's: XLA then skips the entropy's pass
+    over the [R, actions, V] logits)."""
+    return sequence_logprobs(graphdef, params, tokens, attention_mask, temperature, response_actions)[0]
+
+
 def critic_values(graphdef, params, tokens, attention_mask):
     """V(s_t) [R, L-1] from a ScoreModel critic."""
     return nnx.merge(graphdef, params)(tokens, attention_mask)[:, :-1]
