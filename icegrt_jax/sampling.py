@@ -236,9 +236,11 @@ def sample_step(logits, keys, static: StaticOptions, temperature, top_p):
         vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
         hit = (logits == top) | jnp.isnan(logits)
         tokens = jnp.min(jnp.where(hit, vocab, logits.shape[-1]), axis=-1)
-        # z[token] - logsumexp(z); the sum as a product with ones: XLA:CPU fused the exp into a
-        # row reduction's scalar loop (greedy generation on bench-small ~10% slower)
-        return tokens, -jnp.log(jnp.exp(logits - top) @ jnp.ones(logits.shape[-1], logits.dtype))
+        # z[token] - logsumexp(z); the sum as a product with ones (in full fp32: no TF32 / bf16
+        # passes on accelerators): XLA:CPU fused the exp into a row reduction's scalar loop
+        # (greedy generation on bench-small ~10% slower)
+        ones = jnp.ones(logits.shape[-1], logits.dtype)
+        return tokens, -jnp.log(jnp.dot(jnp.exp(logits - top), ones, precision=jax.lax.Precision.HIGHEST))
     scaled = filter_logits(logits / temperature, static.top_k, top_p if static.filter_top_p else None)
     top = jnp.max(scaled, axis=-1, keepdims=True)
     weights = jnp.exp(scaled - top)  # 0 for the filtered tokens

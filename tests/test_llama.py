@@ -119,6 +119,28 @@ def test_remat_gradients_equal_plain(remat):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("remat, kept", [("dots", 6), ("full", 0)])
+def test_remat_dots_keeps_the_custom_vjp_projections_outputs(remat, kept):
+    """The dots policy cannot see the matmuls inside the custom VJPs; they name their outputs so
+    remat="dots" keeps each layer's q, k, v, o, gate and up as it would plain matmuls' (the down
+    projection's output is not needed by the backward), and remat="full" none of them."""
+    from flax import nnx
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from icegrt_jax.models.llama import Llama
+
+    cfg = preset("tiny").replace(remat=remat, scan_layers=False)
+    graphdef, state = nnx.split(Llama(cfg, nnx.Rngs(0)))
+    ids, mask = (jnp.asarray(a) for a in left_padded_batch([5, 3], total=5, vocab=cfg.vocab_size, seed=5))
+
+    def loss(state):
+        return jnp.mean(nnx.merge(graphdef, state)(ids, mask)[0] ** 2)
+
+    named = [shape for shape, why in saved_residuals(loss, state) if "named 'projection'" in why]
+    assert len(named) == kept * cfg.num_layers
+    assert sum(shape.shape[-1] == cfg.intermediate_size for shape in named) == (2 * cfg.num_layers if kept else 0)
+
+
 def swiglu_by_formula(h, w_gate, w_up, w_down):
     return jnp.einsum("bti,ih->bth", jax.nn.silu(h @ w_gate) * (h @ w_up), w_down)
 
@@ -152,6 +174,18 @@ def test_written_out_backward_equals_autodiff_of_the_formula(name, dtype, tolera
         assert got.dtype == expected.dtype == dtype and got.shape == expected.shape
         got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
         np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
+
+
+def test_written_out_backward_gives_each_input_its_own_dtype():
+    """bf16 activations with fp32 weights (and the reverse): each cotangent in its input's dtype."""
+    rng = np.random.default_rng(1)
+    for act, weight in ((jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)):
+        h = jnp.asarray(rng.normal(size=(2, 3, 8)), act)
+        weights = [jnp.asarray(rng.normal(size=shape), weight) for shape in ((8, 12), (8, 12), (12, 8))]
+        for function, args in ((swiglu_mlp, (h, *weights)), (dense, (h, weights[0]))):
+            out, vjp = jax.vjp(function, *args)
+            grads = vjp(jnp.ones_like(out))
+            assert [g.dtype for g in grads] == [a.dtype for a in args], function
 
 
 def test_every_parameter_has_logical_axes():

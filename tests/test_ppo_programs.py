@@ -136,3 +136,17 @@ def test_joint_update_returns_the_separate_paths_states(setup, old_logprobs):
         close(metrics[key], expected, err_msg=key)
     if old_logprobs == "recompute":  # pi / pi_old of the step's own forward: exactly 1
         assert metrics["ratio_mean"] == 1 and metrics["approx_kl"] == 0 and metrics["clip_frac"] == 0
+
+
+def test_plan_counts_the_joint_updates_transients_together():
+    """One epoch, one minibatch, no accumulation: the plan's update transient is the joint
+    program's, both updates' gradients and activations at once."""
+    from icegrt_jax.config import load_config
+    from icegrt_jax.plan import plan_ppo
+
+    cfg = load_config(PPOConfig, None, [
+        "model.preset=tiny", "data.prompt_files=[p.jsonl]", "data.tokenizer_path=tok", "data.max_prompt_length=16",
+        "data.prompts_per_iteration=4", "rollout.max_new_tokens=8", "reward.path=no-such-reward-model"])
+    assert ppo.fuses_rollout_forwards(cfg)
+    transients = plan_ppo(cfg, 1.0, reward_preset="tiny").transients
+    assert transients["update: actor + critic"] == transients["update: actor"] + transients["update: critic"] > 0

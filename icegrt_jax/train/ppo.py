@@ -157,7 +157,7 @@ def _actor_logprobs(graphdef, params, rows, cfg: PPOConfig):
 
 
 def _policy_loss_sums(logprobs, entropy, mb, p):
-    """(clipped surrogate - entropy_coef x entropy) x W, (W, metrics x W)), W = ``_token_weight``."""
+    """((clipped surrogate - entropy_coef x entropy) x W, (W, metrics x W)), W = ``_token_weight``."""
     loss, metrics = rl.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
                                        p.clip_eps, p.dual_clip, p.aggregate)
     metrics = {"policy_loss": loss, "clip_frac": metrics["clip_frac"], "approx_kl": metrics["approx_kl"],
