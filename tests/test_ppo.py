@@ -162,13 +162,16 @@ def test_fused_update_programs_equal_the_separate_path(ppo_setup, monkeypatch):
                                        err_msg=f"{name}: {key}")
 
 
-def test_exact_resume_after_sigkill_mid_iteration(ppo_setup):
+@pytest.mark.parametrize("minibatches, factory, kill_on_call", [
+    (2, "make_critic_update", 6),  # 2 critic updates an iteration: the second minibatch of iteration 3
+    (1, "make_joint_update", 3),  # the default shape: iteration 3's joint update, after its rollout
+])
+def test_exact_resume_after_sigkill_mid_iteration(ppo_setup, minibatches, factory, kill_on_call):
     tmp_path, config = ppo_setup
-    short = ["training.steps=4", "training.save_every=1", "ppo.epochs=1"]
+    short = ["training.steps=4", "training.save_every=1", "ppo.epochs=1", f"ppo.minibatches={minibatches}"]
     assert cli.main(["ppo", "--config", config, *short, f"training.output_dir={tmp_path / 'straight'}"]) == 0
     args = ["ppo", "--config", config, *short, f"training.output_dir={tmp_path / 'resumed'}"]
-    # 2 critic updates per iteration: the 6th is the second minibatch of iteration 3
-    killed = run_cli_killed_at("icegrt_jax.train.ppo", 6, "SIGKILL", args, factory="make_critic_update")
+    killed = run_cli_killed_at("icegrt_jax.train.ppo", kill_on_call, "SIGKILL", args, factory=factory)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert cli.main(args) == 0
     for name in ("final", "final-critic"):
