@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from icegrt_jax import cli
-from icegrt_jax.checkpoint import TrainCheckpointer
+from icegrt_jax.checkpoint import TrainCheckpointer, load_model
 from icegrt_jax.config import (
     MeshConfig,
     OptimizerConfig,
@@ -39,6 +39,7 @@ from icegrt_jax.models.llama import Llama, LlamaConfig
 from icegrt_jax.sampling import SamplingParams, _inference_weights, _prefill, generate
 from icegrt_jax.sharding import Partitioner, ShardingError
 from icegrt_jax.train import ppo, reward, sft
+from icegrt_jax.train.model_init import init_model
 from icegrt_jax.train.state import (
     init_train_state,
     learning_rate_schedule,
@@ -360,11 +361,15 @@ def check_fused_critic_run(directory: str, tokenizer_dir: str) -> dict:
     """Two iterations with one epoch, one minibatch, no accumulation on (2,2,2) and on one device:
     the first a critic warm-up (the critic's step gives the values:
     ``make_critic_update_with_values``), the second the joint actor + critic program
-    (``make_joint_update``): their metrics."""
-    runs = {}
+    (``make_joint_update``): their metrics, and the largest difference of the final actor and
+    critic parameters between the meshes next to the largest change of the actor's. AdamW with
+    eps 1 (>> |g|) steps like SGD, lr x g / eps, so parameters differ by lr x the gradients'
+    difference instead of Adam's first-step lr x sign(g)."""
+    runs, params = {}, {}
+    optimizer = {"lr": 0.1, "eps": 1.0, "schedule": "constant"}
     for name, mesh in (("2x2x2", {"data": 2, "fsdp": 2, "tensor": 2}), ("one_device", {"data": 1})):
         path = write_config(directory, f"ppo-fused-{name}", {
-            "model": {"preset": "tiny", "vocab_size": 400}, "critic_optimizer": {"lr": 1e-3},
+            "model": {"preset": "tiny", "vocab_size": 400}, "actor_optimizer": optimizer, "critic_optimizer": optimizer,
             "data": {"prompt_files": [os.path.join(directory, "prompts.jsonl")], "tokenizer_path": tokenizer_dir,
                      "prompts_per_iteration": 16},
             "rollout": {"max_new_tokens": 8}, "reward": {"function": SCORER}, "ppo": {"critic_warmup_iterations": 1},
@@ -374,6 +379,13 @@ def check_fused_critic_run(directory: str, tokenizer_dir: str) -> dict:
             ppo.run_ppo(load_config(PPOConfig, path))
         with open(os.path.join(directory, f"fused-{name}", "metrics.jsonl")) as f:
             runs[name] = [json.loads(line) for line in f]
+        params[name] = [jax.tree.leaves(load_model(os.path.join(directory, f"fused-{name}", role))[1])
+                        for role in ("final", "final-critic")]
+    largest = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b, strict=True))
+    cfg = load_config(PPOConfig, path)
+    initial = jax.tree.leaves(init_model(cfg.model, cfg.training.seed)[1])
+    runs["params_difference"] = max(largest(a, b) for a, b in zip(*params.values(), strict=True))
+    runs["actor_change"] = largest(params["one_device"][0], initial)
     return runs
 
 

@@ -120,8 +120,11 @@ def test_sharded_ppo_run_compiles_each_program_once(sharded):
 def test_sharded_fused_update_programs_match_one_device(sharded):
     """The fused programs' shardings on (2,2,2): the critic's step with the values (a warm-up
     iteration), then the joint actor + critic step. Same rollouts (the sampler's draws agree
-    here), so each iteration's metrics agree with one device to sharded reduction order."""
+    here), so each iteration's metrics and the final parameters agree with one device to sharded
+    reduction order (parameters: an SGD-like step, see ``check_fused_critic_run``)."""
     runs = sharded["fused_critic_run"]
+    changes = {key: runs[key] for key in ("params_difference", "actor_change")}
+    assert changes["params_difference"] < 1e-6 and changes["actor_change"] > 1e-3, changes  # equal steps taken
     assert len(runs["2x2x2"]) == len(runs["one_device"]) == 2
     assert "policy_loss" not in runs["one_device"][0] and "policy_loss" in runs["one_device"][1]
     for sharded_metrics, one_device in zip(runs["2x2x2"], runs["one_device"]):
