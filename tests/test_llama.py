@@ -14,12 +14,11 @@ from icegrt_jax.hf import load_hf, model_from_params
 from icegrt_jax.models.llama import (
     LlamaConfig,
     ModelConfigError,
-    dense,
     init_cache,
     preset,
-    swiglu_mlp,
     unstack_layers,
 )
+from icegrt_jax.models.projections import dense, swiglu_mlp
 
 VARIANTS = {
     "mha-untied": {"heads": 4, "kv_heads": 4, "tied": False},
