@@ -168,7 +168,6 @@ def _policy_loss_sums(logprobs, entropy, mb, p):
     return loss * weight, (weight, jax.tree.map(lambda m: m * weight, metrics))
 
 
-
 def make_critic_update(graphdef, tx, cfg: PPOConfig, *, partitioner: Partitioner | None = None,
                        state_shardings=None):
     """Jitted ``(critic_state, minibatch) -> (critic_state, metrics)``: the clipped value loss
@@ -219,9 +218,7 @@ def make_critic_update_with_values(graphdef, tx, cfg: PPOConfig, experience_fn, 
 
     def sum_loss(params, rows, kl, moments):
         values = rollout.critic_values(graphdef, params, rows["tokens"], rows["attention_mask"])
-        old_values = jax.lax.stop_gradient(values)
-        experience = experience_fn(rows["raw_scores"], rows["finished_by_eos"], rows["old_logprobs"],
-                                   rows["ref_logprobs"], old_values, rows["mask"], kl, moments)
+        old_values, experience = _experience_in_update(experience_fn, rows, rows["old_logprobs"], values, kl, moments)
         mb = {"old_values": old_values, "returns": experience[1].returns, "mask": rows["mask"]}
         loss_sum, (weight, metric_sums) = _value_loss_sums(values, mb, cfg.ppo.value_clip)
         return loss_sum, (weight, metric_sums, old_values, experience)
@@ -237,6 +234,14 @@ def make_critic_update_with_values(graphdef, tx, cfg: PPOConfig, experience_fn, 
                            out_shardings=(state_shardings, replicated, rows_sh,
                                           (rows_sh, rows_sh, rows_sh, replicated, replicated)),
                            donate_argnums=0)
+
+
+def _experience_in_update(experience_fn, rows, old_logprobs, values, kl, moments):
+    """(old values = ``values`` with the gradient stopped, ``experience_fn``'s outputs on the
+    rollout ``rows``) inside an update program: constants for its losses."""
+    old_values = jax.lax.stop_gradient(values)
+    return old_values, experience_fn(rows["raw_scores"], rows["finished_by_eos"], old_logprobs, rows["ref_logprobs"],
+                                     old_values, rows["mask"], kl, moments)
 
 
 def fuses_rollout_forwards(cfg: PPOConfig) -> bool:
@@ -264,9 +269,7 @@ def make_joint_update(actor_graphdef, critic_graphdef, actor_tx, critic_tx, cfg:
         logprobs, entropy = _actor_logprobs(actor_graphdef, actor_params, rows, cfg)
         values = rollout.critic_values(critic_graphdef, critic_params, rows["tokens"], rows["attention_mask"])
         old_logprobs = jax.lax.stop_gradient(logprobs) if recompute else rows["old_logprobs"]
-        old_values = jax.lax.stop_gradient(values)
-        experience = experience_fn(rows["raw_scores"], rows["finished_by_eos"], old_logprobs, rows["ref_logprobs"],
-                                   old_values, rows["mask"], kl, moments)
+        old_values, experience = _experience_in_update(experience_fn, rows, old_logprobs, values, kl, moments)
         mb = {"old_logprobs": old_logprobs, "advantages": experience[1].advantages, "old_values": old_values,
               "returns": experience[1].returns, "mask": rows["mask"]}
         actor_sums = _policy_loss_sums(logprobs, entropy, mb, p)
@@ -419,11 +422,11 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
         ref_logprobs = reference_fn(roles.reference_params, tokens, attention_mask, temperature, response_actions)
         raw_scores = score([e.source for e in prompt_batch], result, tokens, attention_mask)
         actor, critic = state.actor, state.critic
-        rows = {**rollout_rows, "raw_scores": raw_scores, "ref_logprobs": ref_logprobs,
-                **({} if old_logprobs is None else {"old_logprobs": old_logprobs})}
         if fused:  # the update's forwards give the values (and the old log-probs): they move into it
             jax.block_until_ready((old_logprobs, ref_logprobs, raw_scores))
             scored = time.perf_counter()
+            rows = {**rollout_rows, "raw_scores": raw_scores, "ref_logprobs": ref_logprobs,
+                    **({} if old_logprobs is None else {"old_logprobs": old_logprobs})}
         if joint:
             actor, critic, metrics, old_logprobs, update_entropy, values, (scores, adv, sequence_kl, kl, moments) = (
                 joint_update(actor, critic, rows, state.kl, state.reward_moments))
@@ -438,20 +441,24 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                 state.reward_moments))
             scored = time.perf_counter()
 
-        experience = {"tokens": tokens, "attention_mask": attention_mask, "mask": mask,
-                      "old_logprobs": old_logprobs, "advantages": adv.advantages, "old_values": values,
-                      "returns": adv.returns}
-        update_metrics, key = [metrics] if joint else [], jax.random.fold_in(jax.random.key(cfg.training.seed), step)
-        for epoch in range(0 if joint else p.epochs):
-            for indices in minibatch_indices(jax.random.fold_in(key, epoch), len(prompt_batch), p.minibatches):
-                minibatch = minibatch_fn(experience, indices)
-                metrics = {}
-                if step >= p.critic_warmup_iterations:
-                    actor, metrics = actor_update(actor, minibatch)
-                if not fused:
-                    critic, critic_metrics = critic_update(critic, minibatch)
-                update_metrics.append({**metrics, **critic_metrics,
-                                       "finite": critic_metrics["finite"] * metrics.get("finite", 1.0)})
+        if joint:
+            update_metrics = [metrics]
+        else:
+            update_metrics = []
+            experience = {"tokens": tokens, "attention_mask": attention_mask, "mask": mask,
+                          "old_logprobs": old_logprobs, "advantages": adv.advantages, "old_values": values,
+                          "returns": adv.returns}
+            key = jax.random.fold_in(jax.random.key(cfg.training.seed), step)
+            for epoch in range(p.epochs):
+                for indices in minibatch_indices(jax.random.fold_in(key, epoch), len(prompt_batch), p.minibatches):
+                    minibatch = minibatch_fn(experience, indices)
+                    metrics = {}
+                    if step >= p.critic_warmup_iterations:
+                        actor, metrics = actor_update(actor, minibatch)
+                    if not fused:
+                        critic, critic_metrics = critic_update(critic, minibatch)
+                    update_metrics.append({**metrics, **critic_metrics,
+                                           "finite": critic_metrics["finite"] * metrics.get("finite", 1.0)})
         jax.block_until_ready((actor, critic))
         updated = time.perf_counter()
 
