@@ -258,7 +258,8 @@ def check_tensor_parallel_sampling() -> dict:
                          "logprobs_abs": float(np.max(np.abs(sharded.logprobs - single.logprobs))),
                          "wq_spec": str(sharded_params["layers"]["wq"].get_value().sharding.spec),
                          "wq_shard": list(sharded_params["layers"]["wq"].get_value().addressable_shards[0].data.shape),
-                         "copy_wq_shard": list(weights["layers"][0]["wq"].addressable_shards[0].data.shape)}
+                         "copy_wqkv_shard": list(weights["layers"][0]["wqkv"].addressable_shards[0].data.shape),
+                         "copy_gate_up_shard": list(weights["layers"][0]["w_gate_up"].addressable_shards[0].data.shape)}
     return results
 
 

@@ -148,7 +148,10 @@ def test_tensor_parallel_greedy_sampling_matches_one_device(sharded, mesh):
     assert result["same_tokens"]
     assert result["logprobs_abs"] < 1e-5
     assert "tensor" in result["wq_spec"]
-    assert result["copy_wq_shard"] == result["wq_shard"][1:]  # the sampler's per-layer copy: split alike
+    # The sampler's per-layer copy is split alike: wqkv [H, K, G + 2, D] by kv heads (model: 8 heads,
+    # 4 kv heads, D 8; tensor 4), w_gate_up [H, I, 2] by the MLP axis (I 128).
+    assert result["copy_wqkv_shard"] == [result["wq_shard"][1], 1, 4, result["wq_shard"][3]]
+    assert result["copy_gate_up_shard"] == [64, 128 // 4, 2]
     # A layer's k cache [batch, kv_heads, slots, head_dim]: rows over data, kv heads over tensor.
     assert result["cache_spec"] == "P('data', 'tensor')"
 
