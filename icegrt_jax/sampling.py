@@ -313,13 +313,21 @@ def _logits(model, weights, tokens, key_mask, cache, cache_index):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_slots"))
 def _prefill(graphdef, params, weights, tokens, prompt_mask, *, new_slots):
-    """Write the prompts into a fresh cache of P + N slots; logits [B, V] at the last slot."""
+    """Write the prompts into a fresh cache of P slots (attention reads the prompt block only),
+    then append N empty slots for the response; logits [B, V] at the last prompt slot."""
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, params)
     batch, width = tokens.shape
-    cache = init_cache(model.cfg, batch, width + new_slots, per_layer=True)
-    key_mask = jnp.pad(prompt_mask, ((0, 0), (0, new_slots)))
-    return _logits(model, weights, tokens, key_mask, cache, 0)
+    cache = init_cache(model.cfg, batch, width, per_layer=True)
+    logits, cache = _logits(model, weights, tokens, prompt_mask, cache, 0)
+    return logits, tuple({name: _append_slots(c, LAYER_CACHE_AXES[name], new_slots) for name, c in layer.items()}
+                         for layer in cache)
+
+
+def _append_slots(cache, axes, count):
+    """``cache`` with ``count`` zero slots appended on its ``length`` axis (``axes``: its logical axes)."""
+    widths = [(0, count if axis == "length" else 0) for axis in axes]
+    return with_logical_constraint(jnp.pad(cache, widths), axes)
 
 
 def _decode(graphdef, params, weights, cache, logits, prompt_mask, prompt_index, row_limit, seed,
