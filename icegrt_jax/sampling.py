@@ -5,7 +5,9 @@
 Layout of one batch (all shapes bucketed, see below)::
 
     cache slots:  [ left-padded prompt (P slots) | new tokens (N slots) ]
-    prefill:      the prompt block in one call; only the last position is projected to logits
+    prefill:      the prompt block in one call, into a cache of P slots (it attends only the
+                  prompt); then N empty slots are appended; only the last position is projected
+                  to logits
     decode:       lax.while_loop; step i samples token i from the previous logits, writes it,
                   runs the model on it at slot P + i; stops when every row has stopped or
                   max_new_tokens is reached
@@ -31,9 +33,10 @@ values. ``TRACE_COUNTS`` counts the traces of each jitted function (tests use it
 bound).
 
 Weights and cache layout. Each ``generate`` call first copies the layer weights into per-layer
-arrays in the compute dtype, plus the LM head kernel (``_inference_weights``, one copy of the
-weights in memory while it runs), and the cache is per layer (``init_cache(per_layer=True)``): a
-decode step then reads every weight once and slices nothing. From the stacked parameters, XLA:GPU
+arrays in the compute dtype, with q/k/v and gate/up fused into one kernel each
+(``unstack_layers``), plus the LM head kernel (``_inference_weights``, one copy of the weights in
+memory while it runs), and the cache is per layer (``init_cache(per_layer=True)``): a decode step
+then reads every weight once, slices nothing and runs four matmuls a layer. From the stacked parameters, XLA:GPU
 copied each layer's MLP kernels out of the stack every step (BENCHMARKS.md, "On a GPU"). On CPU
 the decode loop compiles without XLA's YNNPACK fusions and tree reduction rewriter
 (``_CPU_DECODE_OPTIONS``; its fp32 sums then run in one pass, in order).
