@@ -36,10 +36,10 @@ Weights and cache layout. Each ``generate`` call first copies the layer weights 
 arrays in the compute dtype, with q/k/v and gate/up fused into one kernel each
 (``unstack_layers``), plus the LM head kernel (``_inference_weights``, one copy of the weights in
 memory while it runs), and the cache is per layer (``init_cache(per_layer=True)``): a decode step
-then reads every weight once, slices nothing and runs four matmuls a layer. From the stacked parameters, XLA:GPU
-copied each layer's MLP kernels out of the stack every step (BENCHMARKS.md, "On a GPU"). On CPU
-the decode loop compiles without XLA's YNNPACK fusions and tree reduction rewriter
-(``_CPU_DECODE_OPTIONS``; its fp32 sums then run in one pass, in order).
+then reads every weight once, slices nothing and runs four projection matmuls a layer. From the
+stacked parameters, XLA:GPU copied each layer's MLP kernels out of the stack every step
+(BENCHMARKS.md, "On a GPU"). On CPU the decode loop compiles without XLA's YNNPACK fusions and
+tree reduction rewriter (``_CPU_DECODE_OPTIONS``; its fp32 sums then run in one pass, in order).
 
 ``num_samples`` samples per prompt share one prefill: the prompt's cache is repeated
 ``num_samples`` times along the batch axis on device before decoding.

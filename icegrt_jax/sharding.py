@@ -147,6 +147,16 @@ def with_logical_constraint(x: jax.Array, names: tuple[str | None, ...]) -> jax.
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def shards_alike(*names: str) -> bool:
+    """Whether the active rules put the logical axes ``names`` on the same mesh axes (True without
+    an active ``Partitioner``)."""
+    rules = spmd.get_logical_axis_rules()
+    if jax.sharding.get_abstract_mesh().empty or not rules:
+        return True
+    mapped = _rules_dict(rules)
+    return len({mapped.get(name, ()) for name in names}) == 1
+
+
 def _rules_dict(flax_rules) -> dict[str, tuple[str, ...]]:
     """flax's ``((logical, axis | axes | None), ...)`` -> {logical: axes}."""
     def axes(value):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from helpers import hf_logits, left_padded_batch, make_hf_llama
 
+from icegrt_jax.config import MeshConfig
 from icegrt_jax.hf import load_hf, model_from_params
 from icegrt_jax.models.llama import (
     LlamaConfig,
@@ -19,6 +20,7 @@ from icegrt_jax.models.llama import (
     unstack_layers,
 )
 from icegrt_jax.models.projections import dense, swiglu_mlp
+from icegrt_jax.sharding import Partitioner
 
 VARIANTS = {
     "mha-untied": {"heads": 4, "kv_heads": 4, "tied": False},
@@ -77,6 +79,23 @@ def test_kv_cache_decoding_equals_full_forward(hf_pair, per_layer):
         assert all(c["k"].shape == (B, K, S, D) and c["v"].shape == (B, K, D, S) for c in cache)
     else:
         assert cache["k"].shape == (cfg.num_layers, B, S, K, D)
+
+
+def test_decode_copy_fuses_qkv_only_where_heads_and_kv_heads_split_alike(hf_pair):
+    """``unstack_layers`` fuses gate/up always and q/k/v unless the active rules split heads and
+    kv heads differently (then the fused kernel, split by kv heads, would replicate q's part)."""
+    _, cfg, params = hf_pair
+    layers = model_from_params(cfg, params).layers
+    separate = {"wq", "wk", "wv", "w_gate", "w_up"}
+    plain = unstack_layers(layers, jnp.float32)[0]
+    assert {"wqkv", "w_gate_up"} <= set(plain) and not separate & set(plain)
+    one_device = jax.devices()[:1]
+    with Partitioner.from_config(MeshConfig(data=1), one_device).activate():
+        assert "wqkv" in unstack_layers(layers, jnp.float32)[0]
+    rules = [["kv_heads", None] if rule[0] == "kv_heads" else rule for rule in MeshConfig().rules]
+    with Partitioner.from_config(MeshConfig(data=1, rules=rules), one_device).activate():
+        split = unstack_layers(layers, jnp.float32)[0]
+    assert {"wq", "wk", "wv", "w_gate_up"} <= set(split) and "wqkv" not in split
 
 
 def test_bf16_compute_is_finite_and_close_to_fp32(hf_pair):

@@ -24,7 +24,7 @@ from flax import nnx
 
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.models.projections import PROJECTION, dense, swiglu_mlp
-from icegrt_jax.sharding import with_logical_constraint
+from icegrt_jax.sharding import shards_alike, with_logical_constraint
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
@@ -435,7 +435,7 @@ def _project_qkv(w, h, dt):
     ``wqkv`` of ``unstack_layers`` (per kv head: its G query heads, its key, its value)."""
     if "wqkv" in w:
         hidden, kv_heads, width, head_dim = w["wqkv"].shape
-        qkv = dense(h, w["wqkv"].reshape(hidden, -1)).reshape(*h.shape[:2], kv_heads, width, head_dim)
+        qkv = dense(h, w["wqkv"].astype(dt).reshape(hidden, -1)).reshape(*h.shape[:2], kv_heads, width, head_dim)
         return qkv[..., :-2, :].reshape(*h.shape[:2], -1, head_dim), qkv[..., -2, :], qkv[..., -1, :]
 
     def project(name):  # [B, T, H] x [H, heads, D] -> [B, T, heads, D]
@@ -450,8 +450,8 @@ def _mlp(w, h, dt):
     ``unstack_layers`` one matmul for g and u."""
     if "w_gate_up" in w:
         hidden, inner, _ = w["w_gate_up"].shape
-        gate_up = dense(h, w["w_gate_up"].reshape(hidden, -1)).reshape(*h.shape[:2], inner, 2)
-        return dense(jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1], w["w_down"])
+        gate_up = dense(h, w["w_gate_up"].astype(dt).reshape(hidden, -1)).reshape(*h.shape[:2], inner, 2)
+        return dense(jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1], w["w_down"].astype(dt))
     return swiglu_mlp(h, w["w_gate"].astype(dt), w["w_up"].astype(dt), w["w_down"].astype(dt))
 
 
@@ -476,28 +476,31 @@ def stacked_weights(layers: DecoderLayers) -> dict[str, jax.Array]:
 
 def unstack_layers(layers: DecoderLayers, dtype) -> tuple[dict[str, jax.Array], ...]:
     """A per-layer copy of the layer weights in ``dtype`` for decoding: L dicts name -> array,
-    with the q, k, v kernels fused into ``wqkv`` [H, K, G + 2, D] (per kv head: its G = N / K
-    query heads, its key, its value) and the gate and up kernels into ``w_gate_up`` [H, I, 2].
+    with the gate and up kernels fused into ``w_gate_up`` [H, I, 2] and the q, k, v kernels into
+    ``wqkv`` [H, K, G + 2, D] (per kv head: its G = N / K query heads, its key, its value).
 
     A loop over separate arrays reads each weight once per step, where the stacked parameters
     cost a slice (on GPU, XLA copies the MLP kernels out of the stack every step) and a cast per
     step when the parameters are kept in fp32. One matmul replaces three (q, k, v) and one two
     (gate, up): XLA:CPU runs these small batch-row matmuls far below its rate (greedy generation
-    on bench-small ~1.1x faster). The leading fused axes (kv heads, MLP) are those tensor
-    parallelism splits, so the copy stays split like the parameters. Costs one copy of the
-    weights."""
+    on bench-small ~1.07x faster). The fused kernels are split on their kv-head and MLP axes, as
+    tensor parallelism splits the parameters; q, k, v stay separate where the active rules split
+    heads and kv heads differently (e.g. kv heads replicated when fewer than the tensor axis).
+    Costs one copy of the weights."""
     stacked = stacked_weights(layers)
     num_layers = next(iter(stacked.values())).shape[0]
+    fuse_qkv = shards_alike("heads", "kv_heads")
 
     def layer(i):
         w = {name: x[i].astype(dtype) for name, x in stacked.items()}
-        wq, wk, wv = w.pop("wq"), w.pop("wk"), w.pop("wv")
-        hidden, kv_heads, head_dim = wk.shape
-        wq = wq.reshape(hidden, kv_heads, -1, head_dim)
-        w["wqkv"] = with_logical_constraint(jnp.concatenate([wq, wk[:, :, None], wv[:, :, None]], axis=2),
-                                            ("embed", "kv_heads", None, "head_dim"))
         w["w_gate_up"] = with_logical_constraint(jnp.stack([w.pop("w_gate"), w.pop("w_up")], axis=-1),
                                                  ("embed", "mlp", None))
+        if fuse_qkv:
+            wq, wk, wv = w.pop("wq"), w.pop("wk"), w.pop("wv")
+            hidden, kv_heads, head_dim = wk.shape
+            wq = wq.reshape(hidden, kv_heads, -1, head_dim)
+            w["wqkv"] = with_logical_constraint(jnp.concatenate([wq, wk[:, :, None], wv[:, :, None]], axis=2),
+                                                ("embed", "kv_heads", None, "head_dim"))
         return w
 
     return tuple(layer(i) for i in range(num_layers))
