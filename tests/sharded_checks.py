@@ -47,6 +47,7 @@ from icegrt_jax.train.state import (
 )
 
 MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
+MODEL_MESHES = ("2x4x1", "2x2x2")  # the reward and PPO update checks' meshes
 MODEL = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4,
                     num_kv_heads=2, max_position_embeddings=128)
 BATCH, LENGTH, ACCUM, STEPS = 16, 32, 2, 2
@@ -148,16 +149,16 @@ def norm_of_difference(a, b) -> float:
     return float(np.sqrt(sum(squares)))
 
 
-def compare_steps(run, curve_names, initial_params=None) -> tuple[dict, dict]:
-    """``run(shape)`` on every mesh against ``run(None)``: relative differences of the named
+def compare_steps(run, curve_names, initial_params=None, meshes=tuple(MESHES)) -> tuple[dict, dict]:
+    """``run(shape)`` on each of ``meshes`` against ``run(None)``: relative differences of the named
     metric curves, max differences of the parameters (absolute) and Adam's moments (relative to
     each leaf's largest entry); with ``initial_params``, the norm of the parameter difference
     relative to the norm of the reference's update (``update_rel``) and the norm of the moments'
     difference relative to their norm (``moments_rel``). Also returns each mesh's state."""
     reference_curves, reference = run(None)
     results, states = {}, {}
-    for name, shape in MESHES.items():
-        curves, state = run(shape)
+    for name in meshes:
+        curves, state = run(MESHES[name])
         states[name] = state
         results[name] = {f"{curve}_rel": max_relative(curves[curve], reference_curves[curve]) for curve in curve_names}
         results[name].update(params_abs=max_difference(state.params, reference.params),
@@ -173,10 +174,11 @@ def compare_steps(run, curve_names, initial_params=None) -> tuple[dict, dict]:
 
 
 def compare_model_steps(model_fn, make_step, batches_fn, curve_names) -> dict:
-    """``compare_steps`` of ``make_step`` on ``model_fn()``, over ``batches_fn()``."""
+    """``compare_steps`` of ``make_step`` on ``model_fn()``, over ``batches_fn()``, on the meshes
+    that shard the model (the pure data-parallel 8x1x1 splits batches as SFT's check does)."""
     initial = nnx.split(model_fn())[1]
     results, _ = compare_steps(lambda shape: run_steps(model_fn, make_step, batches_fn(), shape), curve_names,
-                               initial)
+                               initial, MODEL_MESHES)
     return results
 
 

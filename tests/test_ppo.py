@@ -135,14 +135,14 @@ def test_fused_update_programs_equal_the_separate_path(ppo_setup, monkeypatch):
     """One epoch, one minibatch, three ways: the joint program (both forwards, the experience and
     both steps in one: the default here), the critic's step with the values + the actor's update
     (forced by 2 actor micro-batches, exactly accumulated), and all separate (2 critic micro-batches
-    too). Same first rollout, so its iteration's metrics agree to float32 reduction order (rtol
-    1e-4); each run builds only the programs it uses."""
+    too). One iteration each: the same rollout, so its metrics agree to float32 reduction order
+    (rtol 1e-4); each run builds only the programs it uses."""
     tmp_path, config = ppo_setup
     calls = Counter()
     for name in UPDATE_FACTORIES:
         factory = getattr(ppo, name)
         monkeypatch.setattr(ppo, name, lambda *a, _f=factory, _n=name, **k: calls.update([_n]) or _f(*a, **k))
-    one = ("training.steps=2", "ppo.epochs=1", "ppo.minibatches=1")
+    one = ("training.steps=1", "ppo.epochs=1", "ppo.minibatches=1")
     runs = {}
     for name, overrides, built in (
             ("joint", (), {"make_joint_update"}),
@@ -153,7 +153,7 @@ def test_fused_update_programs_equal_the_separate_path(ppo_setup, monkeypatch):
         calls.clear()
         runs[name] = _run(config, tmp_path / name, *one, *overrides)
         assert calls == dict.fromkeys(built, 1), name
-        assert runs[name][1]["time_update_s"] > 0 and np.isfinite(runs[name][1]["value_loss"])
+        assert runs[name][0]["time_update_s"] > 0 and np.isfinite(runs[name][0]["value_loss"])
     for name in ("joint", "critic_fused"):
         for key in ("value_loss", "value_clip_frac", "critic_grad_norm", "advantage_mean", "advantage_std",
                     "return_mean", "explained_variance", "kl", "score_mean", "policy_loss", "actor_grad_norm",

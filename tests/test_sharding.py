@@ -12,7 +12,8 @@ subprocess (``sharded_checks.py``) that reports measured differences; the tolera
   near-zero gradient can move that coordinate by up to ~lr (measured 2e-5).
 - bf16 compute on (2,2,2): loss within 2e-3 relative (bf16's 8-bit mantissa; measured 1.4e-4).
 - fp32 reward steps (Bradley-Terry) and PPO actor and critic updates (2 AdamW steps each, grad
-  accumulation 2, lr 1e-3, the same experience minibatches), same meshes against one device:
+  accumulation 2, lr 1e-3, the same experience minibatches) on (2,4,1) and (2,2,2), which shard
+  the models (the data-parallel (8,1,1) splits batches as in SFT's check), against one device:
   loss, gradient norm and the trainer's own metrics (score std; approx. KL) within 1e-4 relative.
   Step 1 differs only in summation order (~1e-7); step 2 starts from parameters that Adam's
   per-coordinate normalisation has already moved apart on a few near-zero-gradient coordinates
@@ -96,12 +97,12 @@ def assert_steps_match(result: dict, curves: tuple[str, ...]):
     assert result["moments_rel"] < 1e-3
 
 
-@pytest.mark.parametrize("mesh", ["8x1x1", "2x4x1", "2x2x2"])
+@pytest.mark.parametrize("mesh", ["2x4x1", "2x2x2"])
 def test_sharded_reward_step_matches_one_device(sharded, mesh):
     assert_steps_match(sharded["reward"][mesh], ("loss", "grad_norm", "score_std"))
 
 
-@pytest.mark.parametrize("mesh", ["8x1x1", "2x4x1", "2x2x2"])
+@pytest.mark.parametrize("mesh", ["2x4x1", "2x2x2"])
 @pytest.mark.parametrize("role, curves", [("actor", ("policy_loss", "actor_grad_norm", "approx_kl")),
                                           ("critic", ("value_loss", "critic_grad_norm"))])
 def test_sharded_ppo_update_matches_one_device(sharded, mesh, role, curves):
