@@ -5,8 +5,8 @@
 Layout of one batch (all shapes bucketed, see below)::
 
     cache slots:  [ left-padded prompt (P slots) | new tokens (N slots) ]
-    prefill:      the prompt block in one call, into a cache of P slots (it attends only the
-                  prompt); then N empty slots are appended; only the last position is projected
+    prefill:      the prompt block in one call, written into the first P slots of the cache
+                  (its attention reads those P slots only); only the last position is projected
                   to logits
     decode:       lax.while_loop; step i samples token i from the previous logits, writes it,
                   runs the model on it at slot P + i; stops when every row has stopped or
@@ -316,21 +316,13 @@ def _logits(model, weights, tokens, key_mask, cache, cache_index):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_slots"))
 def _prefill(graphdef, params, weights, tokens, prompt_mask, *, new_slots):
-    """Write the prompts into a fresh cache of P slots (attention reads the prompt block only),
-    then append N empty slots for the response; logits [B, V] at the last prompt slot."""
+    """Write the prompts into the first P slots of a fresh cache of P + N slots (attention reads
+    the prompt block only: the key mask covers P slots); logits [B, V] at the last prompt slot."""
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, params)
     batch, width = tokens.shape
-    cache = init_cache(model.cfg, batch, width, per_layer=True)
-    logits, cache = _logits(model, weights, tokens, prompt_mask, cache, 0)
-    return logits, tuple({name: _append_slots(c, LAYER_CACHE_AXES[name], new_slots) for name, c in layer.items()}
-                         for layer in cache)
-
-
-def _append_slots(cache, axes, count):
-    """``cache`` with ``count`` zero slots appended on its ``length`` axis (``axes``: its logical axes)."""
-    widths = [(0, count if axis == "length" else 0) for axis in axes]
-    return with_logical_constraint(jnp.pad(cache, widths), axes)
+    cache = init_cache(model.cfg, batch, width + new_slots, per_layer=True)
+    return _logits(model, weights, tokens, prompt_mask, cache, 0)
 
 
 def _decode(graphdef, params, weights, cache, logits, prompt_mask, prompt_index, row_limit, seed,

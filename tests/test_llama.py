@@ -47,10 +47,12 @@ def test_logits_match_transformers_left_padded(hf_pair, scan_layers):
 
 
 @pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per-layer"])
-def test_kv_cache_decoding_equals_full_forward(hf_pair, per_layer):
+@pytest.mark.parametrize("prefill_keys", ["cache", "prompt"])
+def test_kv_cache_decoding_equals_full_forward(hf_pair, per_layer, prefill_keys):
     """Prefill + decode steps through the cache give the full forward's logits (atol 1e-5: fp32,
     only the reduction order differs); the stacked path runs the scanned layers and its stacked
-    cache, the per-layer path the sampler's: ``unstack_layers`` weights and a per-layer cache."""
+    cache, the per-layer path the sampler's: ``unstack_layers`` weights and a per-layer cache.
+    The prefill's key mask covers the whole cache or, as the sampler's, the prompt slots only."""
     _, cfg, params = hf_pair
     model = model_from_params(cfg, params)
     layer_weights = unstack_layers(model.layers, cfg.compute_dtype) if per_layer else None
@@ -64,7 +66,8 @@ def test_kv_cache_decoding_equals_full_forward(hf_pair, per_layer):
     cache = init_cache(cfg, batch_size=2, max_len=cache_len, per_layer=per_layer)
     key_mask = np.zeros((2, cache_len), np.int32)
     key_mask[:, :6] = mask
-    logits, cache = model(jnp.asarray(ids), jnp.asarray(key_mask), cache, 0, layer_weights)
+    prefill_mask = key_mask if prefill_keys == "cache" else key_mask[:, :6]
+    logits, cache = model(jnp.asarray(ids), jnp.asarray(prefill_mask), cache, 0, layer_weights)
     steps = [logits]
     for t in range(extra.shape[1]):
         key_mask[:, 6 + t] = 1

@@ -8,7 +8,8 @@ flat in depth) or as an unrolled Python loop (``scan_layers=False``).
 Attention masking is driven by one rule for every mode (full forward, prefill, decode):
 query slot ``q`` may attend key slot ``k`` iff ``k <= q`` and ``key_mask[k] == 1``. Without a cache
 the slots are the token positions; with a cache they are cache slots, and the caller passes the
-mask over all cache slots. Position ids are ``cumsum(key_mask) - 1`` read at the query slots, so
+mask over the first S slots, S >= cache_index + T (the whole cache; a prefill from slot 0 may pass
+the prompt block only, and attention then reads those slots only). Position ids are ``cumsum(key_mask) - 1`` read at the query slots, so
 left padding needs no special handling.
 """
 
@@ -410,6 +411,13 @@ def _update_cache(cache, k, v, cache_index, layer):
     return cache, k, v, "slot_major"
 
 
+def _first_slots(x, spec: str, count: int):
+    """The first ``count`` cache slots of ``x`` (its axes named by ``spec``; "s": slots): the keys
+    a key mask shorter than the cache covers (a prefill reads the prompt block only)."""
+    axis = spec.index("s")
+    return x if x.shape[axis] == count else jax.lax.slice_in_dim(x, 0, count, axis=axis)
+
+
 def _decoder_layer(cfg: LlamaConfig, w, x, cos, sin, allowed, cache, cache_index, layer):
     """One pre-norm block: x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x)).
 
@@ -423,7 +431,7 @@ def _decoder_layer(cfg: LlamaConfig, w, x, cos, sin, allowed, cache, cache_index
     layout = "slot_major"
     if cache is not None:
         cache, k, v, layout = _update_cache(cache, k, v, cache_index, layer)
-        k, v = k.astype(dt), v.astype(dt)
+        k, v = (_first_slots(x, spec, allowed.shape[-1]).astype(dt) for x, spec in zip((k, v), KV_LAYOUTS[layout]))
     attn = attention(q, k, v, allowed, layout)
     x = x + dense(attn.reshape(*attn.shape[:2], -1), w["wo"].astype(dt).reshape(-1, x.shape[-1]))
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
@@ -509,7 +517,7 @@ def unstack_layers(layers: DecoderLayers, dtype) -> tuple[dict[str, jax.Array], 
 def decoder_forward(cfg, embed, weights, final_norm, tokens, key_mask, cache, cache_index):
     """Embeddings -> L decoder layers (scanned or unrolled) -> final RMSNorm.
 
-    tokens [B, T]; key_mask [B, S] over keys (S = T without cache, cache size with one);
+    tokens [B, T]; key_mask [B, S] over keys (S = T without cache; with one, its first S >= cache_index + T slots);
     cache_index: the cache slot of tokens[:, 0]. ``weights``: ``stacked_weights`` (name ->
     [L, ...]; scanned unless ``cfg.scan_layers`` is off; a stacked cache) or ``unstack_layers``'
     per-layer tuple (an unrolled loop; a per-layer cache, ``init_cache(..., per_layer=True)``).
@@ -517,6 +525,8 @@ def decoder_forward(cfg, embed, weights, final_norm, tokens, key_mask, cache, ca
     if cache is None and key_mask.shape[1] != tokens.shape[1]:
         raise ValueError(f"key_mask {key_mask.shape} must match tokens {tokens.shape} without a cache")
     offset = 0 if cache is None else cache_index
+    if isinstance(offset, int) and key_mask.shape[1] < offset + tokens.shape[1]:
+        raise ValueError(f"key_mask {key_mask.shape} must cover cache slots up to {offset} + {tokens.shape[1]}")
     allowed, positions = attention_mask_and_positions(key_mask, tokens.shape[1], offset)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     # FSDP-style: the table is gathered over its embed shards before the lookup (the rows stay split
