@@ -102,6 +102,9 @@ from icegrt_jax.sharding import with_logical_constraint
 MIN_BUCKET = 16
 PROMPT_BUCKETS: tuple[int, ...] = tuple(2 ** i for i in range(4, 18))  # 16 ... 131072
 NEW_TOKEN_BUCKETS: tuple[int, ...] = PROMPT_BUCKETS
+# Below this (and above 0) z / T overflows or T underflows in fp32 for ordinary logits; as vLLM's
+# sampling epsilon. Use temperature 0 for greedy.
+MIN_TEMPERATURE = 1e-5
 TRACE_COUNTS: Counter = Counter()  # jitted function name -> number of traces (= compilations)
 
 
@@ -136,8 +139,9 @@ class SamplingParams:
         if isinstance(self.eos_token_ids, (list, int)):
             ids = [self.eos_token_ids] if isinstance(self.eos_token_ids, int) else self.eos_token_ids
             object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in ids))
-        if not self.temperature >= 0 or math.isinf(self.temperature):
-            raise SamplingError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise SamplingError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, "
+                                f"got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -461,6 +465,8 @@ def generate(model_or_params, prompts: Sequence[Sequence[int]], params: Sampling
         raise SamplingError(f"batch_size must be positive, got {batch_size}")
     batch_size = batch_size or len(prompts)
     pad_id = params.pad_id if params.pad_id is not None else (cfg.pad_token_id or 0)
+    if not 0 <= pad_id < cfg.vocab_size:  # padding is fed to the model (masked): its row must exist
+        raise SamplingError(f"pad_id {pad_id} is outside the model's vocabulary [0, {cfg.vocab_size})")
     eos_ids = params.eos_token_ids
     if eos_ids is None:
         eos_ids = () if cfg.eos_token_id is None else (cfg.eos_token_id,)

@@ -189,7 +189,8 @@ def read_config_json(path: str) -> dict[str, Any]:
 
 
 def _first_id(token_id):
-    """HF allows a list of eos ids; the model config keeps the first (the sampler takes all)."""
+    """HF allows a list of eos ids; the model config keeps the first (LLaMA/Vicuna have one; pass
+    more to the sampler in ``SamplingParams.eos_token_ids``)."""
     return token_id[0] if isinstance(token_id, list) and token_id else token_id
 
 
