@@ -51,6 +51,7 @@ def write_directory(path: str, write):
     if jax.process_count() == 1:
         return hf.atomic_directory(path, write)
     path = os.path.abspath(path)
+    hf.check_replaceable(path)
     tmp, old = f"{path}.tmp-shared", f"{path}.old-shared"
     primary = jax.process_index() == 0
     if primary:

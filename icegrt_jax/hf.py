@@ -288,18 +288,39 @@ def _natural_key(name: str):
 
 
 def save_tokenizer_files(tokenizer, directory: str):
-    if isinstance(tokenizer, (str, os.PathLike)):
-        for file in TOKENIZER_FILES:
-            src = os.path.join(tokenizer, file)
-            if os.path.exists(src):
-                shutil.copy(src, directory)
-    else:
+    """Copy the ``TOKENIZER_FILES`` a tokenizer directory has (at least one) or save a tokenizer object."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
         tokenizer.save_pretrained(directory)
+        return
+    for src in tokenizer_files(tokenizer, required=True):
+        shutil.copy(src, directory)
+
+
+def tokenizer_files(directory: str, required: bool = False) -> list[str]:
+    """The ``TOKENIZER_FILES`` present in ``directory``; with ``required``, none is an error."""
+    found = [os.path.join(directory, file) for file in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, file))]
+    if required and not found:
+        raise CheckpointError(f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    return found
+
+
+def check_replaceable(path: str):
+    """Raise unless ``path`` is absent, an empty directory or a model directory (has config.json):
+    a model is written over whole, and any other directory would be lost with it."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: exists and is not a directory; choose another output path")
+    if os.listdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: exists and is not a model directory (no config.json); refusing to "
+                              "replace it: remove it or choose another output path")
 
 
 def atomic_directory(path: str, write: Callable[[str], None]):
-    """Run ``write(tmp_dir)`` then move tmp_dir to ``path``; on failure nothing is left at ``path``."""
+    """Run ``write(tmp_dir)`` then move tmp_dir to ``path`` (which ``check_replaceable`` must
+    allow); on failure nothing is left at ``path``."""
     path = os.path.abspath(path)
+    check_replaceable(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -362,10 +383,12 @@ __all__ = [
     "SafetensorsError",
     "abstract_model",
     "atomic_directory",
+    "check_replaceable",
     "hf_tensors",
     "load_hf",
     "load_hf_config",
     "model_from_params",
     "params_from_pure_dict",
     "save_hf",
+    "tokenizer_files",
 ]

@@ -78,12 +78,15 @@ def test_greedy_text_equals_the_library_on_the_templated_prompt(model_dir, tmp_p
     (["--prompts", "{bad}"], "missing field 'prompt'"),
     (["--prompts", "{empty}"], "no prompts"),
     (["--prompt", "x" * 2000], "the model's context is 256"),
+    (["--out", "{folder}"], "is a directory; give the path of the JSONL file to write"),
+    (["--tokenizer", "{folder}"], "cannot load a tokenizer (ValueError); the directory needs tokenizer files"),
 ])
 def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, argv, message):
     bad, empty = tmp_path / "bad.jsonl", tmp_path / "empty.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
     empty.write_text("\n")
-    argv = [a.format(bad=bad, empty=empty) for a in argv]
+    (tmp_path / "folder").mkdir()
+    argv = [a.format(bad=bad, empty=empty, folder=tmp_path / "folder") for a in argv]
     if "--prompts" not in argv and "--prompt" not in argv:
         argv += ["--prompt", "hello"]
     assert run_cli("--model", model_dir, "--out", tmp_path / "out.jsonl", *argv) == 2

@@ -134,6 +134,33 @@ def test_save_model_is_atomic_on_failure(hf_dir, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_convert_replaces_a_model_directory_but_never_another_directory(hf_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["convert", str(hf_dir), str(out)]) == 0
+    assert cli.main(["convert", str(hf_dir), str(out)]) == 0  # a model directory: replaced whole
+    (out / "config.json").unlink()  # now just some directory with files in it
+    capsys.readouterr()
+    assert cli.main(["convert", str(hf_dir), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exists and is not a model directory (no config.json)" in err
+    assert (out / "params").is_dir()  # untouched
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["convert", str(hf_dir), str(tmp_path / "file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_convert_refuses_a_tokenizer_directory_without_tokenizer_files(hf_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["convert", str(hf_dir), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "empty")]) == 2
+    assert "no tokenizer files (expected one of tokenizer.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
+    assert cli.main(["convert", str(hf_dir), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok")]) == 0
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == "{}"
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 def _copy(hf_dir, tmp_path) -> str:

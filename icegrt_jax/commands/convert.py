@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 
 def register(subparsers):
     parser = subparsers.add_parser("convert", help="HF safetensors <-> project (Orbax) checkpoint")
@@ -22,8 +20,11 @@ def run(args) -> int:
 
     from icegrt_jax import checkpoint, hf
 
+    hf.check_replaceable(args.out)  # before loading SRC: a refused OUT or tokenizer fails at once
+    if args.tokenizer:
+        hf.tokenizer_files(args.tokenizer, required=True)
     overrides = {"param_dtype": args.dtype} if args.dtype else {}
-    tokenizer = args.tokenizer or (args.src if _has_tokenizer(args.src) else None)
+    tokenizer = args.tokenizer or (args.src if hf.tokenizer_files(args.src) else None)
     model_kind = hf.read_config_kind(args.src)  # a missing directory or config.json: a one-line error
     if checkpoint.is_project_checkpoint(args.src):
         cfg, params = checkpoint.load_model(args.src, **overrides)
@@ -61,8 +62,3 @@ def _with_scoring_pad_id(cfg, tokenizer_dir):
               "before a final EOS, icegrt scores the EOS", file=sys.stderr)
     return cfg
 
-
-def _has_tokenizer(path: str) -> bool:
-    from icegrt_jax.hf import TOKENIZER_FILES
-
-    return any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)

@@ -12,10 +12,10 @@ with our JAX backend, on hub data or on local JSONL files (``--data-dir``). Writ
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from icegrt_jax import files
 from icegrt_jax.errors import UserInputError
 
 RESULT_INFO_KEYS = ("alias", "name", "sample_len", "sample_count")
@@ -70,13 +70,12 @@ def run(args) -> int:
                                  data_dir=args.data_dir, work_dir=out / label, limit=args.limit,
                                  config_dir=config_dir)
         (out / label).mkdir(parents=True, exist_ok=True)
-        (out / label / "lm_eval_results.json").write_text(
-            json.dumps(results, indent=2, default=handle_non_serializable))
+        files.write_json(out / label / "lm_eval_results.json", results, default=handle_non_serializable)
         all_results[label] = results
     report = build_report(all_results, dict(zip(labels, args.model)), names, benchmarks)
     text = render_report(report)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(text)
+    files.write_json(out / "results.json", report)
+    files.write_text(out / "results.md", text)
     print(text, end="")
     return 0
 

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 
+from icegrt_jax import files
 from icegrt_jax.errors import UserInputError
 
 
@@ -58,7 +59,7 @@ def _add_arguments(parser, samples_flag: str, default_samples: int):
 def run(args) -> int:
     records, responses, params = sample_responses(args)
     lines = [json.dumps({**record, "responses": rows}, ensure_ascii=False) for record, rows in zip(records, responses)]
-    _write_atomically(args.out, "".join(line + "\n" for line in lines))
+    files.write_text(args.out, "".join(line + "\n" for line in lines))
     print(f"wrote {len(records)} prompts x {params.num_samples} responses to {args.out}")
     return 0
 
@@ -75,7 +76,7 @@ def run_sample(args) -> int:
         lines.append(json.dumps({"prompt_id": str(record.get("id", i)), "prompt": record["prompt"],
                                  "responses": [rows[j]["text"] for j in order], "sampling": settings},
                                 ensure_ascii=False))
-    _write_atomically(args.out, "".join(line + "\n" for line in lines))
+    files.write_text(args.out, "".join(line + "\n" for line in lines))
     print(f"wrote {len(records)} prompts x {params.num_samples} responses (random order) to {args.out}")
     return 0
 
@@ -96,8 +97,10 @@ def sample_responses(args):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserInputError(f"--out {args.out}: directory {out_dir} does not exist")
+    if os.path.isdir(args.out):
+        raise UserInputError(f"--out {args.out}: is a directory; give the path of the JSONL file to write")
     records = _read_prompts(args)
-    tokenizer = _tokenizer(load_tokenizer, args.tokenizer or args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     overrides = {"param_dtype": args.dtype, "dtype": args.dtype} if args.dtype else {}
     cfg = hf.load_hf_config(args.model, **overrides)
     if len(tokenizer) > cfg.vocab_size:
@@ -144,16 +147,6 @@ def _read_prompts(args) -> list[dict]:
     return records
 
 
-def _tokenizer(load_tokenizer, path: str):
-    try:
-        return load_tokenizer(path)
-    except (OSError, ValueError) as e:
-        if isinstance(e, UserInputError):
-            raise
-        raise UserInputError(f"{path}: cannot load a tokenizer ({type(e).__name__}); "
-                             "pass a directory with tokenizer files via --tokenizer") from None
-
-
 def _encode(tokenizer, template, text: str):
     from icegrt_jax.data.tokenize import tokenize_prompt
 
@@ -162,9 +155,3 @@ def _encode(tokenizer, template, text: str):
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
 
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

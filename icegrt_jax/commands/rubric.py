@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+from icegrt_jax import files
 
 
 def register(subparsers):
@@ -23,8 +24,6 @@ def run(args) -> int:
     print(text, end="")
     if args.output:
         os.makedirs(args.output, exist_ok=True)
-        with open(os.path.join(args.output, "rubric.md"), "w", encoding="utf-8") as f:
-            f.write(text)
-        with open(os.path.join(args.output, "rubric.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        files.write_text(os.path.join(args.output, "rubric.md"), text)
+        files.write_json(os.path.join(args.output, "rubric.json"), report)
     return 0

@@ -87,7 +87,11 @@ def load_tokenizer(path: str) -> Any:
 
     if not Path(path).is_dir():
         raise DataError(f"{path}: no such tokenizer directory")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:  # no or broken tokenizer files (transformers' own errors)
+        raise DataError(f"{path}: cannot load a tokenizer ({type(e).__name__}); the directory needs "
+                        "tokenizer files (tokenizer.json, or tokenizer.model with tokenizer_config.json)") from None
     if tokenizer.eos_token_id is None:
         raise DataError(f"{path}: the tokenizer has no eos token")
     return tokenizer

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from icegrt_jax import files
 from icegrt_jax.config import PPOConfig, RewardConfig, SFTConfig, load_config
 from icegrt_jax.demo import annotator, data
 from icegrt_jax.demo.tokenizer import train_tokenizer
@@ -106,10 +107,7 @@ def load_run(out: str, config_path: str | None = None, fast: bool = False, seed:
 def write_jsonl(path: str, records) -> None:
     """Write atomically (temporary file renamed into place)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
-    os.replace(tmp, path)
+    files.write_jsonl(path, records)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -119,9 +117,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(f"{path}.tmp", path)
+    files.write_json(path, obj)
 
 
 def read_json(path: str):

@@ -4,10 +4,10 @@ agreement, export check, stage times) and PNG plots of PPO and reward-model trai
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 
+from icegrt_jax import files
 from icegrt_jax.demo import pipeline
 from icegrt_jax.eval import markdown_table
 from icegrt_jax.eval.rubric import render_markdown
@@ -125,9 +125,7 @@ def write_report(run: pipeline.Run, timings: dict[str, float]) -> str:
         markdown_table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in timings.items()]), "",
     ]
     path = run.path("report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    with open(run.path("report.json"), "w") as f:
-        json.dump({"results": results, "reward_stats": reward_stats, "agreement": agreement, "export": export,
-                   "timings": timings, "seed": run.demo.seed}, f, indent=2)
+    files.write_text(path, "\n".join(lines))
+    files.write_json(run.path("report.json"), {"results": results, "reward_stats": reward_stats, "agreement": agreement,
+                                               "export": export, "timings": timings, "seed": run.demo.seed})
     return path

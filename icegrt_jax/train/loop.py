@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from icegrt_jax import files
 from icegrt_jax.checkpoint import TrainCheckpointer
 from icegrt_jax.config import LoggingConfig, TrainingConfig, config_to_yaml
 from icegrt_jax.data.batching import DataPosition
@@ -35,8 +36,7 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
     out = cfg.training.output_dir
     os.makedirs(out, exist_ok=True)
     if is_primary_process():
-        with open(os.path.join(out, "config.yaml"), "w") as f:
-            f.write(config_to_yaml(cfg))
+        files.write_text(os.path.join(out, "config.yaml"), config_to_yaml(cfg))
         for line in report:
             print(f"[{name}] {line}")
     checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
@@ -106,10 +106,7 @@ def drop_rows_after(path: str, step: int):
                 continue
             if isinstance(row, dict) and row.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    partial = path + ".tmp"
-    with open(partial, "w") as f:
-        f.writelines(kept)
-    os.replace(partial, path)
+    files.write_text(path, "".join(kept))
 
 
 class StopRequest:

@@ -1,0 +1,34 @@
+"""Output files written atomically: the text goes to a temporary file in the same directory,
+flushed to disk, then renamed over the target, so a reader or a crash never sees half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) in one rename."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj, **dumps_options) -> None:
+    """``obj`` as indented JSON (``json.dumps`` options such as ``default``), atomically."""
+    write_text(path, json.dumps(obj, indent=2, **dumps_options) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """One JSON object a line, atomically."""
+    write_text(path, "".join(json.dumps(record) + "\n" for record in records))
