@@ -279,13 +279,16 @@ def value_loss(
         clipped_error = (clipped_values - returns) ** 2
         per_token = jnp.maximum(squared_error, clipped_error)
         clip_frac = masked_mean((clipped_error > squared_error).astype(values.dtype), mask)
+    metrics = {"value_clip_frac": clip_frac, "explained_variance": explained_variance(values, returns, mask)}
+    return 0.5 * masked_mean(per_token, mask), metrics
+
+
+def explained_variance(values: Array, returns: Array, mask: Array) -> Array:
+    """``1 - Var[R - V] / Var[R]`` over the mask; 0 when ``Var[R] = 0`` (nothing to explain)."""
     returns_var = masked_var(returns, mask)
-    residual_var = masked_var(returns - values, mask)
     has_variance = returns_var > 0
     safe_returns_var = jnp.where(has_variance, returns_var, 1.0)
-    explained_variance = jnp.where(has_variance, 1.0 - residual_var / safe_returns_var, 0.0)
-    metrics = {"value_clip_frac": clip_frac, "explained_variance": explained_variance}
-    return 0.5 * masked_mean(per_token, mask), metrics
+    return jnp.where(has_variance, 1.0 - masked_var(returns - values, mask) / safe_returns_var, 0.0)
 
 
 # ------------------------------------------------------------------------- KL controllers

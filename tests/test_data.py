@@ -183,6 +183,35 @@ def test_bad_records_raise_one_line_errors_naming_file_and_line(tmp_path, line, 
     assert "\n" not in str(error.value)
 
 
+def test_a_parquet_table_mixing_pairs_and_rankings_loads_both(tmp_path, monkeypatch):
+    """In a table every row has every column (null where the shape lacks it): a null counts as absent."""
+    import datasets
+
+    from icegrt_jax.data.preferences import load_preferences
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    ranking = {"prompt": "q", "responses": ["a", "b", "c"], "rankings": [[2, 0, 1]], "chosen": None, "rejected": None}
+    pair = {"prompt": "p", "responses": None, "rankings": None, "chosen": "good", "rejected": "bad"}
+    datasets.Dataset.from_list([pair, ranking]).to_parquet(str(tmp_path / "mixed.parquet"))
+    pairs, report = load_preferences([str(tmp_path / "mixed.parquet")], top_k=1, bottom_k=1)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("good", "bad"), ("c", "b")]
+    assert report.pair_records == 1
+
+
+@pytest.mark.parametrize("make", ["corrupt parquet", "corrupt arrow", "folder of jsonl"])
+def test_unreadable_table_or_folder_is_a_one_line_error(tmp_path, make):
+    if make == "folder of jsonl":
+        path = tmp_path / "data"
+        path.mkdir()
+        (path / "a.jsonl").write_text('{"prompt": "x", "response": "y"}\n')
+    else:
+        path = tmp_path / ("t.parquet" if "parquet" in make else "t.arrow")
+        path.write_bytes(b"not a table at all" * 10)
+    with pytest.raises(DataError, match=f"^{path}: cannot read it as a dataset ") as error:
+        load_conversations([str(path)])
+    assert "\n" not in str(error.value)
+
+
 def test_missing_data_file_is_named(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match=f"^{missing}: no such file$"):

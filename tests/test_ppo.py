@@ -2,6 +2,7 @@
 advantage normalisation, independent learning rates, exact resume mid-iteration, bad input."""
 
 import json
+import math
 import signal
 from collections import Counter
 
@@ -19,7 +20,7 @@ from icegrt_jax.models.llama import preset
 from icegrt_jax.train import ppo
 from icegrt_jax.train.model_init import init_model
 from icegrt_jax.train.ppo import run_ppo
-from icegrt_jax.train.rollout import compute_advantages
+from icegrt_jax.train.rollout import compute_advantages, shape_scores
 
 SCORER = "ppo_scorers:letter_e_share"
 
@@ -103,6 +104,29 @@ def test_advantage_normalisation_switch(whiten):
     if whiten:
         on = np.asarray(mask, bool)
         assert abs(np.asarray(adv.advantages)[on].mean()) < 1e-5
+
+
+@pytest.mark.parametrize("normalize", ["none", "stats", "running"])
+@pytest.mark.parametrize("penalty, clip", [(None, None), (1.5, 0.8)])
+def test_shape_scores_follow_the_formula_over_two_batches(normalize, penalty, clip):
+    """score = clip(normalise(raw) - penalty x [no EOS], +-clip), as a plain-Python loop; "running"
+    standardises with the mean and unbiased std of every raw score seen so far, this batch
+    included (atol 1e-5: fp32 of values O(1))."""
+    rng = np.random.default_rng(0)
+    stats = {"score_mean": 1.5, "score_std": 2.5}
+    moments, seen = rl.init_running_moments(), []
+    for _ in range(2):
+        raw, ended = rng.normal(2.0, 3.0, 6).astype(np.float32), rng.random(6) < 0.5
+        scores, moments = shape_scores(jnp.asarray(raw), jnp.asarray(ended), moments, normalize, stats, clip, penalty)
+        seen += raw.tolist()
+        mean = sum(seen) / len(seen)
+        std = math.sqrt(sum((x - mean) ** 2 for x in seen) / (len(seen) - 1))
+        for i, x in enumerate(raw.tolist()):
+            y = {"none": x, "stats": (x - 1.5) / (2.5 + 1e-8), "running": (x - mean) / (std + 1e-8)}[normalize]
+            y -= penalty if penalty is not None and not ended[i] else 0.0
+            y = y if clip is None else min(max(y, -clip), clip)
+            assert abs(float(scores[i]) - y) < 1e-5, (i, float(scores[i]), y)
+        assert int(moments.count) == len(seen)
 
 
 def _initial_params(config):

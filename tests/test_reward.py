@@ -15,7 +15,7 @@ from icegrt_jax.config import RewardConfig, load_config
 from icegrt_jax.data.preferences import load_preferences
 from icegrt_jax.data.sources import DataError
 from icegrt_jax.hf import read_config_kind
-from icegrt_jax.train.reward import run_reward
+from icegrt_jax.train.reward import read_reward_stats, run_reward
 
 WORDS = ["fox", "dog", "sea", "waves", "poem", "short", "lazy", "quick", "brown", "capital"]
 
@@ -143,3 +143,19 @@ def test_missing_backbone_directory_is_one_line_exit_2(reward_setup, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "/nonexistent/sft: not a directory" in err, err
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"score_mean": 0.5,', r"stats.json:1: invalid JSON"),
+    ('[1, 2]', "expected one JSON object with score_mean and score_std"),
+    ('{"score_mean": 0.5}', r"field 'score_std' must be a number, got None"),
+    ('{"score_mean": "0.5", "score_std": 1}', r"field 'score_mean' must be a number, got '0.5'"),
+])
+def test_bad_reward_stats_file_is_a_one_line_error(tmp_path, text, message):
+    path = tmp_path / "stats.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message) as error:
+        read_reward_stats(str(path))
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+    path.write_text('{"score_mean": 0.5, "score_std": 2, "accuracy": 0.9}')
+    assert read_reward_stats(str(path))["score_std"] == 2

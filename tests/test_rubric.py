@@ -106,6 +106,7 @@ def test_agreement_per_criterion():
     (lambda r: r["labels"].update(clearness="positive"), "unknown criterion 'clearness'"),
     (lambda r: r["labels"].update(clarity="great"), "unknown label 'great' for clarity"),
     (lambda r: r["labels"].pop("context"), "no label for criterion(s) context"),
+    (lambda r: r["labels"].update({"Clarity": "positive"}), "criterion 'clarity' labelled twice ('Clarity')"),
     (lambda r: r.pop("labeler"), "missing field(s) labeler"),
 ])
 def test_bad_annotations_are_clear_errors(tmp_path, change, message):

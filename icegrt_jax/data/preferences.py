@@ -95,7 +95,8 @@ def load_preferences(specs: Sequence[str], top_k: int = 2, bottom_k: int = 2
         for where, record in iter_records(spec):
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected an object, got {type(record).__name__}")
-            if "rankings" in record or "responses" in record:
+            # a null field counts as absent: a table mixing both shapes has every column in every row
+            if record.get("rankings") is not None or record.get("responses") is not None:
                 pairs += _ranking_pairs(record, where, top_k, bottom_k, report)
             else:
                 pairs.append(_explicit_pair(record, where))

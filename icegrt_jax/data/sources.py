@@ -134,17 +134,18 @@ def _rows(spec: str, dataset: Iterable[dict]) -> Iterator[tuple[str, Any]]:
 def _open_local_dataset(path: Path) -> Iterable[dict]:
     import datasets  # imported on use: it takes seconds to import and JSONL does not need it
 
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            raise DataError(f"{path}: holds splits {sorted(loaded)}; name one split's directory")
-        return loaded
-    if path.suffix == ".parquet":
-        return datasets.Dataset.from_parquet(str(path))
-    if path.suffix == ".arrow":
-        return datasets.Dataset.from_file(str(path))
-    raise DataError(f"{path}: unsupported file type; expected .jsonl, .parquet, .arrow "
-                    "or a saved dataset directory")
+    readers = {".parquet": datasets.Dataset.from_parquet, ".arrow": datasets.Dataset.from_file}
+    if not path.is_dir() and path.suffix not in readers:
+        raise DataError(f"{path}: unsupported file type; expected .jsonl, .parquet, .arrow "
+                        "or a saved dataset directory")
+    try:
+        loaded = datasets.load_from_disk(str(path)) if path.is_dir() else readers[path.suffix](str(path))
+    except (OSError, ValueError) as e:  # not a saved dataset, a corrupt table (pyarrow's errors are these)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot read it as a dataset ({reason})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        raise DataError(f"{path}: holds splits {sorted(loaded)}; name one split's directory")
+    return loaded
 
 
 def _open_hub_dataset(spec: str) -> Iterable[dict]:

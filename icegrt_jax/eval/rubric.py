@@ -80,6 +80,8 @@ def parse_annotation(record, where: str) -> Annotation:
         if value not in LABEL_POINTS:
             raise AnnotationError(f"{where}: unknown label {label!r} for {name} "
                                   f"(expected one of {', '.join(LABEL_POINTS)})")
+        if name in labels:
+            raise AnnotationError(f"{where}: criterion {name!r} labelled twice ({criterion!r})")
         labels[name] = value
     absent = [c for c in CRITERION_WEIGHTS if c not in labels]
     if absent:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 
@@ -66,7 +65,7 @@ from icegrt_jax.sharding import Partitioner, initialize_distributed
 from icegrt_jax.train import rollout
 from icegrt_jax.train.loop import data_position_meta, open_run, train_loop
 from icegrt_jax.train.model_init import init_model
-from icegrt_jax.train.reward import REWARD_STATS_FILE
+from icegrt_jax.train.reward import REWARD_STATS_FILE, read_reward_stats
 from icegrt_jax.train.state import (
     TrainState,
     accumulate_gradients,
@@ -478,7 +477,6 @@ def _iteration_metrics(result, raw_scores, scores, sequence_kl, kl_controller, a
                        update_metrics) -> dict:
     averaged = {k: jnp.mean(jnp.stack([m[k] for m in update_metrics if k in m]))
                 for k in {k for m in update_metrics for k in m} if k != "finite"}
-    residual_var = rl.masked_var(adv.returns - values, mask)
     return {
         **averaged,
         "loss": averaged.get("policy_loss", averaged["value_loss"]),
@@ -491,7 +489,7 @@ def _iteration_metrics(result, raw_scores, scores, sequence_kl, kl_controller, a
         "advantage_mean": rl.masked_mean(adv.raw_advantages, mask),
         "advantage_std": jnp.sqrt(rl.masked_var(adv.raw_advantages, mask)),
         "return_mean": rl.masked_mean(adv.returns, mask), "return_std": jnp.sqrt(rl.masked_var(adv.returns, mask)),
-        "explained_variance": 1.0 - residual_var / jnp.maximum(rl.masked_var(adv.returns, mask), 1e-8),
+        "explained_variance": rl.explained_variance(values, adv.returns, mask),
     }
 
 
@@ -506,8 +504,7 @@ def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
         reward_tokenizer = load_tokenizer(cfg.reward.path)
         stats_path = os.path.join(cfg.reward.path, REWARD_STATS_FILE)
         if os.path.exists(stats_path):
-            with open(stats_path) as f:
-                reward_stats = json.load(f)
+            reward_stats = read_reward_stats(stats_path)
         elif cfg.reward.normalize == "stats":
             raise DataError(f"{stats_path}: not found (reward.normalize=stats needs it)")
     if cfg.ppo.critic_init == "reward":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -52,6 +53,25 @@ from icegrt_jax.train.state import (
 )
 
 REWARD_STATS_FILE = "reward_stats.json"
+REWARD_STATS_KEYS = ("score_mean", "score_std")  # what PPO's reward.normalize=stats reads
+
+
+def read_reward_stats(path: str) -> dict:
+    """A reward model's ``reward_stats.json``; bad JSON or a missing or non-numeric
+    ``score_mean`` / ``score_std`` is a one-line ``DataError`` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            stats = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if not isinstance(stats, dict):
+        raise DataError(f"{path}: expected one JSON object with {' and '.join(REWARD_STATS_KEYS)}")
+    for key in REWARD_STATS_KEYS:
+        if isinstance(stats.get(key), bool) or not isinstance(stats.get(key), (int, float)):
+            raise DataError(f"{path}: field {key!r} must be a number, got {stats.get(key)!r}")
+    return stats
 
 
 @dataclasses.dataclass(frozen=True)
