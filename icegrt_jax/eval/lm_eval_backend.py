@@ -88,8 +88,8 @@ def scoring_rows(token_pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max
     rows: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
     for index, (context, continuation) in enumerate(token_pairs):
         if not context or not continuation or len(continuation) > max_length:
-            raise ValueError(f"request {index}: need a non-empty context and 1..{max_length} continuation "
-                             f"tokens, got {len(context)} and {len(continuation)}")
+            raise UserInputError(f"request {index}: need a non-empty context and 1..{max_length} continuation "
+                                 f"tokens, got {len(context)} and {len(continuation)} (raise --max-length?)")
         tokens = (list(context) + list(continuation))[-(max_length + 1):]
         rows[(tuple(tokens[:-1]), len(continuation))].append((index, tokens[-1]))
     return sorted((ScoringRow(inputs, n, requests) for (inputs, n), requests in rows.items()),
