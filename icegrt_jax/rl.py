@@ -181,7 +181,10 @@ def gae(
 # --------------------------------------------------------------------------------- losses
 
 
-def _aggregate(per_token: Array, mask: Array, aggregate: str) -> Array:
+def aggregate_tokens(per_token: Array, mask: Array, aggregate: str) -> Array:
+    """``per_token`` [B, T] reduced over the mask as a loss: ``"token_mean"`` (all response
+    tokens of the batch) or ``"seq_mean_token_mean"`` (each sequence's token mean, averaged over
+    the sequences with a response token)."""
     if aggregate == "token_mean":
         return masked_mean(per_token, mask)
     if aggregate == "seq_mean_token_mean":
@@ -245,7 +248,7 @@ def ppo_policy_loss(
     if logits is not None:
         chex.assert_equal_shape_prefix((logits, mask), 2)
         metrics["entropy"] = masked_mean(entropy_from_logits(logits), mask)
-    return _aggregate(per_token, mask, aggregate), metrics
+    return aggregate_tokens(per_token, mask, aggregate), metrics
 
 
 def value_loss(

@@ -150,3 +150,25 @@ def test_plan_counts_the_joint_updates_transients_together():
     assert ppo.fuses_rollout_forwards(cfg)
     transients = plan_ppo(cfg, 1.0, reward_preset="tiny").transients
     assert transients["update: actor + critic"] == transients["update: actor"] + transients["update: critic"] > 0
+
+
+@pytest.mark.parametrize("aggregate", ["token_mean", "seq_mean_token_mean"])
+def test_actor_update_accumulated_over_micro_batches_equals_one_batch(setup, aggregate):
+    """Two micro-batches of rows with different response lengths give the one-batch step and
+    metrics: the loss (surrogate and entropy bonus, both aggregated as ``aggregate``) through
+    ``_token_weight``, the token-mean metrics through their token counts."""
+    s, (graphdef, params) = setup, setup.actor
+    cfg = dataclasses.replace(s.cfg, ppo=dataclasses.replace(s.cfg.ppo, aggregate=aggregate, entropy_coef=0.05))
+    rng = np.random.default_rng(5)
+    minibatch = {**s.rows, "advantages": jnp.asarray(rng.normal(size=(ROWS, LENGTH - 1)), jnp.float32)}
+    tx = optax.sgd(0.5)
+    results = {}
+    for steps in (1, 2):
+        run_cfg = dataclasses.replace(cfg, actor_optimizer=dataclasses.replace(cfg.actor_optimizer, grad_accum_steps=steps))
+        results[steps] = ppo.make_actor_update(graphdef, tx, run_cfg)(init_train_state(copy(params), tx, 0), minibatch)
+    (one_state, one), (two_state, two) = results[1], results[2]
+    jax.tree.map(close, two_state.params, one_state.params)
+    assert _changed(one_state.params, params)
+    assert set(one) == set(two) and "tokens" not in one
+    for key in ("policy_loss", *ppo.TOKEN_MEAN_METRICS):
+        close(two[key], one[key], err_msg=key)

@@ -144,7 +144,8 @@ def make_actor_update(graphdef, tx, cfg: PPOConfig, *, partitioner: Partitioner 
 
     def update(state, minibatch):
         micro = split_micro_batches(minibatch, cfg.actor_optimizer.grad_accum_steps)
-        return _optimizer_step(state, accumulate_gradients(sum_loss, state.params, micro), tx, "actor")
+        accumulated = policy_token_means(accumulate_gradients(sum_loss, state.params, micro))
+        return _optimizer_step(state, accumulated, tx, "actor")
 
     return _jit_update(update, partitioner, state_shardings)
 
@@ -155,16 +156,33 @@ def _actor_logprobs(graphdef, params, rows, cfg: PPOConfig):
                                      cfg.rollout.temperature, cfg.rollout.max_new_tokens)
 
 
+TOKEN_MEAN_METRICS = ("clip_frac", "approx_kl", "ratio_mean", "entropy")
+
+
 def _policy_loss_sums(logprobs, entropy, mb, p):
-    """((clipped surrogate - entropy_coef x entropy) x W, (W, metrics x W)), W = ``_token_weight``."""
-    loss, metrics = rl.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
+    """((clipped surrogate - entropy_coef x entropy) x W, (W, metric sums)), both terms aggregated
+    as ``ppo.aggregate`` and W = ``_token_weight``. ``policy_loss`` is summed x W, the
+    ``TOKEN_MEAN_METRICS`` x the token count n, and n itself is carried as ``tokens``, so that
+    after accumulation ``policy_token_means`` gives their exact means over the whole minibatch."""
+    mask = mb["mask"]
+    loss, metrics = rl.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
                                        p.clip_eps, p.dual_clip, p.aggregate)
-    metrics = {"policy_loss": loss, "clip_frac": metrics["clip_frac"], "approx_kl": metrics["approx_kl"],
-               "ratio_mean": metrics["ratio_mean"], "entropy": rl.masked_mean(entropy, mb["mask"])}
+    metrics = {**{k: metrics[k] for k in TOKEN_MEAN_METRICS[:-1]}, "entropy": rl.masked_mean(entropy, mask)}
     if p.entropy_coef:  # only then does the entropy enter the gradient (no backward pass for 0 x H)
-        loss = loss - p.entropy_coef * metrics["entropy"]
-    weight = _token_weight(mb["mask"], p.aggregate)
-    return loss * weight, (weight, jax.tree.map(lambda m: m * weight, metrics))
+        loss = loss - p.entropy_coef * rl.aggregate_tokens(entropy, mask, p.aggregate)
+    weight, tokens = _token_weight(mask, p.aggregate), jnp.sum(mask).astype(jnp.float32)
+    sums = {"policy_loss": loss * weight, "tokens": tokens, **{k: m * tokens for k, m in metrics.items()}}
+    return loss * weight, (weight, sums)
+
+
+def policy_token_means(accumulated):
+    """``accumulate_gradients``' result with the token-mean metrics of ``_policy_loss_sums``
+    made exact: (sum_i m_i n_i / W) / (sum_i n_i / W) = sum_i m_i n_i / sum_i n_i; ``tokens`` dropped."""
+    grads, loss, weight, metrics = accumulated
+    metrics = dict(metrics)
+    tokens = metrics.pop("tokens")
+    safe = jnp.where(tokens > 0, tokens, 1.0)
+    return grads, loss, weight, {k: m / safe if k in TOKEN_MEAN_METRICS else m for k, m in metrics.items()}
 
 
 def make_critic_update(graphdef, tx, cfg: PPOConfig, *, partitioner: Partitioner | None = None,
@@ -279,8 +297,8 @@ def make_joint_update(actor_graphdef, critic_graphdef, actor_tx, critic_tx, cfg:
     def update(actor, critic, rows, kl, moments):
         (_, (actor_sums, critic_sums, outputs)), (actor_grads, critic_grads) = jax.value_and_grad(
             sum_losses, has_aux=True)((actor.params, critic.params), rows, kl, moments)
-        actor, actor_metrics = _optimizer_step(actor, means_from_sums(actor_grads, actor_sums[0], *actor_sums[1]),
-                                               actor_tx, "actor")
+        actor_accumulated = policy_token_means(means_from_sums(actor_grads, actor_sums[0], *actor_sums[1]))
+        actor, actor_metrics = _optimizer_step(actor, actor_accumulated, actor_tx, "actor")
         critic, critic_metrics = _optimizer_step(critic, means_from_sums(critic_grads, critic_sums[0], *critic_sums[1]),
                                                  critic_tx, "critic")
         metrics = {**actor_metrics, **critic_metrics, "finite": actor_metrics["finite"] * critic_metrics["finite"]}
