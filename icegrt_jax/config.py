@@ -461,6 +461,10 @@ def _read_yaml(path: str) -> DictConfig:
         loaded = OmegaConf.load(path)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({_one_line(str(e))})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return loaded

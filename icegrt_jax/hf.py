@@ -186,7 +186,9 @@ def _tensor_index(path: str) -> dict[str, str]:
             with open(index_path) as f:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_path}: corrupted index (expected a 'weight_map' object)") from None
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path}: corrupted index (expected a 'weight_map' object of file names)")
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
     single = os.path.join(path, SAFE_SINGLE)
     if os.path.exists(single):

@@ -97,6 +97,9 @@ def test_missing_and_malformed_files(tmp_path):
     assert load_error(path).startswith(f"{path}: invalid YAML")
     path = write_yaml(tmp_path, "- a\n- b\n")
     assert load_error(path) == f"{path}: expected a mapping at the top level"
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("model: {preset: caf\u00e9}\n".encode("latin-1"))
+    assert load_error(str(latin)).startswith(f"{latin}: not UTF-8 text (invalid")
 
 
 def test_saved_yaml_loads_back_to_an_equal_config(tmp_path):

@@ -6,6 +6,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -223,6 +224,8 @@ BAD_INPUTS = {
     "header length": (_bad_header_length, SafetensorsError, "truncated or corrupted"),
     "no weights": (lambda p: os.remove(os.path.join(p, "model.safetensors")), CheckpointError,
                    "only safetensors weights are loaded"),
+    "index weight_map": (lambda p: Path(p, "model.safetensors.index.json").write_text('{"weight_map": [1]}'),
+                         CheckpointError, r"index\.json: corrupted index \(expected a 'weight_map' object of file names\)"),
 }
 
 

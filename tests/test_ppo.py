@@ -15,12 +15,16 @@ from helpers import run_cli_killed_at
 
 from icegrt_jax import cli, rl
 from icegrt_jax.checkpoint import load_model
-from icegrt_jax.config import PPOConfig, PPOLossConfig, load_config
+from icegrt_jax.config import PPOConfig, PPOLossConfig, RewardModelConfig, load_config
 from icegrt_jax.models.llama import preset
 from icegrt_jax.train import ppo
 from icegrt_jax.train.model_init import init_model
 from icegrt_jax.train.ppo import run_ppo
-from icegrt_jax.train.rollout import compute_advantages, shape_scores
+from icegrt_jax.train.rollout import (
+    compute_advantages,
+    experience_from_scores,
+    shape_scores,
+)
 
 SCORER = "ppo_scorers:letter_e_share"
 
@@ -127,6 +131,33 @@ def test_shape_scores_follow_the_formula_over_two_batches(normalize, penalty, cl
             y = y if clip is None else min(max(y, -clip), clip)
             assert abs(float(scores[i]) - y) < 1e-5, (i, float(scores[i]), y)
         assert int(moments.count) == len(seen)
+
+
+def test_experience_steps_the_adaptive_kl_controller_with_the_mean_sequence_kl():
+    """Ziegler's controller in the trainer's experience step, as a plain loop: KL = the mean over
+    rows of sum_t (log pi - log pi_ref) over each row's response; beta <- beta (1 + clip(KL /
+    target - 1, +-0.2) x rows / horizon). The advantages use the coefficient before the step;
+    log-probs off the mask (NaN here) reach nothing."""
+    rng = np.random.default_rng(1)
+    mask = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.float32)
+    logprobs = rng.normal(-2, 1, (3, 5)).astype(np.float32)
+    ref = (logprobs - rng.uniform(0, 0.1, (3, 5))).astype(np.float32)
+    values, scores = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    logprobs_nan = np.where(mask > 0, logprobs, np.nan).astype(np.float32)
+    kl = rl.init_kl_controller(0.1, target=0.05, horizon=100.0)
+    loss_cfg = PPOLossConfig(gamma=0.95, lam=0.9)
+    _, adv, sequence_kl, stepped, _ = experience_from_scores(
+        jnp.asarray(scores), jnp.ones(3, bool), jnp.asarray(logprobs_nan), jnp.asarray(ref), jnp.asarray(values),
+        jnp.asarray(mask), kl, rl.init_running_moments(), reward_cfg=RewardModelConfig(), reward_stats=None,
+        loss_cfg=loss_cfg)
+    per_row = [sum(float(logprobs[i, t]) - float(ref[i, t]) for t in range(5) if mask[i, t]) for i in range(3)]
+    np.testing.assert_allclose(sequence_kl, per_row, rtol=1e-5)
+    error = min(max(sum(per_row) / 3 / 0.05 - 1, -0.2), 0.2)
+    np.testing.assert_allclose(float(stepped.kl_coef), 0.1 * (1 + error * 3 / 100.0), rtol=1e-6)
+    expected = compute_advantages(jnp.asarray(scores), jnp.asarray(logprobs), jnp.asarray(ref), jnp.asarray(values),
+                                  jnp.asarray(mask), 0.1, loss_cfg)
+    np.testing.assert_allclose(adv.advantages, expected.advantages, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(np.asarray(adv.advantages)).all() and np.isfinite(np.asarray(adv.returns)).all()
 
 
 def _initial_params(config):
