@@ -104,6 +104,23 @@ def test_exact_resume_after_sigkill(sft_setup):
     assert resumed == straight
 
 
+def test_resume_names_a_changed_config_and_refuses_a_state_that_no_longer_fits(sft_setup, capsys):
+    tmp_path, config = sft_setup
+    run = ["sft", "--config", config, f"training.output_dir={tmp_path / 'run'}"]
+    assert cli.main([*run, "training.steps=3"]) == 0
+    capsys.readouterr()
+    assert cli.main([*run, "training.steps=4", "optimizer.lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "[sft] resumed from step 3" in out
+    assert ("[sft] note: resuming with a config that differs from the run's, so it will not continue as it would "
+            "have: optimizer.lr: 0.003 -> 0.001; training.steps: 3 -> 4") in out
+    assert cli.main([*run, "training.steps=5", "optimizer.lr=1e-3", "model.hidden_size=32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step 4 does not fit this run's model and optimizer state" in err
+    assert "(config changed: model.hidden_size: 64 -> 32; training.steps: 4 -> 5)" in err
+    assert "hidden_size: 64" in (tmp_path / "run" / "config.yaml").read_text()  # the run's config is kept
+
+
 def _logged(run_dir):
     """(step, loss or eval loss) of each metrics.jsonl row."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

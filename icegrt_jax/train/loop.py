@@ -19,12 +19,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from icegrt_jax import files
 from icegrt_jax.checkpoint import TrainCheckpointer
 from icegrt_jax.config import LoggingConfig, TrainingConfig, config_to_yaml
 from icegrt_jax.data.batching import DataPosition
+from icegrt_jax.hf import CheckpointError
 from icegrt_jax.sharding import is_primary_process
 
 
@@ -32,20 +34,55 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
     """A trainer's run directory: ``cfg.training.output_dir`` with config.yaml, the ``report`` lines
     printed as ``[name] ...`` (process 0), and the checkpointer. When the directory holds a
     checkpoint the run resumes from it: the state (restored onto ``state_shardings``) and the
-    data position of ``batches``. Returns (state, checkpointer)."""
+    data position of ``batches``; a config that differs from the saved config.yaml is named (the
+    run then does not continue as it would have), and a state that no longer fits the
+    checkpoint is a one-line ``CheckpointError``. Returns (state, checkpointer)."""
     out = cfg.training.output_dir
     os.makedirs(out, exist_ok=True)
+    config_path = os.path.join(out, "config.yaml")
+    checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
+    step = checkpointer.latest_step()
+    changes = config_changes(config_path, cfg) if step is not None and os.path.isfile(config_path) else []
+    if step is not None:
+        try:
+            state, meta = checkpointer.restore(state, shardings=state_shardings)
+        except ValueError:  # Orbax: the saved tree's structure, shapes or dtypes differ
+            changed = f" (config changed: {'; '.join(changes)})" if changes else ""
+            raise CheckpointError(f"{checkpointer.directory}: step {step} does not fit this run's model and "
+                                  f"optimizer state{changed}; resume with the run's config or use a new "
+                                  "training.output_dir") from None
+        batches.position = DataPosition(**meta["data_position"])
     if is_primary_process():
-        files.write_text(os.path.join(out, "config.yaml"), config_to_yaml(cfg))
+        files.write_text(config_path, config_to_yaml(cfg))
         for line in report:
             print(f"[{name}] {line}")
-    checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state, shardings=state_shardings)
-        batches.position = DataPosition(**meta["data_position"])
-        if is_primary_process():
+        if step is not None:
             print(f"[{name}] resumed from step {int(state.step)} ({checkpointer.directory})")
+        if changes:
+            print(f"[{name}] note: resuming with a config that differs from the run's, so it will not continue "
+                  f"as it would have: {'; '.join(changes)}")
     return state, checkpointer
+
+
+def config_changes(saved_yaml: str, cfg) -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between the config.yaml a run
+    saved and ``cfg`` (a key on one side only counts as changed)."""
+    def flat(tree, prefix=""):
+        if not isinstance(tree, dict):
+            return {prefix[:-1]: tree}
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    def show(value) -> str:
+        text = "(absent)" if value is _ABSENT else repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    old = flat(OmegaConf.to_container(OmegaConf.load(saved_yaml)))
+    new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return [f"{key}: {show(old.get(key, _ABSENT))} -> {show(new.get(key, _ABSENT))}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key, _ABSENT) != new.get(key, _ABSENT)]
+
+
+_ABSENT = object()
 
 
 def data_position_meta(batches) -> Callable[[], dict]:
