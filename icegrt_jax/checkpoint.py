@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -115,6 +117,21 @@ class TrainCheckpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         return self._manager.save(step, args=args, force=force)
 
+    def mismatch(self, abstract_state, step: int) -> str | None:
+        """Which arrays differ between the state saved at ``step`` and ``abstract_state`` (shapes
+        and dtypes, compared as multisets: Orbax's tree metadata need not list them in the
+        state's order), or None. Checked before restoring: Orbax's own error on a state that does
+        not fit comes with tracebacks of its reader threads on stderr."""
+        path = epath.Path(self.directory) / str(step) / "state"
+        if not path.exists():
+            return None
+        metadata = ocp.StandardCheckpointHandler().metadata(path)
+        saved, wanted = _array_counts(getattr(metadata, "tree", metadata)), _array_counts(abstract_state)
+        if saved == wanted:
+            return None
+        describe = lambda counts: ", ".join(f"{list(shape)} {dtype}" for shape, dtype in sorted(counts)[:2]) or "none"
+        return f"saved arrays not in this run: {describe(saved - wanted)}; this run's not saved: {describe(wanted - saved)}"
+
     def restore(self, abstract_state, step: int | None = None, shardings=None):
         """(state, meta) of ``step`` (default: the newest), shaped like ``abstract_state`` and laid
         out by ``shardings`` (a matching tree of ``jax.sharding.Sharding``; default: the shardings
@@ -137,3 +154,8 @@ class TrainCheckpointer:
 
     def close(self):
         self._manager.close()
+
+
+def _array_counts(tree) -> Counter:
+    """How many arrays of each (shape, dtype) a state (or its Orbax metadata) holds."""
+    return Counter((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape")))

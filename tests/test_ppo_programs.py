@@ -152,13 +152,14 @@ def test_plan_counts_the_joint_updates_transients_together():
     assert transients["update: actor + critic"] == transients["update: actor"] + transients["update: critic"] > 0
 
 
-@pytest.mark.parametrize("aggregate", ["token_mean", "seq_mean_token_mean"])
-def test_actor_update_accumulated_over_micro_batches_equals_one_batch(setup, aggregate):
+def test_actor_update_accumulated_over_micro_batches_equals_one_batch(setup):
     """Two micro-batches of rows with different response lengths give the one-batch step and
-    metrics: the loss (surrogate and entropy bonus, both aggregated as ``aggregate``) through
-    ``_token_weight``, the token-mean metrics through their token counts."""
+    metrics with the sequence-mean aggregation (whose weight, the sequence count, is not the token
+    count): the loss (surrogate and entropy bonus, both aggregated so) through ``_token_weight``,
+    the token-mean metrics through their token counts."""
     s, (graphdef, params) = setup, setup.actor
-    cfg = dataclasses.replace(s.cfg, ppo=dataclasses.replace(s.cfg.ppo, aggregate=aggregate, entropy_coef=0.05))
+    ppo_cfg = dataclasses.replace(s.cfg.ppo, aggregate="seq_mean_token_mean", entropy_coef=0.05)
+    cfg = dataclasses.replace(s.cfg, ppo=ppo_cfg)
     rng = np.random.default_rng(5)
     minibatch = {**s.rows, "advantages": jnp.asarray(rng.normal(size=(ROWS, LENGTH - 1)), jnp.float32)}
     tx = optax.sgd(0.5)

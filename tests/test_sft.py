@@ -109,16 +109,21 @@ def test_resume_names_a_changed_config_and_refuses_a_state_that_no_longer_fits(s
     run = ["sft", "--config", config, f"training.output_dir={tmp_path / 'run'}"]
     assert cli.main([*run, "training.steps=3"]) == 0
     capsys.readouterr()
-    assert cli.main([*run, "training.steps=4", "optimizer.lr=1e-3"]) == 0
+    assert cli.main([*run, "training.steps=3", "optimizer.lr=1e-3"]) == 0  # resumes at its last step
     out = capsys.readouterr().out
     assert "[sft] resumed from step 3" in out
     assert ("[sft] note: resuming with a config that differs from the run's, so it will not continue as it would "
-            "have: optimizer.lr: 0.003 -> 0.001; training.steps: 3 -> 4") in out
+            "have: optimizer.lr: 0.003 -> 0.001\n") in out
     assert cli.main([*run, "training.steps=5", "optimizer.lr=1e-3", "model.hidden_size=32"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "step 4 does not fit this run's model and optimizer state" in err
-    assert "(config changed: model.hidden_size: 64 -> 32; training.steps: 4 -> 5)" in err
+    assert len(err.splitlines()) == 1 and "step 3 does not fit this run's model and optimizer state" in err
+    assert "(config changed: model.hidden_size: 64 -> 32; training.steps: 3 -> 5)" in err
     assert "hidden_size: 64" in (tmp_path / "run" / "config.yaml").read_text()  # the run's config is kept
+    (tmp_path / "run" / "config.yaml").unlink()  # nothing to compare the config with: the arrays are named
+    assert cli.main([*run, "model.hidden_size=32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "(saved arrays not in this run: [2, 4, 16, 64] float32, " in err
+    assert "this run's not saved: [2, 4, 8, 32] float32, [2, 32] float32)" in err
 
 
 def _logged(run_dir):

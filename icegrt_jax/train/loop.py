@@ -44,13 +44,12 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
     step = checkpointer.latest_step()
     changes = config_changes(config_path, cfg) if step is not None and os.path.isfile(config_path) else []
     if step is not None:
-        try:
-            state, meta = checkpointer.restore(state, shardings=state_shardings)
-        except ValueError:  # Orbax: the saved tree's structure, shapes or dtypes differ
-            changed = f" (config changed: {'; '.join(changes)})" if changes else ""
+        if mismatch := checkpointer.mismatch(state, step):
+            changed = f"config changed: {'; '.join(changes)}" if changes else mismatch
             raise CheckpointError(f"{checkpointer.directory}: step {step} does not fit this run's model and "
-                                  f"optimizer state{changed}; resume with the run's config or use a new "
-                                  "training.output_dir") from None
+                                  f"optimizer state ({changed}); resume with the run's config or use a new "
+                                  "training.output_dir")
+        state, meta = checkpointer.restore(state, shardings=state_shardings)
         batches.position = DataPosition(**meta["data_position"])
     if is_primary_process():
         files.write_text(config_path, config_to_yaml(cfg))
@@ -83,6 +82,7 @@ def config_changes(saved_yaml: str, cfg) -> list[str]:
 
 
 _ABSENT = object()
+
 
 
 def data_position_meta(batches) -> Callable[[], dict]:
