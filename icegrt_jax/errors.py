@@ -6,3 +6,13 @@ The CLI turns any ``UserInputError`` into a one-line message on stderr and exit 
 
 class UserInputError(ValueError):
     """Bad input from the user: the message names the file, line, field or key."""
+
+
+class TrainingStopped(Exception):
+    """A trainer stopped by SIGTERM/SIGINT after saving a checkpoint (preemption): the run is not
+    finished. The CLI exits with 128 + the signal's number, as a process the signal killed, so
+    schedulers and job dependencies (``afterok``) do not take it for complete."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

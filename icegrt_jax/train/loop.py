@@ -4,7 +4,8 @@
 each batch, logs metrics (JSONL + TensorBoard, process 0 only), evaluates every ``eval_every``
 steps, checkpoints every ``save_every`` steps and at the end, stops with ``NonFiniteError`` when
 a step reports a non-finite loss or gradient (that update is never applied, and the last good
-checkpoint stays the newest), and on SIGTERM/SIGINT saves a checkpoint and returns cleanly.
+checkpoint stays the newest), and on SIGTERM/SIGINT saves a checkpoint and returns; the trainer
+then raises ``TrainingStopped`` (``LoopResult.raise_if_stopped``) instead of writing its final model.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from icegrt_jax import files
 from icegrt_jax.checkpoint import TrainCheckpointer
 from icegrt_jax.config import LoggingConfig, TrainingConfig, config_to_yaml
 from icegrt_jax.data.batching import DataPosition
+from icegrt_jax.errors import TrainingStopped
 from icegrt_jax.hf import CheckpointError
 from icegrt_jax.sharding import is_primary_process
 
@@ -147,13 +149,17 @@ def drop_rows_after(path: str, step: int):
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set ``requested`` instead of killing the process (preemption)."""
+    """SIGTERM/SIGINT set ``signum`` (and ``requested``) instead of killing the process (preemption)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
+        self.signum: int | None = None
         self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         for sig in self.SIGNALS:
@@ -161,7 +167,7 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -176,8 +182,15 @@ def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
 @dataclasses.dataclass
 class LoopResult:
     state: Any
-    stopped_early: bool  # preempted by a signal
+    stopped_by: int | None  # the signal that preempted the loop (its checkpoint saved), if any
     last_metrics: dict[str, float]
+
+    def raise_if_stopped(self, checkpointer):
+        """``TrainingStopped`` when a signal preempted the loop (the trainer then writes no final model)."""
+        if self.stopped_by is not None:
+            raise TrainingStopped(self.stopped_by, f"stopped by {signal.Signals(self.stopped_by).name} at step "
+                                  f"{int(self.state.step)}; checkpoint saved in {checkpointer.directory}: rerun "
+                                  "the same command to resume")
 
 
 def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int, checkpointer,
@@ -193,7 +206,7 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
     logger = MetricsLogger(output_dir, logging, resume_step=start)
     show = logging.progress and jax.process_index() == 0
     metrics: dict[str, float] = {}
-    stopped = False
+    stopped = None
     try:
         with StopRequest() as stop, tqdm(total=total_steps, initial=start, desc=desc, disable=not show) as bar:
             for step in range(start + 1, total_steps + 1):
@@ -219,9 +232,9 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
                 if step % training.save_every == 0 or step == total_steps or stop.requested:
                     checkpointer.save(step, state, meta_fn(), force=True)
                 if stop.requested:
-                    stopped = True
+                    stopped = stop.signum
                     break
     finally:
         checkpointer.wait()
         logger.close()
-    return LoopResult(state=state, stopped_early=stopped, last_metrics=metrics)
+    return LoopResult(state=state, stopped_by=stopped, last_metrics=metrics)

@@ -577,7 +577,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
                         meta_fn=data_position_meta(batches),
                         training=cfg.training, logging=cfg.logging, output_dir=out, desc="ppo")
     checkpointer.close()
-    if not result.stopped_early:
-        save_model(llama, result.state.actor.params, os.path.join(out, "final"), tokenizer=tokenizer)
-        save_model(critic_cfg, result.state.critic.params, os.path.join(out, "final-critic"), kind="score")
+    result.raise_if_stopped(checkpointer)
+    save_model(llama, result.state.actor.params, os.path.join(out, "final"), tokenizer=tokenizer)
+    save_model(critic_cfg, result.state.critic.params, os.path.join(out, "final-critic"), kind="score")
     return result.last_metrics

@@ -261,8 +261,7 @@ def run_reward(cfg: RewardConfig) -> dict:
         training=cfg.training, logging=cfg.logging, output_dir=out,
         eval_fn=stats_fn if evaluation else None, desc="reward")
     checkpointer.close()
-    if result.stopped_early:
-        return result.last_metrics
+    result.raise_if_stopped(checkpointer)
     stats = stats_fn(result.state)
     reward_stats = {"score_mean": stats["score_mean"], "score_std": stats["score_std"],
                     "accuracy": stats["accuracy"], "split": "eval" if evaluation else "train",

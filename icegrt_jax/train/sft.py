@@ -161,7 +161,6 @@ def run_sft(cfg: SFTConfig) -> dict:
         training=cfg.training, logging=cfg.logging, output_dir=cfg.training.output_dir, eval_fn=eval_fn,
         tokens_fn=lambda b: int(b["attention_mask"].sum()), desc="sft")
     checkpointer.close()
-    if not result.stopped_early:
-        save_model(llama, result.state.params, os.path.join(cfg.training.output_dir, "final"),
-                   tokenizer=data.tokenizer)
+    result.raise_if_stopped(checkpointer)
+    save_model(llama, result.state.params, os.path.join(cfg.training.output_dir, "final"), tokenizer=data.tokenizer)
     return result.last_metrics
