@@ -118,10 +118,10 @@ class TrainCheckpointer:
         return self._manager.save(step, args=args, force=force)
 
     def mismatch(self, abstract_state, step: int) -> str | None:
-        """Which arrays differ between the state saved at ``step`` and ``abstract_state`` (shapes
-        and dtypes, compared as multisets: Orbax's tree metadata need not list them in the
-        state's order), or None. Checked before restoring: Orbax's own error on a state that does
-        not fit comes with tracebacks of its reader threads on stderr."""
+        """Which array shapes differ between the state saved at ``step`` and ``abstract_state``
+        (compared as multisets: Orbax's tree metadata need not list them in the state's order;
+        dtypes may differ, the restore converts them), or None. Checked before restoring: Orbax's
+        own error on a state that does not fit comes with tracebacks of its reader threads."""
         path = epath.Path(self.directory) / str(step) / "state"
         if not path.exists():
             return None
@@ -129,7 +129,7 @@ class TrainCheckpointer:
         saved, wanted = _array_counts(getattr(metadata, "tree", metadata)), _array_counts(abstract_state)
         if saved == wanted:
             return None
-        describe = lambda counts: ", ".join(f"{list(shape)} {dtype}" for shape, dtype in sorted(counts)[:2]) or "none"
+        describe = lambda counts: ", ".join(str(list(shape)) for shape in sorted(counts)[:2]) or "none"
         return f"saved arrays not in this run: {describe(saved - wanted)}; this run's not saved: {describe(wanted - saved)}"
 
     def restore(self, abstract_state, step: int | None = None, shardings=None):
@@ -157,5 +157,5 @@ class TrainCheckpointer:
 
 
 def _array_counts(tree) -> Counter:
-    """How many arrays of each (shape, dtype) a state (or its Orbax metadata) holds."""
-    return Counter((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape")))
+    """How many arrays of each shape a state (or its Orbax metadata) holds."""
+    return Counter(tuple(x.shape) for x in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape")))

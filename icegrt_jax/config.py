@@ -312,8 +312,8 @@ class RolloutConfig:
     old_logprobs: str = choice("recompute", "recompute", "sampler")
 
     def problems(self) -> Problems:
-        if self.temperature <= 0:
-            yield "temperature", f"must be > 0 for PPO (log-probs divide by it), got {self.temperature}"
+        if not self.temperature >= 1e-5:  # sampling.MIN_TEMPERATURE (fp32 over- and underflow below)
+            yield "temperature", f"must be >= 1e-05 for PPO (log-probs divide by it), got {self.temperature}"
         if not 0 < self.top_p <= 1:
             yield "top_p", f"must be in (0, 1], got {self.top_p}"
         if self.old_logprobs == "sampler" and (self.top_k or self.top_p < 1):

@@ -464,7 +464,8 @@ def generate(model_or_params, prompts: Sequence[Sequence[int]], params: Sampling
     if batch_size is not None and batch_size < 1:
         raise SamplingError(f"batch_size must be positive, got {batch_size}")
     batch_size = batch_size or len(prompts)
-    pad_id = params.pad_id if params.pad_id is not None else (cfg.pad_token_id or 0)
+    default_pad = cfg.pad_token_id if cfg.pad_token_id is not None and cfg.pad_token_id >= 0 else 0  # LLaMA-1: -1
+    pad_id = params.pad_id if params.pad_id is not None else default_pad
     if not 0 <= pad_id < cfg.vocab_size:  # padding is fed to the model (masked): its row must exist
         raise SamplingError(f"pad_id {pad_id} is outside the model's vocabulary [0, {cfg.vocab_size})")
     eos_ids = params.eos_token_ids

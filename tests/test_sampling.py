@@ -380,6 +380,19 @@ def test_a_pad_id_outside_the_vocabulary_is_refused(tiny, pad_id):
         generate(model, [[5, 6], [7]], SamplingParams(pad_id=pad_id))
 
 
+def test_a_negative_pad_token_id_in_the_config_pads_with_0(tiny):
+    """LLaMA-1 configs say pad_token_id -1: the default padding is then token 0 (masked anyway)."""
+    _, model = tiny
+    options = SamplingParams(greedy=True, max_new_tokens=4, eos_token_ids=())
+    expected = generate(model, [[5, 6], [7]], dataclasses.replace(options, pad_id=0))
+    original, model.cfg = model.cfg, model.cfg.replace(pad_token_id=-1)
+    try:
+        result = generate(model, [[5, 6], [7]], options)
+    finally:
+        model.cfg = original
+    np.testing.assert_array_equal(result.tokens, expected.tokens)
+
+
 def test_accepts_graphdef_and_params(tiny):
     _, model = tiny
     prompts = random_prompts(LENGTHS, model.cfg.vocab_size)

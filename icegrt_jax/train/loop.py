@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import yaml
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
@@ -28,7 +29,7 @@ from icegrt_jax.checkpoint import TrainCheckpointer
 from icegrt_jax.config import LoggingConfig, TrainingConfig, config_to_yaml
 from icegrt_jax.data.batching import DataPosition
 from icegrt_jax.errors import TrainingStopped
-from icegrt_jax.hf import CheckpointError
+from icegrt_jax.hf import CheckpointError, check_replaceable
 from icegrt_jax.sharding import is_primary_process
 
 
@@ -36,11 +37,13 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
     """A trainer's run directory: ``cfg.training.output_dir`` with config.yaml, the ``report`` lines
     printed as ``[name] ...`` (process 0), and the checkpointer. When the directory holds a
     checkpoint the run resumes from it: the state (restored onto ``state_shardings``) and the
-    data position of ``batches``; a config that differs from the saved config.yaml is named (the
-    run then does not continue as it would have), and a state that no longer fits the
+    data position of ``batches``; a config that differs from the saved config.yaml is named (what
+    changes the run's course makes it differ from an uninterrupted one), and a state that no longer fits the
     checkpoint is a one-line ``CheckpointError``. Returns (state, checkpointer)."""
     out = cfg.training.output_dir
     os.makedirs(out, exist_ok=True)
+    for final in ("final", "final-critic"):  # where the trainers write their models at the end: fail now
+        check_replaceable(os.path.join(out, final))
     config_path = os.path.join(out, "config.yaml")
     checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
     step = checkpointer.latest_step()
@@ -60,8 +63,7 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
         if step is not None:
             print(f"[{name}] resumed from step {int(state.step)} ({checkpointer.directory})")
         if changes:
-            print(f"[{name}] note: resuming with a config that differs from the run's, so it will not continue "
-                  f"as it would have: {'; '.join(changes)}")
+            print(f"[{name}] note: resuming with a config that differs from the run's: {'; '.join(changes)}")
     return state, checkpointer
 
 
@@ -77,7 +79,10 @@ def config_changes(saved_yaml: str, cfg) -> list[str]:
         text = "(absent)" if value is _ABSENT else repr(value)
         return text if len(text) <= 60 else text[:57] + "..."
 
-    old = flat(OmegaConf.to_container(OmegaConf.load(saved_yaml)))
+    try:
+        old = flat(OmegaConf.to_container(OmegaConf.load(saved_yaml)))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):  # advisory only: never blocks a resume
+        return []
     new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
     return [f"{key}: {show(old.get(key, _ABSENT))} -> {show(new.get(key, _ABSENT))}"
             for key in sorted(old.keys() | new.keys()) if old.get(key, _ABSENT) != new.get(key, _ABSENT)]

@@ -161,17 +161,17 @@ TOKEN_MEAN_METRICS = ("clip_frac", "approx_kl", "ratio_mean", "entropy")
 
 def _policy_loss_sums(logprobs, entropy, mb, p):
     """((clipped surrogate - entropy_coef x entropy) x W, (W, metric sums)), both terms aggregated
-    as ``ppo.aggregate`` and W = ``_token_weight``. ``policy_loss`` is summed x W, the
+    as ``ppo.aggregate`` and W = ``_token_weight``. ``policy_loss`` (the surrogate) is summed x W, the
     ``TOKEN_MEAN_METRICS`` x the token count n, and n itself is carried as ``tokens``, so that
     after accumulation ``policy_token_means`` gives their exact means over the whole minibatch."""
     mask = mb["mask"]
     loss, metrics = rl.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
                                        p.clip_eps, p.dual_clip, p.aggregate)
     metrics = {**{k: metrics[k] for k in TOKEN_MEAN_METRICS[:-1]}, "entropy": rl.masked_mean(entropy, mask)}
-    if p.entropy_coef:  # only then does the entropy enter the gradient (no backward pass for 0 x H)
-        loss = loss - p.entropy_coef * rl.aggregate_tokens(entropy, mask, p.aggregate)
     weight, tokens = _token_weight(mask, p.aggregate), jnp.sum(mask).astype(jnp.float32)
     sums = {"policy_loss": loss * weight, "tokens": tokens, **{k: m * tokens for k, m in metrics.items()}}
+    if p.entropy_coef:  # only then does the entropy enter the gradient (no backward pass for 0 x H)
+        loss = loss - p.entropy_coef * rl.aggregate_tokens(entropy, mask, p.aggregate)
     return loss * weight, (weight, sums)
 
 
@@ -521,10 +521,10 @@ def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
         reward_graphdef, _ = abstract_model(reward_cfg, "score")
         reward_tokenizer = load_tokenizer(cfg.reward.path)
         stats_path = os.path.join(cfg.reward.path, REWARD_STATS_FILE)
-        if os.path.exists(stats_path):
+        if cfg.reward.normalize == "stats":
+            if not os.path.exists(stats_path):
+                raise DataError(f"{stats_path}: not found (reward.normalize=stats needs it)")
             reward_stats = read_reward_stats(stats_path)
-        elif cfg.reward.normalize == "stats":
-            raise DataError(f"{stats_path}: not found (reward.normalize=stats needs it)")
     if cfg.ppo.critic_init == "reward":
         critic_cfg, critic_params = reward_cfg, reward_params
     else:
