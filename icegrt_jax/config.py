@@ -36,6 +36,11 @@ class ConfigError(UserInputError):
     """A configuration we cannot use; the one-line message names the source and the dotted key."""
 
 
+# The smallest positive sampling temperature: below it z / T overflows or T underflows in fp32 for
+# ordinary logits (vLLM's sampling epsilon). Temperature 0 means greedy.
+MIN_TEMPERATURE = 1e-5
+
+
 def choice(default: str, *allowed: str) -> Any:
     """A string field restricted to ``allowed`` (checked by ``load_config``)."""
     return field(default=default, metadata={"choices": allowed})
@@ -312,8 +317,8 @@ class RolloutConfig:
     old_logprobs: str = choice("recompute", "recompute", "sampler")
 
     def problems(self) -> Problems:
-        if not self.temperature >= 1e-5:  # sampling.MIN_TEMPERATURE (fp32 over- and underflow below)
-            yield "temperature", f"must be >= 1e-05 for PPO (log-probs divide by it), got {self.temperature}"
+        if not self.temperature >= MIN_TEMPERATURE:
+            yield "temperature", f"must be >= {MIN_TEMPERATURE} for PPO (log-probs divide by it), got {self.temperature}"
         if not 0 < self.top_p <= 1:
             yield "top_p", f"must be in (0, 1], got {self.top_p}"
         if self.old_logprobs == "sampler" and (self.top_k or self.top_p < 1):

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from icegrt_jax import files
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import (
@@ -373,9 +374,8 @@ def save_hf(cfg: LlamaConfig, params, path: str, tokenizer=None, max_shard_size:
 
 
 def write_json(path: str, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    """HF's JSON files: indented, keys sorted (``files.write_json``)."""
+    files.write_json(path, obj, sort_keys=True)
 
 
 __all__ = [

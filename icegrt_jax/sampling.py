@@ -90,6 +90,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from icegrt_jax.config import MIN_TEMPERATURE
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.models.llama import (
     LAYER_CACHE_AXES,
@@ -102,9 +103,6 @@ from icegrt_jax.sharding import with_logical_constraint
 MIN_BUCKET = 16
 PROMPT_BUCKETS: tuple[int, ...] = tuple(2 ** i for i in range(4, 18))  # 16 ... 131072
 NEW_TOKEN_BUCKETS: tuple[int, ...] = PROMPT_BUCKETS
-# Below this (and above 0) z / T overflows or T underflows in fp32 for ordinary logits; as vLLM's
-# sampling epsilon. Use temperature 0 for greedy.
-MIN_TEMPERATURE = 1e-5
 TRACE_COUNTS: Counter = Counter()  # jitted function name -> number of traces (= compilations)
 
 

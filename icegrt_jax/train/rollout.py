@@ -144,6 +144,6 @@ def experience_from_scores(raw_scores, finished_by_eos, logprobs, ref_logprobs, 
     scores, moments = shape_scores(raw_scores, finished_by_eos, moments, reward_cfg.normalize, reward_stats,
                                    reward_cfg.clip, reward_cfg.missing_eos_penalty)
     advantages = compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl.kl_coef, loss_cfg)
-    sequence_kl = jnp.sum(jnp.where(mask != 0, rl.kl_penalty(logprobs, ref_logprobs, "k1"), 0.0), axis=1)
+    sequence_kl = jnp.sum(rl.kl_penalty(logprobs, ref_logprobs, "k1"), axis=1, where=mask != 0)
     kl = rl.update_kl_controller(kl, jnp.mean(sequence_kl), mask.shape[0])
     return scores, advantages, sequence_kl, kl, moments
