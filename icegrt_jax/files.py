@@ -29,6 +29,6 @@ def write_json(path: str | os.PathLike, obj, **dumps_options) -> None:
     write_text(path, json.dumps(obj, indent=2, **dumps_options) + "\n")
 
 
-def write_jsonl(path: str | os.PathLike, records) -> None:
-    """One JSON object a line, atomically."""
-    write_text(path, "".join(json.dumps(record) + "\n" for record in records))
+def write_jsonl(path: str | os.PathLike, records, **dumps_options) -> None:
+    """One JSON object a line (``json.dumps`` options such as ``ensure_ascii``), atomically."""
+    write_text(path, "".join(json.dumps(record, **dumps_options) + "\n" for record in records))

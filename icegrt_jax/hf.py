@@ -13,9 +13,11 @@ HF's q/k projections are already in the rotate-half RoPE layout we use, so no pe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +42,8 @@ from icegrt_jax.safetensors_io import (
     SafetensorsFile,
     write_safetensors,
 )
+
+log = logging.getLogger(__name__)
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -319,12 +323,42 @@ def check_replaceable(path: str):
                               "replace it: remove it or choose another output path")
 
 
+def _temporary_prefix(path: str) -> str:
+    """``path.tmp-<host>-``: with the writer's pid appended, its temporary directory."""
+    return f"{path}.tmp-{socket.gethostname()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Remove the temporary directories of ``atomic_directory(path)`` that a killed process of this
+    host left (its pid is gone; other hosts' are left alone); return their paths."""
+    prefix = _temporary_prefix(path)
+    parent, name = os.path.split(prefix)
+    stale = [os.path.join(parent, entry) for entry in (os.listdir(parent) if os.path.isdir(parent) else [])
+             if entry.startswith(name) and entry[len(name):].isdigit() and not _process_alive(int(entry[len(name):]))]
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted earlier write of %s", tmp, path)
+    return stale
+
+
 def atomic_directory(path: str, write: Callable[[str], None]):
     """Run ``write(tmp_dir)`` then move tmp_dir to ``path`` (which ``check_replaceable`` must
-    allow); on failure nothing is left at ``path``."""
+    allow); on failure nothing is left at ``path``. Temporary directories of earlier writes to
+    ``path`` that were killed are removed first (``remove_stale_temporaries``)."""
     path = os.path.abspath(path)
     check_replaceable(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    remove_stale_temporaries(path)
+    tmp = f"{_temporary_prefix(path)}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:

@@ -57,18 +57,26 @@ def requests(kind, args):
     return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
 
-def test_registered_under_icegrt():
+def test_registered_under_icegrt(model_dir):
+    """By name, as ``simple_evaluate(model="icegrt", model_args=...)`` builds it."""
     assert get_model("icegrt") is IceGRTLM
+    lm = get_model("icegrt").create_from_arg_string(f"pretrained={model_dir[0]},batch_size=auto,max_length=64",
+                                                    {"device": "cpu"})
+    assert (lm.batch_size, lm.max_length, lm.truncated) == (16, 64, {})
 
 
-def test_loglikelihood_matches_transformers(backends):
+def test_loglikelihood_matches_transformers(backends, caplog):
     ours, theirs = backends
+    before = ours.truncated["loglikelihood"]
     question = "Question: What is the capital of France?\nAnswer:"
     pairs = [(question, f" {letter}") for letter in "ABCD"]  # one forward pass for all four
     pairs += [(question, " The capital of France is Paris."), ("", "Waves roll in and out again."),
               ("Write a short poem about the sea.", " Waves roll in"), (LONG_TEXT, " and out again.")]
     got = ours.loglikelihood(requests("loglikelihood", pairs))
     want = theirs.loglikelihood(requests("loglikelihood", pairs))
+    # LONG_TEXT is longer than the context: left-truncated (as lm-eval's hf backend), counted and said
+    assert ours.truncated["loglikelihood"] - before == 1
+    assert "1 of 8 loglikelihood requests left-truncated to fit max_length 256" in caplog.text
     assert [g[1] for g in got] == [w[1] for w in want]
     assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
 
@@ -85,12 +93,14 @@ def test_generate_until_matches_transformers(backends):
     """Greedy, cut at stop strings; the prompts are left-truncated to max_length - max_gen_toks, so
     they share their compiled shapes with the gsm8k run of the end-to-end test."""
     ours, theirs = backends
+    before = ours.truncated["generate_until"]
     early_stops = {"until": ["\n", "."], "do_sample": False, "max_gen_toks": 12}
     late_stops = {"until": ["Q:"], "do_sample": False, "max_gen_toks": 12}
     endings = [" Question: What is the capital of France?\nAnswer:", " The quick brown fox", " Numbers: 0 1 2"]
     prompts = [(LONG_TEXT + end, kwargs) for kwargs in (early_stops, late_stops) for end in endings]
     got = ours.generate_until(requests("generate_until", prompts))
     assert got == theirs.generate_until(requests("generate_until", prompts))
+    assert ours.truncated["generate_until"] - before == len(prompts)  # every prompt starts with LONG_TEXT
 
 
 def test_scoring_rows_group_shared_inputs():
@@ -152,8 +162,8 @@ def test_local_data_layout_and_splits(tmp_path):
 
 
 def test_eval_cli_end_to_end_two_models(model_dir, data_dir, tmp_path, capsys):
-    """simple_evaluate by registered name: a log-likelihood task and a generation task on local data,
-    two models side by side."""
+    """simple_evaluate: a log-likelihood task and a generation task on local data, two models side
+    by side."""
     path_a, _ = model_dir
     path_b = path_a.parent / "model_b"
     make_hf_llama(path_b, vocab=512, seed=1)
@@ -161,13 +171,19 @@ def test_eval_cli_end_to_end_two_models(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["eval", "--model", str(path_a), "--model", str(path_b), "--tasks", "arc_e,gsm8k",
                  "--data-dir", str(data_dir), "--output", str(out), "--batch-size", "4", "--max-gen-toks", "12"]) == 0
-    shown = capsys.readouterr().out
+    captured = capsys.readouterr()
+    shown = captured.out
     assert "| Model | ARC-E 1-shot | GSM8K 8-shot |" in shown and "| model_b |" in shown
     report = json.loads((out / "results.json").read_text())
+    # gsm8k's 8-shot prompts do not fit the tiny model's 256 - 12 tokens: counted and said
+    assert "model_a: requests whose context was left-truncated to fit the context length: 3 generate_until" \
+        in captured.err
+    assert "Note: requests whose context was left-truncated" in (out / "results.md").read_text()
     for label in ("model_a", "model_b"):
         model = report["models"][label]
         assert (model["n_shot"]["arc_easy"], model["n_shot"]["gsm8k_cot"]) == (1, 8)
         assert 0.0 <= model["scores"]["icegrt_arc_e"] <= 1.0 and 0.0 <= model["scores"]["icegrt_gsm8k"] <= 1.0
+        assert model["truncated_requests"] == {"generate_until": 3}
         raw = json.loads((out / label / "lm_eval_results.json").read_text())
         assert raw["results"]["arc_easy"]["sample_len"] == 4 and raw["results"]["gsm8k_cot"]["sample_len"] == 3
     assert "dataset_path: json" in (out / "model_a/local_tasks/arc_easy.yaml").read_text()

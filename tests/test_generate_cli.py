@@ -12,7 +12,7 @@ from icegrt_jax.data.tokenize import load_tokenizer, tokenize_prompt
 from icegrt_jax.hf import load_hf, model_from_params
 from icegrt_jax.sampling import SamplingParams, generate
 
-PROMPTS = ["What is the capital of France?", "Write a short poem about the sea."]
+PROMPTS = ["What is the capital of France?", "Write a short poem about the sea at the Café de Flore."]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def test_generate_file_with_template_and_samples(model_dir, tmp_path):
                    "--max-new-tokens", 6, "--temperature", 0.9, "--top-p", 0.95, "--batch-size", 1) == 0
     records = read_jsonl(out)
     assert [(r["id"], r["prompt"]) for r in records] == list(enumerate(PROMPTS))
+    assert "Café" in out.read_text(encoding="utf-8")  # UTF-8 as is, not \u escapes
     for record in records:
         assert len(record["responses"]) == 3
         for response in record["responses"]:

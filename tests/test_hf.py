@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -133,6 +134,24 @@ def test_save_model_is_atomic_on_failure(hf_dir, tmp_path):
     with pytest.raises(RuntimeError):
         save_model(cfg, params, str(tmp_path / "ckpt"), tokenizer=Boom())
     assert os.listdir(tmp_path) == []
+
+
+def test_convert_removes_what_a_killed_convert_left(hf_dir, tmp_path, caplog):
+    """A convert killed mid-write leaves OUT.tmp-<host>-<pid>; the next write to OUT removes it
+    when that pid is gone on this host, and keeps a live process's or another host's."""
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    left = {name: tmp_path / f"out.tmp-{name}" for name in (f"{host}-{dead}", f"{host}-{os.getppid()}",
+                                                              f"other-host-{dead}")}
+    for path in left.values():
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
+    assert cli.main(["convert", str(hf_dir), str(out)]) == 0
+    assert [name for name, path in left.items() if path.exists()] == [f"{host}-{os.getppid()}", f"other-host-{dead}"]
+    assert f"removed {left[f'{host}-{dead}']}, left by an interrupted earlier write of {out}" in caplog.text
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", *(path.name for path in list(left.values())[1:])])
 
 
 def test_convert_replaces_a_model_directory_but_never_another_directory(hf_dir, tmp_path, capsys):

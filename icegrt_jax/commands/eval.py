@@ -5,7 +5,8 @@ with our JAX backend, on hub data or on local JSONL files (``--data-dir``). Writ
 
 - ``results.md``: per model, every metric of each benchmark; with several models, a side-by-side
   table of the headline metrics in the shape of the paper's Table 1 (models as rows);
-- ``results.json``: the same numbers, machine-readable;
+- ``results.json``: the same numbers, machine-readable, with the number of requests per request type
+  whose context was left-truncated to fit the context length (also named in results.md);
 - ``<model>/lm_eval_results.json``: lm-eval's full results; ``<model>/local_tasks/``: the task
   YAMLs generated for ``--data-dir``.
 """
@@ -13,6 +14,7 @@ with our JAX backend, on hub data or on local JSONL files (``--data-dir``). Writ
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from icegrt_jax import files
@@ -46,7 +48,7 @@ def run(args) -> int:
     require_lm_eval()
     from lm_eval.utils import handle_non_serializable
 
-    import icegrt_jax.eval.lm_eval_backend  # noqa: F401  registers the model name "icegrt"
+    from icegrt_jax.eval.lm_eval_backend import IceGRTLM
     from icegrt_jax.eval.tasks import (
         CONFIG_DIR,
         load_benchmarks,
@@ -62,17 +64,19 @@ def run(args) -> int:
             raise UserInputError(f"{path}: no such model directory")
     out = Path(args.output)
     labels = model_labels(args.model)
-    all_results = {}
+    all_results, truncated = {}, {}
     for label, path in zip(labels, args.model):
         model_args = {"pretrained": path, "batch_size": args.batch_size, "max_length": args.max_length,
                       "max_gen_toks": args.max_gen_toks, "dtype": args.dtype}
-        results = run_benchmarks("icegrt", names, {k: v for k, v in model_args.items() if v is not None},
-                                 data_dir=args.data_dir, work_dir=out / label, limit=args.limit,
+        lm = IceGRTLM(**{k: v for k, v in model_args.items() if v is not None})
+        results = run_benchmarks(lm, names, data_dir=args.data_dir, work_dir=out / label, limit=args.limit,
                                  config_dir=config_dir)
         (out / label).mkdir(parents=True, exist_ok=True)
         files.write_json(out / label / "lm_eval_results.json", results, default=handle_non_serializable)
-        all_results[label] = results
-    report = build_report(all_results, dict(zip(labels, args.model)), names, benchmarks)
+        all_results[label], truncated[label] = results, dict(lm.truncated)
+        if lm.truncated:
+            print(f"{label}: {truncation_note(lm.truncated)}", file=sys.stderr)
+    report = build_report(all_results, dict(zip(labels, args.model)), names, benchmarks, truncated)
     text = render_report(report)
     files.write_json(out / "results.json", report)
     files.write_text(out / "results.md", text)
@@ -101,9 +105,17 @@ def metric_values(entry: dict) -> dict[str, tuple[float, float | None]]:
     return values
 
 
-def build_report(all_results: dict[str, dict], paths: dict[str, str], names: list[str], benchmarks: dict) -> dict:
-    """JSON-ready report: the benchmarks (column, headline metric) and, per model, all metrics
-    and the headline scores (None when lm-eval reported no such metric)."""
+def truncation_note(truncated: dict[str, int]) -> str:
+    """One line naming how many requests of each type had their context left-truncated."""
+    counts = ", ".join(f"{n} {request_type}" for request_type, n in sorted(truncated.items()))
+    return f"requests whose context was left-truncated to fit the context length: {counts}"
+
+
+def build_report(all_results: dict[str, dict], paths: dict[str, str], names: list[str], benchmarks: dict,
+                 truncated: dict[str, dict[str, int]]) -> dict:
+    """JSON-ready report: the benchmarks (column, headline metric) and, per model, all metrics,
+    the headline scores (None when lm-eval reported no such metric) and the left-truncated
+    request counts."""
     models = {}
     for label, results in all_results.items():
         metrics = {name: metric_values(results["results"].get(name, {})) for name in names}
@@ -112,6 +124,7 @@ def build_report(all_results: dict[str, dict], paths: dict[str, str], names: lis
             "scores": {name: metrics[name].get(benchmarks[name].metric, (None,))[0] for name in names},
             "metrics": {name: {k: {"value": v, "stderr": s} for k, (v, s) in m.items()} for name, m in metrics.items()},
             "n_shot": {task: int(n) for task, n in results.get("n-shot", {}).items()},
+            "truncated_requests": truncated[label],
         }
     return {
         "benchmarks": {name: {"column": benchmarks[name].column, "metric": benchmarks[name].metric,
@@ -130,7 +143,8 @@ def render_report(report: dict) -> str:
         rows = [[benchmarks[name]["column"] or name, key, f"{m['value']:.4f}",
                  "" if m["stderr"] is None else f"{m['stderr']:.4f}"]
                 for name, metrics in model["metrics"].items() for key, m in metrics.items()]
-        sections.append(f"## {label}\n\n" + markdown_table(["Benchmark", "Metric", "Value", "Stderr"], rows))
+        note = f"\n\nNote: {truncation_note(model['truncated_requests'])}." if model["truncated_requests"] else ""
+        sections.append(f"## {label}\n\n" + markdown_table(["Benchmark", "Metric", "Value", "Stderr"], rows) + note)
     if len(report["models"]) > 1:
         rows = [[label] + ["n/a" if model["scores"][name] is None else f"{100 * model['scores'][name]:.2f}%"
                            for name in benchmarks]

@@ -20,7 +20,6 @@ best-first list of response indices each) and the file becomes ICE-Reward traini
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from icegrt_jax import files
@@ -58,8 +57,8 @@ def _add_arguments(parser, samples_flag: str, default_samples: int):
 
 def run(args) -> int:
     records, responses, params = sample_responses(args)
-    lines = [json.dumps({**record, "responses": rows}, ensure_ascii=False) for record, rows in zip(records, responses)]
-    files.write_text(args.out, "".join(line + "\n" for line in lines))
+    files.write_jsonl(args.out, ({**record, "responses": rows} for record, rows in zip(records, responses)),
+                      ensure_ascii=False)
     print(f"wrote {len(records)} prompts x {params.num_samples} responses to {args.out}")
     return 0
 
@@ -73,10 +72,9 @@ def run_sample(args) -> int:
     lines = []
     for i, (record, rows) in enumerate(zip(records, responses)):
         order = np.random.default_rng((params.seed, i)).permutation(len(rows))
-        lines.append(json.dumps({"prompt_id": str(record.get("id", i)), "prompt": record["prompt"],
-                                 "responses": [rows[j]["text"] for j in order], "sampling": settings},
-                                ensure_ascii=False))
-    files.write_text(args.out, "".join(line + "\n" for line in lines))
+        lines.append({"prompt_id": str(record.get("id", i)), "prompt": record["prompt"],
+                      "responses": [rows[j]["text"] for j in order], "sampling": settings})
+    files.write_jsonl(args.out, lines, ensure_ascii=False)
     print(f"wrote {len(records)} prompts x {params.num_samples} responses (random order) to {args.out}")
     return 0
 

@@ -29,6 +29,11 @@ as given; up to ``max_gen_toks`` new tokens; the prompt left-truncated to
 ``max_length - max_gen_toks``. The decoded text is cut at the first stop string (lm-eval's
 ``postprocess_generated_text``). Stop strings that are a single token also end a row early,
 which cannot change the cut text (see ``early_stop_ids``).
+
+Both left-truncations (a scoring request longer than ``max_length + 1`` tokens, a prompt longer
+than ``max_length - max_gen_toks``) are lm-eval's ``hf`` behaviour. They are counted per request
+type in ``IceGRTLM.truncated`` and logged as a warning with the count; ``icegrt eval`` reports
+them in results.json and results.md.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -227,6 +232,14 @@ class IceGRTLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self.seed = int(seed)
+        self.truncated: Counter[str] = Counter()  # request type -> requests left-truncated
+
+    def _count_truncated(self, request_type: str, truncated: int, total: int, limit: str) -> None:
+        """Count and report requests whose context was left-truncated to fit ``limit``."""
+        if truncated:
+            self.truncated[request_type] += truncated
+            log.warning("icegrt backend: %d of %d %s requests left-truncated to fit %s (as lm-eval's hf backend)",
+                        truncated, total, request_type, limit)
 
     # --- properties lm-eval reads -----------------------------------------------------------
     @property
@@ -274,6 +287,8 @@ class IceGRTLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """``requests``: (cache key or None, context ids, continuation ids) -> (logprob, is_greedy)."""
         rows = scoring_rows([(context, continuation) for _, context, continuation in requests], self.max_length)
+        self._count_truncated("loglikelihood", sum(len(c) + len(x) > self.max_length + 1 for _, c, x in requests),
+                              len(requests), f"max_length {self.max_length}")
         answers: list = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="icegrt loglikelihood")
         for start in range(0, len(rows), self.batch_size):
@@ -338,7 +353,10 @@ class IceGRTLM(TemplateLM):
                                  f"in max_length {self.max_length}")
         eos_ids = tuple(dict.fromkeys((self.eot_token_id, *early_stop_ids(self.tokenizer, stops))))
         params = sampling_params(kwargs, max_new, eos_ids, self.seed)
-        prompts = [(self.tok_encode(context) or [self.prefix_token_id])[-max_prompt:] for context in contexts]
+        encoded = [self.tok_encode(context) or [self.prefix_token_id] for context in contexts]
+        self._count_truncated("generate_until", sum(len(ids) > max_prompt for ids in encoded), len(encoded),
+                              f"max_length {self.max_length} - max_gen_toks {max_new}")
+        prompts = [ids[-max_prompt:] for ids in encoded]
         result = generate((self._graphdef, self._params), prompts, params, batch_size=self.batch_size)
         return [postprocess_generated_text(self.tok_decode(result.response_tokens(row).tolist()), stops, None)
                 for row in range(len(prompts))]
