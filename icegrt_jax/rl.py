@@ -264,9 +264,9 @@ def value_loss(
     ``loss = 0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2))``; ``clip_range=None`` gives
     the unclipped ``0.5 * masked_mean((V - R)^2)``.
 
-    Metrics: ``value_clip_frac`` (share of tokens where the clipped error is the larger,
-    i.e. the gradient is cut) and ``explained_variance = 1 - Var[R - V] / Var[R]`` over
-    the mask (0 when ``Var[R] = 0``).
+    Metrics: ``value_clip_frac`` (share of tokens where ``|V - V_old| > c`` and the clipped
+    error is the larger, i.e. the gradient is cut; a rounding tie inside the range is not) and
+    ``explained_variance = 1 - Var[R - V] / Var[R]`` over the mask (0 when ``Var[R] = 0``).
     """
     chex.assert_rank(values, 2)
     chex.assert_equal_shape((values, old_values, returns, mask))
@@ -281,7 +281,8 @@ def value_loss(
         clipped_values = old_values + jnp.clip(values - old_values, -clip_range, clip_range)
         clipped_error = (clipped_values - returns) ** 2
         per_token = jnp.maximum(squared_error, clipped_error)
-        clip_frac = masked_mean((clipped_error > squared_error).astype(values.dtype), mask)
+        cut = (jnp.abs(values - old_values) > clip_range) & (clipped_error > squared_error)  # not a rounding tie
+        clip_frac = masked_mean(cut.astype(values.dtype), mask)
     metrics = {"value_clip_frac": clip_frac, "explained_variance": explained_variance(values, returns, mask)}
     return 0.5 * masked_mean(per_token, mask), metrics
 

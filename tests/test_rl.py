@@ -289,6 +289,21 @@ def test_value_loss_gradient_and_metrics_match_loop(batch, clip_range):
     np.testing.assert_allclose(metrics["explained_variance"], explained, **TOL)
 
 
+def test_value_clip_frac_does_not_count_rounding_inside_the_clip_range():
+    """Inside the range V_old + (V - V_old) can round away from V in fp32, which makes the clipped
+    error larger by ~1e-9 without any clipping: not a clipped token."""
+    values, old_values = np.float32([[0.05070864409208298]]), np.float32([[-0.03197793290019035]])
+    clipped = old_values + (values - old_values)
+    returns = values + np.float32(1e-6)  # V_clip < V < R: the clipped error is the (barely) larger one
+    assert (clipped - returns) ** 2 > (values - returns) ** 2  # the rounding case
+    _, metrics = rl.value_loss(jnp.asarray(values), jnp.asarray(old_values), jnp.asarray(returns),
+                               jnp.ones((1, 1)), clip_range=0.2)
+    assert float(metrics["value_clip_frac"]) == 0.0
+    _, metrics = rl.value_loss(jnp.asarray(values), jnp.asarray(old_values - 0.5), jnp.asarray(returns),
+                               jnp.ones((1, 1)), clip_range=0.2)
+    assert float(metrics["value_clip_frac"]) == 1.0  # a real clip still counts
+
+
 # ------------------------------------------------------------------------- KL controllers
 
 
