@@ -459,6 +459,11 @@ def config_to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def read_yaml_mapping(path: str) -> dict:
+    """The YAML mapping at ``path`` as plain Python; ``ConfigError`` as ``load_config``'s."""
+    return OmegaConf.to_container(_read_yaml(path))
+
+
 def _read_yaml(path: str) -> DictConfig:
     if not Path(path).is_file():
         raise ConfigError(f"{path}: no such config file")

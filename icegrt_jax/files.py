@@ -7,6 +7,19 @@ import contextlib
 import json
 import os
 
+from icegrt_jax.errors import UserInputError
+
+
+def make_directory(path: str | os.PathLike, what: str = "output directory") -> None:
+    """``os.makedirs(path, exist_ok=True)``; a path that is a file, or that cannot be created, is
+    a one-line ``UserInputError`` naming it as ``what``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise UserInputError(f"{os.fspath(path)}: exists and is not a directory; choose another {what}") from None
+    except OSError as e:
+        raise UserInputError(f"{os.fspath(path)}: cannot create the {what} ({e.strerror})") from None
+
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) in one rename."""

@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from icegrt_jax.cli import main
 from icegrt_jax.demo import annotator, data, pipeline
 from icegrt_jax.eval.rubric import CRITERION_WEIGHTS
 
@@ -85,6 +86,15 @@ def smallest_run(out: str) -> pipeline.Run:
         return cfg
 
     return dataclasses.replace(run, demo=demo, trainers={k: small(k, v) for k, v in run.trainers.items()})
+
+
+def test_bad_out_or_config_is_one_line_exit_2_nothing_written(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path / "file")]) == 2
+    assert "file: exists and is not a directory; choose another --out directory" in capsys.readouterr().err
+    assert main(["demo", "--fast", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "d")]) == 2
+    assert "nope.yaml: no such config file" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["file"] and (tmp_path / "file").read_text() == "mine"
 
 
 def test_every_stage_runs_writes_the_report_and_resumes(tmp_path, capsys):

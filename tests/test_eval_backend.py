@@ -202,6 +202,12 @@ def test_unknown_task_name(capsys):
     assert "unknown task 'nonsense'" in capsys.readouterr().err
 
 
+def test_output_that_is_a_file(model_dir, tmp_path, capsys):
+    (tmp_path / "results").write_text("mine")
+    assert main(["eval", "--model", str(model_dir[0]), "--tasks", "arc_e", "--output", str(tmp_path / "results")]) == 2
+    assert "results: exists and is not a directory; choose another --output directory" in capsys.readouterr().err
+
+
 def test_missing_data_file(data_dir, tmp_path):
     benchmarks = load_benchmarks()
     with pytest.raises(LocalDataError, match=r"missing 2 local data file.*ARC-Challenge/test\.jsonl, .*/train\.jsonl"):

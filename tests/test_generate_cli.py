@@ -81,6 +81,7 @@ def test_greedy_text_equals_the_library_on_the_templated_prompt(model_dir, tmp_p
     (["--prompt", "x" * 2000], "the model's context is 256"),
     (["--out", "{folder}"], "is a directory; give the path of the JSONL file to write"),
     (["--tokenizer", "{folder}"], "; the directory needs tokenizer files (tokenizer.json"),
+    (["--model", "{folder}/nowhere"], "/nowhere: no such model directory"),  # the last --model counts
 ])
 def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, argv, message):
     bad, empty = tmp_path / "bad.jsonl", tmp_path / "empty.jsonl"

@@ -140,3 +140,5 @@ def test_rubric_cli(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text(json.dumps(record("m", "p", "x") | {"labels": {"clarity": "meh"}}))
     assert main(["rubric", "--annotations", str(tmp_path / "bad.jsonl")]) == 2
     assert "unknown label 'meh'" in capsys.readouterr().err
+    assert main(["rubric", "--annotations", path, "--output", path]) == 2  # a file, not a directory
+    assert "a.jsonl: exists and is not a directory; choose another --output directory" in capsys.readouterr().err

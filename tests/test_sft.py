@@ -216,10 +216,12 @@ def test_bad_data_is_one_line_exit_2_nothing_written(sft_setup, capsys, case):
     ("optimizer.lrr=1", "optimizer.lrr"),
     ("training.steps=abc", "training.steps"),
     ("data.train_files=[/nonexistent/x.jsonl]", "/nonexistent/x.jsonl"),
+    ("training.output_dir={tmp}/train.jsonl",
+     "train.jsonl: exists and is not a directory; choose another training.output_dir"),
 ])
 def test_bad_config_is_one_line_exit_2_nothing_written(sft_setup, capsys, override, message):
     tmp_path, config = sft_setup
-    assert cli.main(["sft", "--config", config, override]) == 2
+    assert cli.main(["sft", "--config", config, override.format(tmp=tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "run").exists()

@@ -63,6 +63,7 @@ def run(args) -> int:
         if not os.path.isdir(path):
             raise UserInputError(f"{path}: no such model directory")
     out = Path(args.output)
+    files.make_directory(out, "--output directory")
     labels = model_labels(args.model)
     all_results, truncated = {}, {}
     for label, path in zip(labels, args.model):

@@ -98,6 +98,8 @@ def sample_responses(args):
     if os.path.isdir(args.out):
         raise UserInputError(f"--out {args.out}: is a directory; give the path of the JSONL file to write")
     records = _read_prompts(args)
+    if not os.path.isdir(args.model):
+        raise UserInputError(f"--model {args.model}: no such model directory")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     overrides = {"param_dtype": args.dtype, "dtype": args.dtype} if args.dtype else {}
     cfg = hf.load_hf_config(args.model, **overrides)

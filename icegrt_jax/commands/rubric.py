@@ -23,7 +23,7 @@ def run(args) -> int:
     text = render_markdown(report)
     print(text, end="")
     if args.output:
-        os.makedirs(args.output, exist_ok=True)
+        files.make_directory(args.output, "--output directory")
         files.write_text(os.path.join(args.output, "rubric.md"), text)
         files.write_json(os.path.join(args.output, "rubric.json"), report)
     return 0

@@ -23,10 +23,14 @@ import re
 import time
 from pathlib import Path
 
-import yaml
-
 from icegrt_jax import files
-from icegrt_jax.config import PPOConfig, RewardConfig, SFTConfig, load_config
+from icegrt_jax.config import (
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    load_config,
+    read_yaml_mapping,
+)
 from icegrt_jax.demo import annotator, data
 from icegrt_jax.demo.tokenizer import train_tokenizer
 
@@ -90,8 +94,7 @@ def load_run(out: str, config_path: str | None = None, fast: bool = False, seed:
     """The demo's configuration from ``config_path`` (default ``configs/demo.yaml``), with the
     ``fast`` overrides when asked and ``seed`` (if given) for the data, labelers and trainers."""
     path = str(config_path or DEFAULT_CONFIG)
-    with open(path) as f:
-        fast_overrides = (yaml.safe_load(f) or {}).get("fast", {}) if fast else {}
+    fast_overrides = read_yaml_mapping(path).get("fast", {}) if fast else {}
 
     def overrides(section: str, seed_key: str) -> list[str]:
         return list(fast_overrides.get(section, [])) + ([f"{seed_key}={seed}"] if seed is not None else [])

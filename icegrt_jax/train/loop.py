@@ -41,7 +41,7 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
     changes the run's course makes it differ from an uninterrupted one), and a state that no longer fits the
     checkpoint is a one-line ``CheckpointError``. Returns (state, checkpointer)."""
     out = cfg.training.output_dir
-    os.makedirs(out, exist_ok=True)
+    files.make_directory(out, "training.output_dir")
     for final in ("final", "final-critic"):  # where the trainers write their models at the end: fail now
         check_replaceable(os.path.join(out, final))
     config_path = os.path.join(out, "config.yaml")
