@@ -82,7 +82,12 @@ def load_model(path: str, sharding: jax.sharding.Sharding | None = None,
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           nnx.to_pure_dict(abstract))
-    pure = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, PARAMS_SUBDIR)), target)
+    params_dir = os.path.abspath(os.path.join(path, PARAMS_SUBDIR))
+    try:
+        pure = ocp.StandardCheckpointer().restore(params_dir, target)
+    except (OSError, ValueError) as e:  # an incomplete or damaged params/ (Orbax names what is missing)
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise hf.CheckpointError(f"{params_dir}: cannot restore the parameters ({first_line})") from None
     return cfg, hf.params_from_pure_dict(cfg, pure, kind)
 
 

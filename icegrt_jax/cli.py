@@ -1,7 +1,8 @@
 """``icegrt``: the command-line entry point; subcommands live in ``icegrt_jax.commands``.
 
 Any ``UserInputError`` (bad file, flag, config key, tensor) becomes one line on stderr and exit
-code 2; argparse usage errors also exit 2. A trainer stopped by SIGTERM/SIGINT (its checkpoint
+code 2; argparse usage errors also exit 2. Training that diverged (``NonFiniteError``) is one line
+and exit code 1. A trainer stopped by SIGTERM/SIGINT (its checkpoint
 saved) says so on stderr and exits 128 + the signal number. The ``icegrt`` command is ``console_main``: it first
 re-executes itself with malloc on huge pages where that helps (``icegrt_jax.runtime``);
 ``main(argv)`` has no such side effect.
@@ -13,10 +14,11 @@ import argparse
 import importlib
 import sys
 
-from icegrt_jax.errors import TrainingStopped, UserInputError
+from icegrt_jax.errors import NonFiniteError, TrainingStopped, UserInputError
 from icegrt_jax.runtime import reexec_with_malloc_hugepages
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 1
 COMMANDS = ("convert", "demo", "train", "generate", "eval", "rubric", "plan")
 
 
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"icegrt {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum
+    except NonFiniteError as e:
+        print(f"icegrt {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
 
 
 def console_main() -> int:

@@ -564,11 +564,14 @@ def _matches(value: Any, tp: Any) -> bool:
 
 
 def _problems(cfg: Any, prefix: str = "") -> Problems:
-    """Every section's ``problems()``, keyed by full dotted key."""
+    """Every section's ``problems()``, keyed by full dotted key, after the one rule for all:
+    every float is finite (a NaN passes every range check and trains a NaN model)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             yield from _problems(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            yield prefix + f.name, f"must be a finite number, got {value}"
     for key, message in getattr(cfg, "problems", lambda: ())():
         yield (prefix + key if key else prefix.rstrip(".") or "config"), message
 

@@ -136,3 +136,26 @@ def test_section_of_a_multi_run_file(tmp_path):
     with pytest.raises(ConfigError, match=r"multi\.yaml\[reward\]: unknown key 'loss.nope'"):
         path.write_text("reward:\n  loss: {nope: 1}\n")
         load_config(RewardConfig, str(path), section="reward")
+
+
+def test_plan_refuses_a_bad_device_memory_and_an_unknown_section(capsys):
+    import jax
+
+    from icegrt_jax import cli
+
+    plan = ["plan", "--config", str(CONFIGS / "demo.yaml"), "--devices", str(jax.device_count())]
+    for memory in ("nan", "-1", "0"):
+        assert cli.main([*plan, "--device-memory", memory]) == 2
+        assert "--device-memory must be a positive number of GiB" in capsys.readouterr().err
+    assert cli.main([*plan, "--device-memory", "80", "--section", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "--section nosuch: " in err and "has no such top-level key (it has: demo, pretrain, sft" in err
+
+
+def test_demo_fast_overrides_must_be_lists_of_strings(tmp_path):
+    from icegrt_jax.demo.pipeline import load_run
+
+    for fast in ("5", "{sft: 5}", "{sft: training.steps=1}"):
+        path = write_yaml(tmp_path, f"fast: {fast}\n")
+        with pytest.raises(ConfigError, match="'fast' must map each section to a list of key=value overrides"):
+            load_run(str(tmp_path / "out"), path, fast=True)

@@ -206,6 +206,13 @@ def test_output_that_is_a_file(model_dir, tmp_path, capsys):
     (tmp_path / "results").write_text("mine")
     assert main(["eval", "--model", str(model_dir[0]), "--tasks", "arc_e", "--output", str(tmp_path / "results")]) == 2
     assert "results: exists and is not a directory; choose another --output directory" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(model_dir[0]), "--tasks", "arc_e", "--data-dir", str(tmp_path / "nowhere"),
+                 "--output", str(out)]) == 2
+    assert "nowhere: no such data directory" in capsys.readouterr().err
+    assert not out.exists()  # a failed run leaves no output directory behind
+    assert main(["eval", "--model", str(model_dir[0]), "--tasks", ",", "--output", str(out)]) == 2
+    assert "--tasks ',': no task names given" in capsys.readouterr().err and not out.exists()
 
 
 def test_missing_data_file(data_dir, tmp_path):

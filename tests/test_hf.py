@@ -154,6 +154,25 @@ def test_convert_removes_what_a_killed_convert_left(hf_dir, tmp_path, caplog):
     assert sorted(os.listdir(tmp_path)) == sorted(["out", *(path.name for path in list(left.values())[1:])])
 
 
+def test_convert_refuses_out_equal_to_src_and_a_bad_shard_size(hf_dir, tmp_path, capsys):
+    src = _copy(hf_dir, tmp_path)
+    assert cli.main(["convert", src, src + "/"]) == 2
+    assert "OUT is SRC" in capsys.readouterr().err
+    assert cli.main(["convert", src, str(tmp_path / "out"), "--max-shard-gb", "0"]) == 2
+    assert "--max-shard-gb must be positive, got 0.0" in capsys.readouterr().err
+    assert sorted(os.listdir(src)) == sorted(os.listdir(hf_dir)) and not (tmp_path / "out").exists()
+
+
+def test_a_project_checkpoint_with_missing_parameters_is_one_line(hf_dir, tmp_path, capsys):
+    assert cli.main(["convert", str(hf_dir), str(tmp_path / "ours")]) == 0
+    shutil.rmtree(tmp_path / "ours" / "params")
+    (tmp_path / "ours" / "params").mkdir()  # emptied: Orbax finds no parameters
+    capsys.readouterr()
+    assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "params: cannot restore the parameters (" in err
+
+
 def test_convert_replaces_a_model_directory_but_never_another_directory(hf_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["convert", str(hf_dir), str(out)]) == 0
@@ -245,6 +264,20 @@ BAD_INPUTS = {
                    "only safetensors weights are loaded"),
     "index weight_map": (lambda p: Path(p, "model.safetensors.index.json").write_text('{"weight_map": [1]}'),
                          CheckpointError, r"index\.json: corrupted index \(expected a 'weight_map' object of file names\)"),
+    "config float type": (lambda p: _edit_config(p, rms_norm_eps="abc"), ModelConfigError,
+                          r"config\.json: rms_norm_eps must be a positive number, got 'abc'"),
+    "config null size": (lambda p: _edit_config(p, vocab_size=None), ModelConfigError,
+                         "vocab_size must be a positive integer, got None"),
+    "config float layers": (lambda p: _edit_config(p, num_hidden_layers=2.0), ModelConfigError,
+                            "num_hidden_layers must be a positive integer, got 2.0"),
+    "config null context": (lambda p: _edit_config(p, max_position_embeddings=None), ModelConfigError,
+                            "max_position_embeddings must be a positive integer, got None"),
+    "config eos type": (lambda p: _edit_config(p, eos_token_id="two"), ModelConfigError,
+                        "eos_token_id must be a token id, a list of them or null, got 'two'"),
+    "config rope type": (lambda p: _edit_config(p, rope_scaling="linear"), ModelConfigError,
+                         "rope_scaling must be an object or null, got 'linear'"),
+    "config is a directory": (lambda p: (os.remove(os.path.join(p, "config.json")), os.mkdir(os.path.join(p, "config.json"))),
+                              ModelConfigError, r"config\.json: cannot read \(Is a directory\)"),
 }
 
 

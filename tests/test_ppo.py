@@ -15,9 +15,15 @@ from helpers import run_cli_killed_at
 
 from icegrt_jax import cli, rl
 from icegrt_jax.checkpoint import load_model
-from icegrt_jax.config import PPOConfig, PPOLossConfig, RewardModelConfig, load_config
+from icegrt_jax.config import (
+    ConfigError,
+    PPOConfig,
+    PPOLossConfig,
+    RewardModelConfig,
+    load_config,
+)
 from icegrt_jax.models.llama import preset
-from icegrt_jax.train import ppo
+from icegrt_jax.train import ppo, rollout
 from icegrt_jax.train.model_init import init_model
 from icegrt_jax.train.ppo import run_ppo
 from icegrt_jax.train.rollout import (
@@ -242,7 +248,9 @@ def test_exact_resume_after_sigkill_mid_iteration(ppo_setup, minibatches, factor
     ("data.prompts_per_iteration=15", "data.prompts_per_iteration: 15 is not divisible"),
     ("data.prompt_files=[/nonexistent/p.jsonl]", "/nonexistent/p.jsonl"),
     ("rollout.temperature=0", "rollout.temperature"),
-    ("reward.function=null reward.path=/nonexistent/rm", "/nonexistent/rm: not a directory"),
+    ("reward.function=null reward.path=/nonexistent/rm", "reward.path: /nonexistent/rm: no such directory"),
+    ("rollout.stop_token_ids=[99999]", "rollout.stop_token_ids: [99999] outside the model's vocabulary [0, 400)"),
+    ("ppo.kl_coef=.nan", "ppo.kl_coef: must be a finite number, got nan"),
     ("rollout.old_logprobs=sampler rollout.top_k=5", "rollout.old_logprobs: 'sampler' needs top_k 0 and top_p 1"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(ppo_setup, capsys, override, message):
@@ -251,6 +259,14 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ppo_setup, capsys, overrid
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_scorers_output_is_checked_and_named():
+    assert rollout.checked_scores([1, 2.5], 2, "m:f").tolist() == [1.0, 2.5]
+    for scores, message in (([1.0], r"returned shape \(1,\) for 2 responses"), (["x", "y"], "returned list values that are not numbers"),
+                            ([1.0, float("nan")], "returned a non-finite score")):
+        with pytest.raises(ConfigError, match=f"reward.function m:f: {message}"):
+            rollout.checked_scores(scores, 2, "m:f")
 
 
 def test_reward_model_with_another_tokenizer_gets_retokenized_text(tiny_tokenizer_dir, tmp_path):

@@ -141,7 +141,7 @@ def test_missing_backbone_directory_is_one_line_exit_2(reward_setup, capsys):
     tmp_path, config = reward_setup
     assert cli.main(["reward", "--config", config, "model.preset=null", "model.hf_path=/nonexistent/sft"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "/nonexistent/sft: not a directory" in err, err
+    assert len(err.splitlines()) == 1 and "model.hf_path: /nonexistent/sft: no such directory" in err, err
     assert not os.path.exists(tmp_path / "run")
 
 

@@ -108,6 +108,9 @@ def test_agreement_per_criterion():
     (lambda r: r["labels"].pop("context"), "no label for criterion(s) context"),
     (lambda r: r["labels"].update({"Clarity": "positive"}), "criterion 'clarity' labelled twice ('Clarity')"),
     (lambda r: r.pop("labeler"), "missing field(s) labeler"),
+    (lambda r: r.update(model=None), "'model' must be a non-empty string, got None"),
+    (lambda r: r.update(labeler=3), "'labeler' must be a non-empty string, got 3"),
+    (lambda r: r.update(prompt_id=["x"]), "'prompt_id' must be a non-empty string or an integer, got"),
 ])
 def test_bad_annotations_are_clear_errors(tmp_path, change, message):
     bad = record("m", "p2", "ann")

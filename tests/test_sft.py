@@ -193,6 +193,19 @@ def test_non_finite_update_is_skipped_and_loop_stops(tmp_path):
     assert checkpointer.latest_step() == 2
 
 
+def test_a_diverged_run_is_one_line_and_exit_1(sft_setup, capsys, monkeypatch):
+    _, config = sft_setup
+
+    def diverge(cfg):
+        raise NonFiniteError("step 3: non-finite loss or gradient (loss=nan, grad_norm=nan); last good checkpoint: "
+                             "step 2 in run/checkpoints")
+
+    monkeypatch.setattr("icegrt_jax.train.sft.run_sft", diverge)
+    assert cli.main(["sft", "--config", config]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("icegrt sft: error: step 3: non-finite loss") and len(err.splitlines()) == 1
+
+
 BAD_DATA = {
     "malformed line": ('{"prompt": "a", "response": "b"}\n{"prompt": "c",\n', r"train\.jsonl:2"),
     "missing field": ('{"prompt": "a"}\n', "response"),
@@ -218,10 +231,13 @@ def test_bad_data_is_one_line_exit_2_nothing_written(sft_setup, capsys, case):
     ("data.train_files=[/nonexistent/x.jsonl]", "/nonexistent/x.jsonl"),
     ("training.output_dir={tmp}/train.jsonl",
      "train.jsonl: exists and is not a directory; choose another training.output_dir"),
+    ("training.output_dir={tmp}", "not empty and not a run directory (no config.yaml or checkpoints/)"),
+    ("model.preset=null model.hf_path={tmp}/nope", "model.hf_path: {tmp}/nope: no such directory"),
+    ("optimizer.lr=.nan", "optimizer.lr: must be a finite number, got nan"),
 ])
 def test_bad_config_is_one_line_exit_2_nothing_written(sft_setup, capsys, override, message):
     tmp_path, config = sft_setup
-    assert cli.main(["sft", "--config", config, override.format(tmp=tmp_path)]) == 2
+    assert cli.main(["sft", "--config", config, *override.format(tmp=tmp_path).split()]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err
+    assert len(err.splitlines()) == 1 and message.format(tmp=tmp_path) in err
     assert not (tmp_path / "run").exists()

@@ -16,10 +16,17 @@ def register(subparsers):
 
 def run(args) -> int:
     """The direction is auto-detected: a project checkpoint goes to HF, anything else comes from HF."""
+    import os
+
     import jax
 
     from icegrt_jax import checkpoint, hf
+    from icegrt_jax.errors import UserInputError
 
+    if os.path.realpath(args.out) == os.path.realpath(args.src):
+        raise UserInputError(f"{args.out}: OUT is SRC; writing it would replace the model being converted")
+    if not args.max_shard_gb > 0:
+        raise UserInputError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
     hf.check_replaceable(args.out)  # before loading SRC: a refused OUT or tokenizer fails at once
     if args.tokenizer:
         hf.tokenizer_files(args.tokenizer, required=True)

@@ -14,6 +14,7 @@ with our JAX backend, on hub data or on local JSONL files (``--data-dir``). Writ
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,24 +47,44 @@ def run(args) -> int:
     from icegrt_jax.eval import require_lm_eval
 
     require_lm_eval()
-    from lm_eval.utils import handle_non_serializable
-
-    from icegrt_jax.eval.lm_eval_backend import IceGRTLM
-    from icegrt_jax.eval.tasks import (
-        CONFIG_DIR,
-        load_benchmarks,
-        resolve_names,
-        run_benchmarks,
-    )
+    from icegrt_jax.eval.tasks import CONFIG_DIR, load_benchmarks, resolve_names
+    from icegrt_jax.hf import load_hf_config
 
     config_dir = args.config_dir or CONFIG_DIR
     benchmarks = load_benchmarks(config_dir)
-    names = resolve_names([n for n in args.tasks.split(",") if n.strip()], benchmarks)
+    requested = [n for n in args.tasks.split(",") if n.strip()]
+    if not requested:
+        raise UserInputError(f"--tasks {args.tasks!r}: no task names given (e.g. --tasks arc_e,gsm8k or table1)")
+    names = resolve_names(requested, benchmarks)
     for path in args.model:
         if not os.path.isdir(path):
             raise UserInputError(f"{path}: no such model directory")
+        load_hf_config(path)  # a bad config.json fails now, not after the models before it
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size must be positive, got {args.batch_size}")
     out = Path(args.output)
+    created = not out.exists()
     files.make_directory(out, "--output directory")
+    try:
+        report = evaluate(args, names, benchmarks, config_dir, out)
+    except BaseException:
+        if created:  # nothing half-written: a failed run leaves no output directory behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    text = render_report(report)
+    files.write_json(out / "results.json", report)
+    files.write_text(out / "results.md", text)
+    print(text, end="")
+    return 0
+
+
+def evaluate(args, names: list[str], benchmarks: dict, config_dir, out: Path) -> dict:
+    """Run the benchmarks on each model (lm-eval's results in ``out/<label>/``); the report."""
+    from lm_eval.utils import handle_non_serializable
+
+    from icegrt_jax.eval.lm_eval_backend import IceGRTLM
+    from icegrt_jax.eval.tasks import run_benchmarks
+
     labels = model_labels(args.model)
     all_results, truncated = {}, {}
     for label, path in zip(labels, args.model):
@@ -77,12 +98,7 @@ def run(args) -> int:
         all_results[label], truncated[label] = results, dict(lm.truncated)
         if lm.truncated:
             print(f"{label}: {truncation_note(lm.truncated)}", file=sys.stderr)
-    report = build_report(all_results, dict(zip(labels, args.model)), names, benchmarks, truncated)
-    text = render_report(report)
-    files.write_json(out / "results.json", report)
-    files.write_text(out / "results.md", text)
-    print(text, end="")
-    return 0
+    return build_report(all_results, dict(zip(labels, args.model)), names, benchmarks, truncated)
 
 
 def model_labels(paths: list[str]) -> list[str]:

@@ -44,8 +44,14 @@ def use_stand_in_devices(count: int):
 
 
 def run(args) -> int:
+    if not 0 < args.device_memory < float("inf"):
+        raise UserInputError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
     use_stand_in_devices(args.devices)
-    from icegrt_jax.config import PPOConfig, load_config
+    from icegrt_jax.config import PPOConfig, load_config, read_yaml_mapping
+
+    if args.section is not None and args.section not in (sections := read_yaml_mapping(args.config)):
+        raise UserInputError(f"--section {args.section}: {args.config} has no such top-level key "
+                             f"(it has: {', '.join(map(str, sections))})")
     from icegrt_jax.plan import format_plan, plan_ppo, plan_to_dict
 
     cfg = load_config(PPOConfig, args.config, args.overrides, section=args.section)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from icegrt_jax import files
 from icegrt_jax.config import (
+    ConfigError,
     PPOConfig,
     RewardConfig,
     SFTConfig,
@@ -95,6 +96,9 @@ def load_run(out: str, config_path: str | None = None, fast: bool = False, seed:
     ``fast`` overrides when asked and ``seed`` (if given) for the data, labelers and trainers."""
     path = str(config_path or DEFAULT_CONFIG)
     fast_overrides = read_yaml_mapping(path).get("fast", {}) if fast else {}
+    if not (isinstance(fast_overrides, dict) and all(
+            isinstance(items, list) and all(isinstance(item, str) for item in items) for items in fast_overrides.values())):
+        raise ConfigError(f"{path}: 'fast' must map each section to a list of key=value overrides")
 
     def overrides(section: str, seed_key: str) -> list[str]:
         return list(fast_overrides.get(section, [])) + ([f"{seed_key}={seed}"] if seed is not None else [])

@@ -69,6 +69,12 @@ def parse_annotation(record, where: str) -> Annotation:
     missing = [f for f in REQUIRED_FIELDS if f not in record]
     if missing:
         raise AnnotationError(f"{where}: missing field(s) {', '.join(missing)}")
+    for field in ("model", "labeler", "prompt_id"):  # a prompt id may also be an integer
+        value = record[field]
+        is_id = isinstance(value, int) and not isinstance(value, bool) and field == "prompt_id"
+        if not (is_id or (isinstance(value, str) and value.strip())):
+            expected = "a non-empty string or an integer" if field == "prompt_id" else "a non-empty string"
+            raise AnnotationError(f"{where}: '{field}' must be {expected}, got {value!r}")
     if not isinstance(record["labels"], dict):
         raise AnnotationError(f"{where}: 'labels' must be an object of criterion -> label")
     labels = {}

@@ -136,6 +136,7 @@ class LlamaConfig:
         for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
             if hf.get(key, expected) != expected:
                 raise ModelConfigError(f"{source}: unsupported {key}={hf[key]!r} (expected {expected!r})")
+        _check_hf_value_types(hf, source)
         for key in ("rope_scaling", "rope_parameters"):
             rope = hf.get(key) or {}
             if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -174,8 +175,38 @@ class LlamaConfig:
         return cls.from_hf_dict(read_config_json(path), source=path, **overrides)
 
 
+# config.json keys read by ``from_hf_dict`` and the values they may hold (absent keys take defaults).
+_HF_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings")
+_HF_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim")  # null: derived from the others
+_HF_POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps")
+_HF_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # null, an int or a list of ints
+
+
+def _check_hf_value_types(hf: dict[str, Any], source: str) -> None:
+    """A one-line ``ModelConfigError`` naming the first config.json value of the wrong type."""
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checks = [(key, "a positive integer", lambda v: is_int(v) and v >= 1) for key in _HF_POSITIVE_INTS]
+    checks += [(key, "a positive integer or null", lambda v: v is None or (is_int(v) and v >= 1))
+               for key in _HF_OPTIONAL_POSITIVE_INTS]
+    checks += [(key, "a positive number", lambda v: (is_int(v) or isinstance(v, float)) and 0 < v < float("inf"))
+               for key in _HF_POSITIVE_FLOATS]
+    checks += [(key, "a token id, a list of them or null",
+                lambda v: v is None or is_int(v) or (isinstance(v, list) and all(map(is_int, v))))
+               for key in _HF_TOKEN_IDS]
+    checks += [("tie_word_embeddings", "true or false", lambda v: isinstance(v, bool))]
+    checks += [(key, "an object or null", lambda v: v is None or isinstance(v, dict))
+               for key in ("rope_scaling", "rope_parameters")]
+    for key, expected, ok in checks:
+        if key in hf and not ok(hf[key]):
+            raise ModelConfigError(f"{source}: {key} must be {expected}, got {hf[key]!r}")
+
+
 def read_config_json(path: str) -> dict[str, Any]:
-    """An HF config.json as a dict; a missing file or bad JSON is a one-line ``ModelConfigError``."""
+    """An HF config.json as a dict; a missing or unreadable file or bad JSON is a one-line
+    ``ModelConfigError``."""
     try:
         with open(path) as f:
             config = json.load(f)
@@ -183,6 +214,10 @@ def read_config_json(path: str) -> dict[str, Any]:
         raise ModelConfigError(f"{path}: not found (expected an HF config.json)") from None
     except json.JSONDecodeError as e:
         raise ModelConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ModelConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ModelConfigError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(config, dict):
         raise ModelConfigError(f"{path}: expected a JSON object")
     return config

@@ -28,22 +28,27 @@ from icegrt_jax import files
 from icegrt_jax.checkpoint import TrainCheckpointer
 from icegrt_jax.config import LoggingConfig, TrainingConfig, config_to_yaml
 from icegrt_jax.data.batching import DataPosition
-from icegrt_jax.errors import TrainingStopped
+from icegrt_jax.errors import NonFiniteError, TrainingStopped
 from icegrt_jax.hf import CheckpointError, check_replaceable
 from icegrt_jax.sharding import is_primary_process
 
 
 def open_run(cfg, name: str, state, state_shardings, batches, report: list[str]):
-    """A trainer's run directory: ``cfg.training.output_dir`` with config.yaml, the ``report`` lines
+    """A trainer's run directory: ``cfg.training.output_dir`` (new, empty or a run directory: one
+    with config.yaml or checkpoints/; any other directory is refused) with config.yaml, the ``report`` lines
     printed as ``[name] ...`` (process 0), and the checkpointer. When the directory holds a
     checkpoint the run resumes from it: the state (restored onto ``state_shardings``) and the
     data position of ``batches``; a config that differs from the saved config.yaml is named (what
     changes the run's course makes it differ from an uninterrupted one), and a state that no longer fits the
     checkpoint is a one-line ``CheckpointError``. Returns (state, checkpointer)."""
     out = cfg.training.output_dir
-    files.make_directory(out, "training.output_dir")
     for final in ("final", "final-critic"):  # where the trainers write their models at the end: fail now
         check_replaceable(os.path.join(out, final))
+    if os.path.isdir(out) and os.listdir(out) and not any(os.path.exists(os.path.join(out, marker))
+                                                          for marker in ("config.yaml", "checkpoints")):
+        raise CheckpointError(f"training.output_dir {out}: not empty and not a run directory (no config.yaml or "
+                              "checkpoints/); refusing to write into it: choose a new or empty directory")
+    files.make_directory(out, "training.output_dir")
     config_path = os.path.join(out, "config.yaml")
     checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
     step = checkpointer.latest_step()
@@ -95,10 +100,6 @@ _ABSENT = object()
 def data_position_meta(batches) -> Callable[[], dict]:
     """``train_loop``'s ``meta_fn`` for a ``BatchIterator``: where the next batch comes from."""
     return lambda: {"data_position": dataclasses.asdict(batches.position)}
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss or gradient; the message names the step."""
 
 
 class MetricsLogger:

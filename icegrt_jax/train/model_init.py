@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import os
+
 from flax import nnx
 
 from icegrt_jax.checkpoint import load_model_dir
 from icegrt_jax.config import ConfigError, ModelConfig
+from icegrt_jax.data.tokenize import load_tokenizer
 from icegrt_jax.models.llama import Llama, LlamaConfig, preset
+
+
+def existing_directory(key: str, path: str) -> str:
+    """``path``; a ``ConfigError`` naming the config ``key`` when it is not a directory."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}: {path}: no such directory")
+    return path
+
+
+def run_tokenizer(cfg):
+    """A trainer's tokenizer: ``data.tokenizer_path``, else ``model.hf_path``'s. Checks first that
+    the configured model (and tokenizer) directories exist, naming the key of a missing one."""
+    if cfg.model.hf_path is not None:
+        existing_directory("model.hf_path", cfg.model.hf_path)
+    if cfg.data.tokenizer_path is not None:
+        return load_tokenizer(existing_directory("data.tokenizer_path", cfg.data.tokenizer_path))
+    return load_tokenizer(cfg.model.hf_path)
 
 
 def model_config(cfg: ModelConfig, base: LlamaConfig) -> LlamaConfig:

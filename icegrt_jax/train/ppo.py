@@ -48,7 +48,7 @@ from jax.experimental import multihost_utils
 
 from icegrt_jax import rl
 from icegrt_jax.checkpoint import load_model_dir, save_model
-from icegrt_jax.config import PPOConfig
+from icegrt_jax.config import ConfigError, PPOConfig
 from icegrt_jax.data.batching import BatchIterator
 from icegrt_jax.data.sources import DataError, iter_records, required_text
 from icegrt_jax.data.templates import get_template
@@ -64,7 +64,7 @@ from icegrt_jax.sampling import SamplingParams, generate
 from icegrt_jax.sharding import Partitioner, initialize_distributed
 from icegrt_jax.train import rollout
 from icegrt_jax.train.loop import data_position_meta, open_run, train_loop
-from icegrt_jax.train.model_init import init_model
+from icegrt_jax.train.model_init import existing_directory, init_model, run_tokenizer
 from icegrt_jax.train.reward import REWARD_STATS_FILE, read_reward_stats
 from icegrt_jax.train.state import (
     TrainState,
@@ -402,7 +402,7 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
             responses = [tokenizer.decode(result.response_tokens(r), skip_special_tokens=True)
                          for r in range(len(prompts))]
         if score_function is not None:
-            scores = np.asarray(score_function(prompts, responses), np.float32)
+            scores = rollout.checked_scores(score_function(prompts, responses), len(prompts), cfg.reward.function)
             if jax.process_count() > 1:  # process 0's scores for everyone: a scorer need not be deterministic
                 scores = np.asarray(multihost_utils.broadcast_one_to_all(scores))
             return partitioner.shard_batch(scores)
@@ -551,10 +551,14 @@ def run_ppo(cfg: PPOConfig) -> dict:
     initialize_distributed()
     partitioner = Partitioner.from_config(cfg.mesh)
     check_rollout_batch(partitioner, cfg)
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path or cfg.model.hf_path)
+    tokenizer = run_tokenizer(cfg)
+    if cfg.reward.path is not None:
+        existing_directory("reward.path", cfg.reward.path)
     prompts, dropped = load_prompts(cfg, tokenizer)
     score_function = rollout.load_score_function(cfg.reward.function) if cfg.reward.function else None
     llama, critic_cfg, actor_params, critic_params, roles, reward_tokenizer = build_roles(cfg, tokenizer, partitioner)
+    if outside := [i for i in cfg.rollout.stop_token_ids or () if not 0 <= i < llama.vocab_size]:
+        raise ConfigError(f"rollout.stop_token_ids: {outside} outside the model's vocabulary [0, {llama.vocab_size})")
     batches = BatchIterator(prompts, batch_size=cfg.data.prompts_per_iteration, buckets=(10**9,), pad_id=0,
                             seed=cfg.data.shuffle_seed, group_by_length=False, collate_fn=collate_prompts)
     total = cfg.training.steps or cfg.training.epochs * batches.batches_per_epoch

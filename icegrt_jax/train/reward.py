@@ -33,7 +33,6 @@ from icegrt_jax.data.sources import Conversation, DataError
 from icegrt_jax.data.templates import Round, get_template
 from icegrt_jax.data.tokenize import (
     TokenizedExample,
-    load_tokenizer,
     pad_token_id,
     tokenize_conversations,
 )
@@ -42,7 +41,7 @@ from icegrt_jax.losses import bradley_terry_loss, margin_ranking_loss
 from icegrt_jax.models.heads import score_at_last_token, score_params_from_llama
 from icegrt_jax.sharding import Partitioner, initialize_distributed
 from icegrt_jax.train.loop import data_position_meta, open_run, train_loop
-from icegrt_jax.train.model_init import init_model, model_config
+from icegrt_jax.train.model_init import init_model, model_config, run_tokenizer
 from icegrt_jax.train.state import (
     accumulate_gradients,
     apply_gradients,
@@ -220,7 +219,7 @@ def run_reward(cfg: RewardConfig) -> dict:
     initialize_distributed()
     partitioner = Partitioner.from_config(cfg.mesh)
     partitioner.check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path or cfg.model.hf_path)
+    tokenizer = run_tokenizer(cfg)
     template = get_template(cfg.data.template)
     train_pairs, train_report = load_preferences(cfg.data.train_files, cfg.loss.top_k, cfg.loss.bottom_k)
     train, train_dropped = tokenize_pairs(train_pairs, tokenizer, template, cfg.data.max_length)

@@ -92,6 +92,20 @@ def load_score_function(spec: str) -> Callable:
     return function
 
 
+def checked_scores(scores, count: int, spec: str) -> np.ndarray:
+    """A scorer's output as float32 [count]; anything else is a ``ConfigError`` naming ``reward.function``."""
+    try:
+        array = np.asarray(scores, np.float32)
+    except (TypeError, ValueError):
+        raise ConfigError(f"reward.function {spec}: returned {type(scores).__name__} values that are not numbers") from None
+    if array.shape != (count,):
+        raise ConfigError(f"reward.function {spec}: returned shape {array.shape} for {count} responses "
+                          "(expected one score each)")
+    if not np.isfinite(array).all():
+        raise ConfigError(f"reward.function {spec}: returned a non-finite score")
+    return array
+
+
 def same_tokenizer(a, b) -> bool:
     """Token ids can pass straight through when both vocabularies and special tokens agree."""
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids

@@ -28,7 +28,6 @@ from icegrt_jax.data.batching import (
 from icegrt_jax.data.sources import load_conversations
 from icegrt_jax.data.templates import get_template
 from icegrt_jax.data.tokenize import (
-    load_tokenizer,
     pad_token_id,
     tokenize_conversations,
 )
@@ -36,7 +35,7 @@ from icegrt_jax.hf import abstract_model
 from icegrt_jax.losses import chunked_token_logprobs
 from icegrt_jax.sharding import Partitioner, initialize_distributed
 from icegrt_jax.train.loop import data_position_meta, open_run, train_loop
-from icegrt_jax.train.model_init import init_model
+from icegrt_jax.train.model_init import init_model, run_tokenizer
 from icegrt_jax.train.state import (
     accumulate_gradients,
     apply_gradients,
@@ -112,7 +111,7 @@ class PreparedData:
 
 def prepare_data(cfg: SFTConfig) -> PreparedData:
     """Tokenizer, tokenised train/eval examples and the truncation reports (nothing written)."""
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path or cfg.model.hf_path)
+    tokenizer = run_tokenizer(cfg)
     template = get_template(cfg.data.template)
 
     def tokenized(files):
