@@ -1,6 +1,7 @@
 """Config loading: YAML + dotted overrides into typed dataclasses, one-line errors naming the key."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,13 @@ def test_demo_fast_overrides_must_be_lists_of_strings(tmp_path):
         path = write_yaml(tmp_path, f"fast: {fast}\n")
         with pytest.raises(ConfigError, match="'fast' must map each section to a list of key=value overrides"):
             load_run(str(tmp_path / "out"), path, fast=True)
+
+
+def test_demo_config_values_are_checked_when_it_loads(tmp_path):
+    from icegrt_jax.demo.pipeline import load_run
+
+    for line, message in (("samples_per_prompt: -5", "samples_per_prompt: must be >= 1, got -5"),
+                          ("ranking_eval_fraction: 1.5", "ranking_eval_fraction: must be in (0, 1), got 1.5")):
+        path = write_yaml(tmp_path, f"demo:\n  {line}\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_run(str(tmp_path / "out"), path)

@@ -247,6 +247,7 @@ def test_exact_resume_after_sigkill_mid_iteration(ppo_setup, minibatches, factor
     ("reward.function=nowhere:nothing", "reward.function: cannot import 'nowhere:nothing'"),
     ("data.prompts_per_iteration=15", "data.prompts_per_iteration: 15 is not divisible"),
     ("data.prompt_files=[/nonexistent/p.jsonl]", "/nonexistent/p.jsonl"),
+    ("data.prompt_files=[{tmp}/empty.jsonl]", "empty.jsonl: no prompts (the files are empty)"),
     ("rollout.temperature=0", "rollout.temperature"),
     ("reward.function=null reward.path=/nonexistent/rm", "reward.path: /nonexistent/rm: no such directory"),
     ("rollout.stop_token_ids=[99999]", "rollout.stop_token_ids: [99999] outside the model's vocabulary [0, 400)"),
@@ -255,7 +256,8 @@ def test_exact_resume_after_sigkill_mid_iteration(ppo_setup, minibatches, factor
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(ppo_setup, capsys, override, message):
     tmp_path, config = ppo_setup
-    assert cli.main(["ppo", "--config", config, *override.split()]) == 2
+    (tmp_path / "empty.jsonl").write_text("")
+    assert cli.main(["ppo", "--config", config, *override.format(tmp=tmp_path).split()]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()

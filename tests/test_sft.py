@@ -210,6 +210,7 @@ BAD_DATA = {
     "malformed line": ('{"prompt": "a", "response": "b"}\n{"prompt": "c",\n', r"train\.jsonl:2"),
     "missing field": ('{"prompt": "a"}\n', "response"),
     "empty response": ('{"prompt": "a", "response": ""}\n', "response"),
+    "empty file": ("", r"data.train_files .*train\.jsonl: no training examples \(the files are empty"),
 }
 
 

@@ -64,6 +64,15 @@ class DemoConfig:
     generate_batch_size: int = 64
     export_check_prompts: int = 8
 
+    def problems(self):
+        """Checked when the config loads, before any stage runs (``config.load_config``)."""
+        counts = [f.name for f in dataclasses.fields(self) if f.type in ("int", int) and f.name != "seed"]
+        yield from ((name, f"must be >= 1, got {getattr(self, name)}") for name in counts if getattr(self, name) < 1)
+        yield from ((name, f"must be in (0, 1), got {getattr(self, name)}")
+                    for name in ("held_out_ad_fraction", "ranking_eval_fraction") if not 0 < getattr(self, name) < 1)
+        if self.temperature < 0:
+            yield "temperature", f"must be >= 0, got {self.temperature}"
+
 
 @dataclasses.dataclass
 class Run:

@@ -107,6 +107,8 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[TokenizedExample], int
                 dropped += 1
                 continue
             examples.append(TokenizedExample(ids, np.zeros(len(ids), bool), text))
+    if not examples and not dropped:
+        raise DataError(f"data.prompt_files {', '.join(cfg.data.prompt_files)}: no prompts (the files are empty)")
     if not examples:
         raise DataError(f"data.max_prompt_length={cfg.data.max_prompt_length}: every prompt is longer")
     return examples, dropped

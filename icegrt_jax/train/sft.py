@@ -25,7 +25,7 @@ from icegrt_jax.data.batching import (
     bucket_lengths,
     eval_batches,
 )
-from icegrt_jax.data.sources import load_conversations
+from icegrt_jax.data.sources import DataError, load_conversations
 from icegrt_jax.data.templates import get_template
 from icegrt_jax.data.tokenize import (
     pad_token_id,
@@ -133,6 +133,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     partitioner = Partitioner.from_config(cfg.mesh)
     partitioner.check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
     data = prepare_data(cfg)
+    if not data.train:
+        raise DataError(f"data.train_files {', '.join(cfg.data.train_files) or '(none given)'}: no training examples "
+                        "(the files are empty, or data.truncation dropped every example longer than data.max_length)")
     llama, params = init_model(cfg.model, cfg.training.seed, min_vocab=len(data.tokenizer))
     buckets = bucket_lengths(cfg.data.bucket_boundaries, cfg.data.max_length)
     pad_id = pad_token_id(data.tokenizer)
