@@ -341,10 +341,14 @@ def _process_alive(pid: int) -> bool:
 def remove_stale_temporaries(path: str) -> list[str]:
     """Remove the temporary directories of ``atomic_directory(path)`` that a killed process of this
     host left (its pid is gone; other hosts' are left alone); return their paths."""
-    prefix = _temporary_prefix(path)
-    parent, name = os.path.split(prefix)
-    stale = [os.path.join(parent, entry) for entry in (os.listdir(parent) if os.path.isdir(parent) else [])
-             if entry.startswith(name) and entry[len(name):].isdigit() and not _process_alive(int(entry[len(name):]))]
+    parent, name = os.path.split(_temporary_prefix(path))
+    try:
+        entries = os.listdir(parent) if os.path.isdir(parent) else []
+    except OSError:  # an unlistable parent: nothing we can clean
+        entries = []
+    pids = {entry: entry[len(name):] for entry in entries if entry.startswith(name)}
+    stale = [os.path.join(parent, entry) for entry, pid in pids.items()
+             if pid.isascii() and pid.isdigit() and not _process_alive(int(pid))]
     for tmp in stale:
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("removed %s, left by an interrupted earlier write of %s", tmp, path)

@@ -150,7 +150,7 @@ def test_plan_refuses_a_bad_device_memory_and_an_unknown_section(capsys):
         assert "--device-memory must be a positive number of GiB" in capsys.readouterr().err
     assert cli.main([*plan, "--device-memory", "80", "--section", "nosuch"]) == 2
     err = capsys.readouterr().err
-    assert "--section nosuch: " in err and "has no such top-level key (it has: demo, pretrain, sft" in err
+    assert "--section nosuch: " in err and "holds several runs but no such top-level key (it has: demo, pretrain, sft" in err
 
 
 def test_demo_fast_overrides_must_be_lists_of_strings(tmp_path):

@@ -186,6 +186,7 @@ def test_eval_cli_end_to_end_two_models(model_dir, data_dir, tmp_path, capsys):
         assert model["truncated_requests"] == {"generate_until": 3}
         raw = json.loads((out / label / "lm_eval_results.json").read_text())
         assert raw["results"]["arc_easy"]["sample_len"] == 4 and raw["results"]["gsm8k_cot"]["sample_len"] == 3
+        assert raw["config"]["model_args"]["pretrained"] == str(path_a.parent / label)  # reproducible from the file
     assert "dataset_path: json" in (out / "model_a/local_tasks/arc_easy.yaml").read_text()
 
 

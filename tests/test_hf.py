@@ -157,7 +157,9 @@ def test_convert_removes_what_a_killed_convert_left(hf_dir, tmp_path, caplog):
 def test_convert_refuses_out_equal_to_src_and_a_bad_shard_size(hf_dir, tmp_path, capsys):
     src = _copy(hf_dir, tmp_path)
     assert cli.main(["convert", src, src + "/"]) == 2
-    assert "OUT is SRC" in capsys.readouterr().err
+    assert "OUT is or contains SRC" in capsys.readouterr().err
+    assert cli.main(["convert", src, str(tmp_path)]) == 2  # OUT holds SRC: replacing OUT would delete SRC
+    assert "OUT is or contains SRC" in capsys.readouterr().err
     assert cli.main(["convert", src, str(tmp_path / "out"), "--max-shard-gb", "0"]) == 2
     assert "--max-shard-gb must be positive, got 0.0" in capsys.readouterr().err
     assert sorted(os.listdir(src)) == sorted(os.listdir(hf_dir)) and not (tmp_path / "out").exists()
@@ -273,7 +275,7 @@ BAD_INPUTS = {
     "config null context": (lambda p: _edit_config(p, max_position_embeddings=None), ModelConfigError,
                             "max_position_embeddings must be a positive integer, got None"),
     "config eos type": (lambda p: _edit_config(p, eos_token_id="two"), ModelConfigError,
-                        "eos_token_id must be a token id, a list of them or null, got 'two'"),
+                        "eos_token_id must be a token id, a non-empty list of them or null, got 'two'"),
     "config rope type": (lambda p: _edit_config(p, rope_scaling="linear"), ModelConfigError,
                          "rope_scaling must be an object or null, got 'linear'"),
     "config is a directory": (lambda p: (os.remove(os.path.join(p, "config.json")), os.mkdir(os.path.join(p, "config.json"))),

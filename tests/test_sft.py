@@ -193,6 +193,15 @@ def test_non_finite_update_is_skipped_and_loop_stops(tmp_path):
     assert checkpointer.latest_step() == 2
 
 
+def test_a_directory_with_only_a_users_config_yaml_is_not_a_run_directory(sft_setup, capsys):
+    tmp_path, config = sft_setup
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "config.yaml").write_text("# my notes\n")
+    assert cli.main(["sft", "--config", config, f"training.output_dir={tmp_path / 'exp'}"]) == 2
+    assert "exp: not empty and not a run directory (no checkpoints/)" in capsys.readouterr().err
+    assert (tmp_path / "exp" / "config.yaml").read_text() == "# my notes\n"
+
+
 def test_a_diverged_run_is_one_line_and_exit_1(sft_setup, capsys, monkeypatch):
     _, config = sft_setup
 
@@ -232,7 +241,7 @@ def test_bad_data_is_one_line_exit_2_nothing_written(sft_setup, capsys, case):
     ("data.train_files=[/nonexistent/x.jsonl]", "/nonexistent/x.jsonl"),
     ("training.output_dir={tmp}/train.jsonl",
      "train.jsonl: exists and is not a directory; choose another training.output_dir"),
-    ("training.output_dir={tmp}", "not empty and not a run directory (no config.yaml or checkpoints/)"),
+    ("training.output_dir={tmp}", "not empty and not a run directory (no checkpoints/)"),
     ("model.preset=null model.hf_path={tmp}/nope", "model.hf_path: {tmp}/nope: no such directory"),
     ("optimizer.lr=.nan", "optimizer.lr: must be a finite number, got nan"),
 ])

@@ -23,9 +23,10 @@ def run(args) -> int:
     from icegrt_jax import checkpoint, hf
     from icegrt_jax.errors import UserInputError
 
-    if os.path.realpath(args.out) == os.path.realpath(args.src):
-        raise UserInputError(f"{args.out}: OUT is SRC; writing it would replace the model being converted")
-    if not args.max_shard_gb > 0:
+    out, src = os.path.realpath(args.out), os.path.realpath(args.src)
+    if os.path.commonpath([out, src]) == out:
+        raise UserInputError(f"{args.out}: OUT is or contains SRC; writing it would replace the model being converted")
+    if not 0 < args.max_shard_gb < float("inf"):
         raise UserInputError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
     hf.check_replaceable(args.out)  # before loading SRC: a refused OUT or tokenizer fails at once
     if args.tokenizer:

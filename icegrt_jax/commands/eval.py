@@ -48,7 +48,7 @@ def run(args) -> int:
 
     require_lm_eval()
     from icegrt_jax.eval.tasks import CONFIG_DIR, load_benchmarks, resolve_names
-    from icegrt_jax.hf import load_hf_config
+    from icegrt_jax.hf import load_hf_config, read_config_kind, tokenizer_files
 
     config_dir = args.config_dir or CONFIG_DIR
     benchmarks = load_benchmarks(config_dir)
@@ -59,7 +59,12 @@ def run(args) -> int:
     for path in args.model:
         if not os.path.isdir(path):
             raise UserInputError(f"{path}: no such model directory")
-        load_hf_config(path)  # a bad config.json fails now, not after the models before it
+        # a bad model fails now, not after the models before it have run
+        load_hf_config(path)
+        if read_config_kind(path) != "causal_lm":
+            raise UserInputError(f"{path}: a reward model or critic (LlamaForSequenceClassification); eval needs a "
+                                 "causal LM")
+        tokenizer_files(path, required=True)
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be positive, got {args.batch_size}")
     out = Path(args.output)
@@ -67,8 +72,9 @@ def run(args) -> int:
     files.make_directory(out, "--output directory")
     try:
         report = evaluate(args, names, benchmarks, config_dir, out)
-    except BaseException:
-        if created:  # nothing half-written: a failed run leaves no output directory behind
+    except Exception:
+        finished = any((out / label / "lm_eval_results.json").exists() for label in model_labels(args.model))
+        if created and not finished:  # a run that failed before any result leaves no output directory
             shutil.rmtree(out, ignore_errors=True)
         raise
     text = render_report(report)
@@ -88,11 +94,11 @@ def evaluate(args, names: list[str], benchmarks: dict, config_dir, out: Path) ->
     labels = model_labels(args.model)
     all_results, truncated = {}, {}
     for label, path in zip(labels, args.model):
-        model_args = {"pretrained": path, "batch_size": args.batch_size, "max_length": args.max_length,
-                      "max_gen_toks": args.max_gen_toks, "dtype": args.dtype}
-        lm = IceGRTLM(**{k: v for k, v in model_args.items() if v is not None})
-        results = run_benchmarks(lm, names, data_dir=args.data_dir, work_dir=out / label, limit=args.limit,
-                                 config_dir=config_dir)
+        model_args = {k: v for k, v in {"pretrained": path, "batch_size": args.batch_size, "max_length": args.max_length,
+                                        "max_gen_toks": args.max_gen_toks, "dtype": args.dtype}.items() if v is not None}
+        lm = IceGRTLM(**model_args)
+        results = run_benchmarks(lm, names, model_args, data_dir=args.data_dir, work_dir=out / label,
+                                 limit=args.limit, config_dir=config_dir)  # model_args: recorded in the results
         (out / label).mkdir(parents=True, exist_ok=True)
         files.write_json(out / label / "lm_eval_results.json", results, default=handle_non_serializable)
         all_results[label], truncated[label] = results, dict(lm.truncated)

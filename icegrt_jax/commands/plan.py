@@ -6,6 +6,7 @@ Compiles the run's steps for ``N`` stand-in CPU devices on ``mesh`` without allo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -49,8 +50,10 @@ def run(args) -> int:
     use_stand_in_devices(args.devices)
     from icegrt_jax.config import PPOConfig, load_config, read_yaml_mapping
 
-    if args.section is not None and args.section not in (sections := read_yaml_mapping(args.config)):
-        raise UserInputError(f"--section {args.section}: {args.config} has no such top-level key "
+    sections = read_yaml_mapping(args.config)
+    run_fields = {f.name for f in dataclasses.fields(PPOConfig)}
+    if args.section is not None and args.section not in sections and not set(sections) <= run_fields:
+        raise UserInputError(f"--section {args.section}: {args.config} holds several runs but no such top-level key "
                              f"(it has: {', '.join(map(str, sections))})")
     from icegrt_jax.plan import format_plan, plan_ppo, plan_to_dict
 

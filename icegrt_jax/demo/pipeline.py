@@ -25,6 +25,7 @@ from pathlib import Path
 
 from icegrt_jax import files
 from icegrt_jax.config import (
+    MIN_TEMPERATURE,
     ConfigError,
     PPOConfig,
     RewardConfig,
@@ -70,8 +71,10 @@ class DemoConfig:
         yield from ((name, f"must be >= 1, got {getattr(self, name)}") for name in counts if getattr(self, name) < 1)
         yield from ((name, f"must be in (0, 1), got {getattr(self, name)}")
                     for name in ("held_out_ad_fraction", "ranking_eval_fraction") if not 0 < getattr(self, name) < 1)
-        if self.temperature < 0:
-            yield "temperature", f"must be >= 0, got {self.temperature}"
+        if not (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE):
+            yield "temperature", f"must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}"
+        if not 0 <= self.seed <= 2**32 - 2:  # the sampler's seeds are uint32; evaluation uses seed + 1
+            yield "seed", f"must be in [0, 2**32 - 2], got {self.seed}"
 
 
 @dataclasses.dataclass

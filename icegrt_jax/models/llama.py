@@ -193,15 +193,18 @@ def _check_hf_value_types(hf: dict[str, Any], source: str) -> None:
                for key in _HF_OPTIONAL_POSITIVE_INTS]
     checks += [(key, "a positive number", lambda v: (is_int(v) or isinstance(v, float)) and 0 < v < float("inf"))
                for key in _HF_POSITIVE_FLOATS]
-    checks += [(key, "a token id, a list of them or null",
-                lambda v: v is None or is_int(v) or (isinstance(v, list) and all(map(is_int, v))))
+    checks += [(key, "a token id, a non-empty list of them or null",
+                lambda v: v is None or is_int(v) or (isinstance(v, list) and v and all(map(is_int, v))))
                for key in _HF_TOKEN_IDS]
-    checks += [("tie_word_embeddings", "true or false", lambda v: isinstance(v, bool))]
+    checks += [("tie_word_embeddings", "true, false or null", lambda v: v is None or isinstance(v, bool))]
     checks += [(key, "an object or null", lambda v: v is None or isinstance(v, dict))
                for key in ("rope_scaling", "rope_parameters")]
     for key, expected, ok in checks:
         if key in hf and not ok(hf[key]):
             raise ModelConfigError(f"{source}: {key} must be {expected}, got {hf[key]!r}")
+    nested_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 1.0)
+    if not (is_int(nested_theta) or isinstance(nested_theta, float)) or not 0 < nested_theta < float("inf"):
+        raise ModelConfigError(f"{source}: rope_parameters.rope_theta must be a positive number, got {nested_theta!r}")
 
 
 def read_config_json(path: str) -> dict[str, Any]:

@@ -33,21 +33,30 @@ from icegrt_jax.hf import CheckpointError, check_replaceable
 from icegrt_jax.sharding import is_primary_process
 
 
+def check_output_dir(out: str) -> None:
+    """``training.output_dir`` must be new, empty (hidden files aside) or a run directory (one with
+    checkpoints/, which every run creates first), and its final model directories replaceable:
+    a trainer never writes into another directory. The trainers check this before loading models."""
+    for final in ("final", "final-critic"):
+        check_replaceable(os.path.join(out, final))
+    try:
+        entries = [e for e in os.listdir(out) if not e.startswith(".")] if os.path.isdir(out) else []
+    except OSError as e:
+        raise CheckpointError(f"training.output_dir {out}: cannot list it ({e.strerror})") from None
+    if entries and "checkpoints" not in entries:
+        raise CheckpointError(f"training.output_dir {out}: not empty and not a run directory (no checkpoints/); "
+                              "refusing to write into it: choose a new or empty directory")
+
+
 def open_run(cfg, name: str, state, state_shardings, batches, report: list[str]):
-    """A trainer's run directory: ``cfg.training.output_dir`` (new, empty or a run directory: one
-    with config.yaml or checkpoints/; any other directory is refused) with config.yaml, the ``report`` lines
+    """A trainer's run directory: ``cfg.training.output_dir`` (``check_output_dir``) with config.yaml, the ``report`` lines
     printed as ``[name] ...`` (process 0), and the checkpointer. When the directory holds a
     checkpoint the run resumes from it: the state (restored onto ``state_shardings``) and the
     data position of ``batches``; a config that differs from the saved config.yaml is named (what
     changes the run's course makes it differ from an uninterrupted one), and a state that no longer fits the
     checkpoint is a one-line ``CheckpointError``. Returns (state, checkpointer)."""
     out = cfg.training.output_dir
-    for final in ("final", "final-critic"):  # where the trainers write their models at the end: fail now
-        check_replaceable(os.path.join(out, final))
-    if os.path.isdir(out) and os.listdir(out) and not any(os.path.exists(os.path.join(out, marker))
-                                                          for marker in ("config.yaml", "checkpoints")):
-        raise CheckpointError(f"training.output_dir {out}: not empty and not a run directory (no config.yaml or "
-                              "checkpoints/); refusing to write into it: choose a new or empty directory")
+    check_output_dir(out)
     files.make_directory(out, "training.output_dir")
     config_path = os.path.join(out, "config.yaml")
     checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)

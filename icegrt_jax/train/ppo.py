@@ -63,7 +63,12 @@ from icegrt_jax.models.heads import score_params_from_llama
 from icegrt_jax.sampling import SamplingParams, generate
 from icegrt_jax.sharding import Partitioner, initialize_distributed
 from icegrt_jax.train import rollout
-from icegrt_jax.train.loop import data_position_meta, open_run, train_loop
+from icegrt_jax.train.loop import (
+    check_output_dir,
+    data_position_meta,
+    open_run,
+    train_loop,
+)
 from icegrt_jax.train.model_init import existing_directory, init_model, run_tokenizer
 from icegrt_jax.train.reward import REWARD_STATS_FILE, read_reward_stats
 from icegrt_jax.train.state import (
@@ -404,9 +409,11 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
             responses = [tokenizer.decode(result.response_tokens(r), skip_special_tokens=True)
                          for r in range(len(prompts))]
         if score_function is not None:
-            scores = rollout.checked_scores(score_function(prompts, responses), len(prompts), cfg.reward.function)
+            scores = score_function(prompts, responses)
             if jax.process_count() > 1:  # process 0's scores for everyone: a scorer need not be deterministic
+                scores = rollout.checked_scores(scores, len(prompts), cfg.reward.function, finite=False)
                 scores = np.asarray(multihost_utils.broadcast_one_to_all(scores))
+            scores = rollout.checked_scores(scores, len(prompts), cfg.reward.function)  # alike on every process
             return partitioner.shard_batch(scores)
         if not pass_through:
             tokens, attention_mask = partitioner.shard_batch(rollout.retokenize_for_reward(
@@ -551,6 +558,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     actor, an HF-exportable project checkpoint) and final-critic/. Runs sharded over ``cfg.mesh``,
     in one process or several (see the module docstring)."""
     initialize_distributed()
+    check_output_dir(cfg.training.output_dir)  # before any model loads
     partitioner = Partitioner.from_config(cfg.mesh)
     check_rollout_batch(partitioner, cfg)
     tokenizer = run_tokenizer(cfg)

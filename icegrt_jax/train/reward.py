@@ -40,7 +40,12 @@ from icegrt_jax.hf import abstract_model, read_config_kind
 from icegrt_jax.losses import bradley_terry_loss, margin_ranking_loss
 from icegrt_jax.models.heads import score_at_last_token, score_params_from_llama
 from icegrt_jax.sharding import Partitioner, initialize_distributed
-from icegrt_jax.train.loop import data_position_meta, open_run, train_loop
+from icegrt_jax.train.loop import (
+    check_output_dir,
+    data_position_meta,
+    open_run,
+    train_loop,
+)
 from icegrt_jax.train.model_init import init_model, model_config, run_tokenizer
 from icegrt_jax.train.state import (
     accumulate_gradients,
@@ -217,6 +222,7 @@ def run_reward(cfg: RewardConfig) -> dict:
     final/ (a score-model checkpoint with the tokenizer and reward_stats.json). Runs sharded over
     ``cfg.mesh``; a multi-process launch joins ``jax.distributed`` first."""
     initialize_distributed()
+    check_output_dir(cfg.training.output_dir)  # before any model loads
     partitioner = Partitioner.from_config(cfg.mesh)
     partitioner.check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
     tokenizer = run_tokenizer(cfg)

@@ -92,8 +92,9 @@ def load_score_function(spec: str) -> Callable:
     return function
 
 
-def checked_scores(scores, count: int, spec: str) -> np.ndarray:
-    """A scorer's output as float32 [count]; anything else is a ``ConfigError`` naming ``reward.function``."""
+def checked_scores(scores, count: int, spec: str, finite: bool = True) -> np.ndarray:
+    """A scorer's output as float32 [count] (all finite unless ``finite`` is off); anything else
+    is a ``ConfigError`` naming ``reward.function``."""
     try:
         array = np.asarray(scores, np.float32)
     except (TypeError, ValueError):
@@ -101,7 +102,7 @@ def checked_scores(scores, count: int, spec: str) -> np.ndarray:
     if array.shape != (count,):
         raise ConfigError(f"reward.function {spec}: returned shape {array.shape} for {count} responses "
                           "(expected one score each)")
-    if not np.isfinite(array).all():
+    if finite and not np.isfinite(array).all():
         raise ConfigError(f"reward.function {spec}: returned a non-finite score")
     return array
 

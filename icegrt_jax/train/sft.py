@@ -34,7 +34,12 @@ from icegrt_jax.data.tokenize import (
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.losses import chunked_token_logprobs
 from icegrt_jax.sharding import Partitioner, initialize_distributed
-from icegrt_jax.train.loop import data_position_meta, open_run, train_loop
+from icegrt_jax.train.loop import (
+    check_output_dir,
+    data_position_meta,
+    open_run,
+    train_loop,
+)
 from icegrt_jax.train.model_init import init_model, run_tokenizer
 from icegrt_jax.train.state import (
     accumulate_gradients,
@@ -130,6 +135,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     config.yaml, metrics.jsonl, checkpoints/, final/ (a project checkpoint with the tokenizer).
     Runs sharded over ``cfg.mesh``; a multi-process launch joins ``jax.distributed`` first."""
     initialize_distributed()
+    check_output_dir(cfg.training.output_dir)  # before any model loads
     partitioner = Partitioner.from_config(cfg.mesh)
     partitioner.check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
     data = prepare_data(cfg)
