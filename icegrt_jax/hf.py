@@ -45,6 +45,8 @@ from icegrt_jax.safetensors_io import (
 
 log = logging.getLogger(__name__)
 
+FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, jnp.bfloat16))  # stored weights
+
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -230,6 +232,8 @@ def _open_and_check_shapes(cfg, index, expected, pure) -> dict[str, SafetensorsF
         got = tuple(files[file].shape(name))
         if got != want:
             raise CheckpointError(f"{file}: tensor {name} has shape {got}, expected {want}")
+        if files[file].dtype(name) not in FLOAT_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} is {files[file].dtype(name)}, expected a floating-point type")
     return files
 
 

@@ -84,6 +84,9 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
 
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
+
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only memory-mapped numpy array."""
         dtype, shape, begin, end = self._entries[name]

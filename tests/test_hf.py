@@ -259,6 +259,8 @@ BAD_INPUTS = {
                           CheckpointError, r"unexpected tensors: model\.extra\.weight"),
     "shape": (lambda p: _rewrite_tensors(p, lambda t: t.update({"model.norm.weight": np.ones(65, np.float32)})),
               CheckpointError, r"model\.norm\.weight has shape \(65,\), expected \(64,\)"),
+    "integer tensor": (lambda p: _rewrite_tensors(p, lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)})),
+                       CheckpointError, r"model\.norm\.weight is int32, expected a floating-point type"),
     "truncated": (_truncate, SafetensorsError, "truncated file"),
     "corrupted": (_corrupt_header, SafetensorsError, "corrupted header"),
     "header length": (_bad_header_length, SafetensorsError, "truncated or corrupted"),

@@ -137,11 +137,14 @@ def test_identical_ranked_responses_are_dropped_and_counted(tmp_path):
     assert len(pairs) == 3 and report.identical_pairs_dropped == 1
 
 
-def test_missing_backbone_directory_is_one_line_exit_2(reward_setup, capsys):
+def test_missing_backbone_or_data_is_one_line_exit_2(reward_setup, capsys):
     tmp_path, config = reward_setup
     assert cli.main(["reward", "--config", config, "model.preset=null", "model.hf_path=/nonexistent/sft"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.hf_path: /nonexistent/sft: no such directory" in err, err
+    assert not os.path.exists(tmp_path / "run")
+    assert cli.main(["reward", "--config", config, "data.train_files=[]"]) == 2
+    assert "data.train_files: no preference files given" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run")
 
 

@@ -88,7 +88,7 @@ def load_preferences(specs: Sequence[str], top_k: int = 2, bottom_k: int = 2
                      ) -> tuple[list[PreferencePair], PreferenceReport]:
     """All (chosen, rejected) pairs of the given files, and the report."""
     if not specs:
-        raise DataError("data.train_files: no preference files given")
+        raise DataError("no preference files given")
     pairs: list[PreferencePair] = []
     report = PreferenceReport()
     for spec in specs:

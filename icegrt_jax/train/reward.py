@@ -227,6 +227,8 @@ def run_reward(cfg: RewardConfig) -> dict:
     partitioner.check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
     tokenizer = run_tokenizer(cfg)
     template = get_template(cfg.data.template)
+    if not cfg.data.train_files:
+        raise DataError("data.train_files: no preference files given")
     train_pairs, train_report = load_preferences(cfg.data.train_files, cfg.loss.top_k, cfg.loss.bottom_k)
     train, train_dropped = tokenize_pairs(train_pairs, tokenizer, template, cfg.data.max_length)
     evaluation, eval_dropped, eval_report = [], 0, None
