@@ -121,3 +121,12 @@ def test_sample_writes_the_annotation_file_that_becomes_ranking_data(model_dir, 
     ranked.write_text("".join(json.dumps({**r, "rankings": [[0, 1, 2, 3, 4]] * 3}) + "\n" for r in records))
     pairs, report = load_preferences([str(ranked)])
     assert report.ranking_records == 2 and len(pairs) + report.identical_pairs_dropped == 8
+
+
+def test_a_corrupt_parquet_file_is_one_line_on_stderr(model_dir, tmp_path, capfd):
+    """datasets logs its own failure to stderr too; the user sees our one line only."""
+    (tmp_path / "prompts.parquet").write_bytes(b"garbage")
+    assert run_cli("--model", model_dir, "--prompts", tmp_path / "prompts.parquet", "--out", tmp_path / "o.jsonl") == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("icegrt generate: error:") and "cannot read it as a dataset" in err
+    assert len(err.splitlines()) == 1, err

@@ -15,6 +15,7 @@ Every problem raises ``DataError`` with a one-line message.
 """
 
 import json
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,11 +139,16 @@ def _open_local_dataset(path: Path) -> Iterable[dict]:
     if not path.is_dir() and path.suffix not in readers:
         raise DataError(f"{path}: unsupported file type; expected .jsonl, .parquet, .arrow "
                         "or a saved dataset directory")
+    library_log = logging.getLogger("datasets")  # it logs the failure we report as one line below
+    level = library_log.level
+    library_log.setLevel(logging.CRITICAL)
     try:
         loaded = datasets.load_from_disk(str(path)) if path.is_dir() else readers[path.suffix](str(path))
     except (OSError, ValueError) as e:  # not a saved dataset, a corrupt table (pyarrow's errors are these)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: cannot read it as a dataset ({reason})") from None
+    finally:
+        library_log.setLevel(level)
     if isinstance(loaded, datasets.DatasetDict):
         raise DataError(f"{path}: holds splits {sorted(loaded)}; name one split's directory")
     return loaded
