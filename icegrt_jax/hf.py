@@ -308,10 +308,20 @@ def save_tokenizer_files(tokenizer, directory: str):
 
 
 def tokenizer_files(directory: str, required: bool = False) -> list[str]:
-    """The ``TOKENIZER_FILES`` present in ``directory``; with ``required``, none is an error."""
+    """The ``TOKENIZER_FILES`` present in ``directory``; with ``required``, none is an error. A JSON
+    one that does not parse is a ``CheckpointError`` (naming the file and line), so a broken tokenizer
+    is not copied into a converted model and found only by a later command."""
     found = [os.path.join(directory, file) for file in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, file))]
     if required and not found:
         raise CheckpointError(f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    for file in (f for f in found if f.endswith(".json")):
+        try:
+            with open(file, encoding="utf-8") as f:
+                json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return found
 
 

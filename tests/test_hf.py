@@ -197,6 +197,10 @@ def test_convert_refuses_a_tokenizer_directory_without_tokenizer_files(hf_dir, t
     assert "no tokenizer files (expected one of tokenizer.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"model_max_length": 2048,')
+    assert cli.main(["convert", str(hf_dir), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok")]) == 2
+    assert "tokenizer_config.json:1: invalid JSON" in capsys.readouterr().err  # not copied to break later
+    assert not (tmp_path / "out").exists()
     (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
     assert cli.main(["convert", str(hf_dir), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok")]) == 0
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == "{}"
