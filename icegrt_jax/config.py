@@ -450,8 +450,12 @@ def load_config(schema_cls: type[Schema], path: str | None = None,
 
 
 def _is_run_section(schema_cls: type, loaded: DictConfig, section: str | None) -> bool:
-    fields = {f.name for f in dataclasses.fields(schema_cls)}
-    return section is not None and section in loaded and not set(loaded.keys()) <= fields
+    return section is not None and section in loaded and holds_several_runs(schema_cls, loaded)
+
+
+def holds_several_runs(schema_cls: type, loaded) -> bool:
+    """Whether a config file's top-level keys are runs' sections, not all fields of ``schema_cls``."""
+    return not set(loaded.keys()) <= {f.name for f in dataclasses.fields(schema_cls)}
 
 
 def config_to_yaml(cfg: Any) -> str:

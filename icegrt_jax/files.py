@@ -21,6 +21,22 @@ def make_directory(path: str | os.PathLike, what: str = "output directory") -> N
         raise UserInputError(f"{os.fspath(path)}: cannot create the {what} ({e.strerror})") from None
 
 
+def read_json(path: str | os.PathLike, error: type[Exception] = UserInputError, what: str = "a JSON file"):
+    """The JSON value in ``path``; a missing or unreadable file, bad UTF-8 or bad JSON is one
+    ``error`` naming the file (and the line)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{os.fspath(path)}: not found (expected {what})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{os.fspath(path)}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{os.fspath(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise error(f"{os.fspath(path)}: cannot read ({e.strerror})") from None
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) in one rename."""
     path = os.fspath(path)

@@ -315,13 +315,7 @@ def tokenizer_files(directory: str, required: bool = False) -> list[str]:
     if required and not found:
         raise CheckpointError(f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
     for file in (f for f in found if f.endswith(".json")):
-        try:
-            with open(file, encoding="utf-8") as f:
-                json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
-        except UnicodeDecodeError as e:
-            raise CheckpointError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        files.read_json(file, CheckpointError)
     return found
 
 

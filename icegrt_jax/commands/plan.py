@@ -6,7 +6,6 @@ Compiles the run's steps for ``N`` stand-in CPU devices on ``mesh`` without allo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -48,11 +47,15 @@ def run(args) -> int:
     if not 0 < args.device_memory < float("inf"):
         raise UserInputError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
     use_stand_in_devices(args.devices)
-    from icegrt_jax.config import PPOConfig, load_config, read_yaml_mapping
+    from icegrt_jax.config import (
+        PPOConfig,
+        holds_several_runs,
+        load_config,
+        read_yaml_mapping,
+    )
 
     sections = read_yaml_mapping(args.config)
-    run_fields = {f.name for f in dataclasses.fields(PPOConfig)}
-    if args.section is not None and args.section not in sections and not set(sections) <= run_fields:
+    if args.section is not None and args.section not in sections and holds_several_runs(PPOConfig, sections):
         raise UserInputError(f"--section {args.section}: {args.config} holds several runs but no such top-level key "
                              f"(it has: {', '.join(map(str, sections))})")
     from icegrt_jax.plan import format_plan, plan_ppo, plan_to_dict

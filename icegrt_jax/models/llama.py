@@ -16,13 +16,13 @@ left padding needs no special handling.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from icegrt_jax import files
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.models.projections import PROJECTION, dense, swiglu_mlp
 from icegrt_jax.sharding import shards_alike, with_logical_constraint
@@ -188,11 +188,13 @@ def _check_hf_value_types(hf: dict[str, Any], source: str) -> None:
     def is_int(value):
         return isinstance(value, int) and not isinstance(value, bool)
 
+    def is_positive_number(value):
+        return (is_int(value) or isinstance(value, float)) and 0 < value < float("inf")
+
     checks = [(key, "a positive integer", lambda v: is_int(v) and v >= 1) for key in _HF_POSITIVE_INTS]
     checks += [(key, "a positive integer or null", lambda v: v is None or (is_int(v) and v >= 1))
                for key in _HF_OPTIONAL_POSITIVE_INTS]
-    checks += [(key, "a positive number", lambda v: (is_int(v) or isinstance(v, float)) and 0 < v < float("inf"))
-               for key in _HF_POSITIVE_FLOATS]
+    checks += [(key, "a positive number", is_positive_number) for key in _HF_POSITIVE_FLOATS]
     checks += [(key, "a token id, a non-empty list of them or null",
                 lambda v: v is None or is_int(v) or (isinstance(v, list) and v and all(map(is_int, v))))
                for key in _HF_TOKEN_IDS]
@@ -203,24 +205,14 @@ def _check_hf_value_types(hf: dict[str, Any], source: str) -> None:
         if key in hf and not ok(hf[key]):
             raise ModelConfigError(f"{source}: {key} must be {expected}, got {hf[key]!r}")
     nested_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 1.0)
-    if not (is_int(nested_theta) or isinstance(nested_theta, float)) or not 0 < nested_theta < float("inf"):
+    if not is_positive_number(nested_theta):
         raise ModelConfigError(f"{source}: rope_parameters.rope_theta must be a positive number, got {nested_theta!r}")
 
 
 def read_config_json(path: str) -> dict[str, Any]:
     """An HF config.json as a dict; a missing or unreadable file or bad JSON is a one-line
     ``ModelConfigError``."""
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise ModelConfigError(f"{path}: not found (expected an HF config.json)") from None
-    except json.JSONDecodeError as e:
-        raise ModelConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ModelConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise ModelConfigError(f"{path}: cannot read ({e.strerror})") from None
+    config = files.read_json(path, ModelConfigError, "an HF config.json")
     if not isinstance(config, dict):
         raise ModelConfigError(f"{path}: expected a JSON object")
     return config

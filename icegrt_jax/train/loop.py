@@ -49,14 +49,14 @@ def check_output_dir(out: str) -> None:
 
 
 def open_run(cfg, name: str, state, state_shardings, batches, report: list[str]):
-    """A trainer's run directory: ``cfg.training.output_dir`` (``check_output_dir``) with config.yaml, the ``report`` lines
+    """A trainer's run directory: ``cfg.training.output_dir`` (checked by ``check_output_dir``
+    first) with config.yaml, the ``report`` lines
     printed as ``[name] ...`` (process 0), and the checkpointer. When the directory holds a
     checkpoint the run resumes from it: the state (restored onto ``state_shardings``) and the
     data position of ``batches``; a config that differs from the saved config.yaml is named (what
     changes the run's course makes it differ from an uninterrupted one), and a state that no longer fits the
     checkpoint is a one-line ``CheckpointError``. Returns (state, checkpointer)."""
-    out = cfg.training.output_dir
-    check_output_dir(out)
+    out = cfg.training.output_dir  # the trainers ran check_output_dir before loading their models
     files.make_directory(out, "training.output_dir")
     config_path = os.path.join(out, "config.yaml")
     checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from icegrt_jax import files
 from icegrt_jax.checkpoint import load_model_dir, save_model
 from icegrt_jax.config import ConfigError, RewardConfig
 from icegrt_jax.data.batching import (
@@ -63,13 +63,7 @@ REWARD_STATS_KEYS = ("score_mean", "score_std")  # what PPO's reward.normalize=s
 def read_reward_stats(path: str) -> dict:
     """A reward model's ``reward_stats.json``; bad JSON or a missing or non-numeric
     ``score_mean`` / ``score_std`` is a one-line ``DataError`` naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            stats = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    stats = files.read_json(path, DataError)
     if not isinstance(stats, dict):
         raise DataError(f"{path}: expected one JSON object with {' and '.join(REWARD_STATS_KEYS)}")
     for key in REWARD_STATS_KEYS:
