@@ -1,18 +1,28 @@
 """Shared fixtures, and a persistent XLA compilation cache for the whole run.
 
 The trainers' tests compile the same programs several times (a straight run, a killed run in a
-subprocess, its resumption); the cache, shared with subprocesses through the environment,
-compiles each program once per test session.
+subprocess, its resumption); the cache, shared through the environment with subprocesses and with
+pytest-xdist's workers (set before they start), compiles each program once per test session.
 """
 
 import os
+import shutil
 import tempfile
 
 import pytest
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="icegrt-xla-cache-"))
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # else a user's, or the xdist controller's
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="icegrt-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+    """Remove the compilation cache this process made (~30 MB a run)."""
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 TOKENIZER_CORPUS = [
     ("Below is an instruction that describes a task. "
