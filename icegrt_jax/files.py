@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from pathlib import Path
 
 from icegrt_jax.errors import UserInputError
 
@@ -19,6 +20,17 @@ def make_directory(path: str | os.PathLike, what: str = "output directory") -> N
         raise UserInputError(f"{os.fspath(path)}: exists and is not a directory; choose another {what}") from None
     except OSError as e:
         raise UserInputError(f"{os.fspath(path)}: cannot create the {what} ({e.strerror})") from None
+
+
+def outermost_missing(path: str | os.PathLike) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist (what ``make_directory`` would
+    create, so a failed run can remove it all); None when ``path`` exists."""
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 def read_json(path: str | os.PathLike, error: type[Exception] = UserInputError, what: str = "a JSON file"):

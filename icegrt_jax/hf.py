@@ -309,14 +309,27 @@ def save_tokenizer_files(tokenizer, directory: str):
 
 def tokenizer_files(directory: str, required: bool = False) -> list[str]:
     """The ``TOKENIZER_FILES`` present in ``directory``; with ``required``, none is an error. A JSON
-    one that does not parse is a ``CheckpointError`` (naming the file and line), so a broken tokenizer
-    is not copied into a converted model and found only by a later command."""
+    one that does not parse, or a tokenizer.json the ``tokenizers`` library cannot load, is a
+    ``CheckpointError`` naming the file, so a broken tokenizer is not copied into a converted model
+    and found only by a later command."""
     found = [os.path.join(directory, file) for file in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, file))]
     if required and not found:
         raise CheckpointError(f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
     for file in (f for f in found if f.endswith(".json")):
         files.read_json(file, CheckpointError)
+        if os.path.basename(file) == "tokenizer.json":
+            _check_fast_tokenizer(file)
     return found
+
+
+def _check_fast_tokenizer(path: str):
+    """Load ``path`` with ``tokenizers`` (as transformers' fast tokenizers do); a failure is one line."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - the Rust library raises a plain Exception
+        raise CheckpointError(f"{path}: not a tokenizer the tokenizers library can load ({str(e).splitlines()[0]})") from None
 
 
 def check_replaceable(path: str):

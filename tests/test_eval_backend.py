@@ -4,6 +4,7 @@ same weights, simple_evaluate end to end on local data in the upstream schemas, 
 import json
 import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -26,6 +27,7 @@ from icegrt_jax.eval.tasks import (
     load_benchmarks,
     local_split_path,
     resolve_names,
+    run_benchmarks,
 )
 
 TABLE1_COLUMNS = ["MMLU 5-shot", "AGIEval few-shot", "BBH 3-shot", "AGIEval-ZH few-shot", "ARC-E 1-shot",
@@ -212,6 +214,9 @@ def test_output_that_is_a_file(model_dir, tmp_path, capsys):
                  "--output", str(out)]) == 2
     assert "nowhere: no such data directory" in capsys.readouterr().err
     assert not out.exists()  # a failed run leaves no output directory behind
+    assert main(["eval", "--model", str(model_dir[0]), "--tasks", "arc_e", "--data-dir", str(tmp_path / "nowhere"),
+                 "--output", str(tmp_path / "new" / "deeper" / "out")]) == 2
+    assert not (tmp_path / "new").exists()  # nor the parents it made
     assert main(["eval", "--model", str(model_dir[0]), "--tasks", ",", "--output", str(out)]) == 2
     assert "--tasks ',': no task names given" in capsys.readouterr().err and not out.exists()
 
@@ -222,6 +227,22 @@ def test_missing_data_file(data_dir, tmp_path):
         build_task_manager(["icegrt_arc_c"], benchmarks, data_dir=data_dir, work_dir=tmp_path)
     with pytest.raises(LocalDataError, match="no such data directory"):
         build_task_manager(["icegrt_arc_c"], benchmarks, data_dir=tmp_path / "nowhere", work_dir=tmp_path)
+
+
+def test_run_benchmarks_without_a_work_dir_keeps_its_override_yamls_only_while_it_runs(data_dir, tmp_path,
+                                                                                        monkeypatch):
+    import lm_eval
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = []
+
+    def fake_evaluate(task_manager, **kwargs):
+        seen.extend(tmp_path.glob("icegrt_eval_*/local_tasks/*.yaml"))
+        return {"results": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    assert run_benchmarks("icegrt", ["icegrt_arc_e"], data_dir=data_dir) == {"results": {}}
+    assert len(seen) == 1 and list(tmp_path.iterdir()) == []  # there during the run, removed after
 
 
 def test_missing_lm_eval_is_a_clear_error(monkeypatch, capsys):

@@ -202,6 +202,12 @@ def test_convert_refuses_a_tokenizer_directory_without_tokenizer_files(hf_dir, t
     assert "tokenizer_config.json:1: invalid JSON" in capsys.readouterr().err  # not copied to break later
     assert not (tmp_path / "out").exists()
     (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
+    assert cli.main(["convert", str(hf_dir), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tokenizer.json: not a tokenizer the tokenizers library can load" in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "tok" / "tokenizer.json").unlink()
     assert cli.main(["convert", str(hf_dir), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok")]) == 0
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == "{}"
 

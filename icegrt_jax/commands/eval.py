@@ -68,14 +68,14 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be positive, got {args.batch_size}")
     out = Path(args.output)
-    created = not out.exists()
+    created = files.outermost_missing(out)
     files.make_directory(out, "--output directory")
     try:
         report = evaluate(args, names, benchmarks, config_dir, out)
     except Exception:
         finished = any((out / label / "lm_eval_results.json").exists() for label in model_labels(args.model))
-        if created and not finished:  # a run that failed before any result leaves no output directory
-            shutil.rmtree(out, ignore_errors=True)
+        if created and not finished:  # a run that failed before any result leaves no directory it made
+            shutil.rmtree(created, ignore_errors=True)
         raise
     text = render_report(report)
     files.write_json(out / "results.json", report)

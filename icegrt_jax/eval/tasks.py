@@ -19,6 +19,7 @@ must exist; other splits the config names are used when present and dropped othe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
@@ -205,14 +206,17 @@ def write_local_overrides(index: dict, leaves: Sequence[str], data_dir: str | Pa
 def build_task_manager(names: Sequence[str], benchmarks: dict[str, Benchmark], data_dir: str | Path | None = None,
                        work_dir: str | Path | None = None, config_dir: str | Path = CONFIG_DIR):
     """An lm-eval ``TaskManager`` that knows the benchmarks ``names`` (resolved) and reads their
-    data from ``data_dir`` when given (override YAMLs go to ``work_dir/local_tasks``)."""
+    data from ``data_dir`` when given (override YAMLs go to ``work_dir/local_tasks``, which must
+    outlive the manager's use)."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(p) for p in stock_dirs(names, benchmarks)] + [str(config_dir)]
     manager = TaskManager(include_defaults=False, include_path=paths)
     if data_dir is None:
         return manager
-    override_dir = Path(work_dir or tempfile.mkdtemp(prefix="icegrt_eval_")) / "local_tasks"
+    if work_dir is None:
+        raise ValueError("build_task_manager: data_dir needs a work_dir for the override YAMLs")
+    override_dir = Path(work_dir) / "local_tasks"
     write_local_overrides(manager.task_index, leaf_tasks(manager.task_index, names), data_dir, override_dir)
     return TaskManager(include_defaults=False, include_path=paths + [str(override_dir)])
 
@@ -225,9 +229,12 @@ def run_benchmarks(model, names: Sequence[str], model_args: dict | None = None, 
     lm_eval = require_lm_eval()
     benchmarks = load_benchmarks(config_dir)
     resolved = resolve_names(names, benchmarks)
-    manager = build_task_manager(resolved, benchmarks, data_dir, work_dir, config_dir)
-    try:
-        return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=resolved, task_manager=manager,
-                                       limit=limit, log_samples=False)
-    except ModuleNotFoundError as e:  # a task's own extra, e.g. MATH needs lm-eval[math]
-        raise MissingExtraError(str(e).splitlines()[0]) from None
+    with contextlib.ExitStack() as stack:  # without a work_dir, the override YAMLs live in a temporary one
+        if work_dir is None and data_dir is not None:
+            work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="icegrt_eval_"))
+        manager = build_task_manager(resolved, benchmarks, data_dir, work_dir, config_dir)
+        try:
+            return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=resolved, task_manager=manager,
+                                           limit=limit, log_samples=False)
+        except ModuleNotFoundError as e:  # a task's own extra, e.g. MATH needs lm-eval[math]
+            raise MissingExtraError(str(e).splitlines()[0]) from None
