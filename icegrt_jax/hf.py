@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from icegrt_jax import files
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.models.heads import ScoreModel
-from icegrt_jax.models.llama import (
+from icegrt_jax.models.llama import Llama
+from icegrt_jax.models.llama_config import (
     DTYPES,
-    Llama,
     LlamaConfig,
     ModelConfigError,
     read_config_json,
@@ -423,7 +423,7 @@ def save_hf(cfg: LlamaConfig, params, path: str, tokenizer=None, max_shard_size:
         write_json(os.path.join(tmp, "config.json"), hf_config_dict(saved_cfg, kind))
         if kind == "causal_lm":
             write_json(os.path.join(tmp, "generation_config.json"), {
-                "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.hf_eos_token_id,
                 "pad_token_id": cfg.pad_token_id, "_from_model_config": True,
             })
         if tokenizer is not None:

@@ -117,7 +117,7 @@ class SamplingParams:
     temperature: divides the logits; 0 means greedy. top_k: keep the k most likely tokens
     (0: off). top_p: nucleus mass in (0, 1] (1: off). greedy: argmax regardless of the rest.
     max_new_tokens: response length limit (EOS included). eos_token_ids: tokens that end a row;
-    None means the model config's ``eos_token_id``, () means never stop early.
+    None means the model config's (``LlamaConfig.eos_token_ids``), () means never stop early.
     num_samples: responses per prompt (the paper ranks 5). seed: see the module docstring.
     pad_id: written after a row stops and into prompt padding; None means the model's
     ``pad_token_id`` (0 when it has none). The mask, never the pad id, says what is real.
@@ -466,9 +466,7 @@ def generate(model_or_params, prompts: Sequence[Sequence[int]], params: Sampling
     pad_id = params.pad_id if params.pad_id is not None else default_pad
     if not 0 <= pad_id < cfg.vocab_size:  # padding is fed to the model (masked): its row must exist
         raise SamplingError(f"pad_id {pad_id} is outside the model's vocabulary [0, {cfg.vocab_size})")
-    eos_ids = params.eos_token_ids
-    if eos_ids is None:
-        eos_ids = () if cfg.eos_token_id is None else (cfg.eos_token_id,)
+    eos_ids = cfg.eos_token_ids if params.eos_token_ids is None else params.eos_token_ids
     static = params.static_options()
     eos = np.full((-(-max(len(eos_ids), 1) // 4) * 4,), -1, np.int32)
     eos[:len(eos_ids)] = eos_ids

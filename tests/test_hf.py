@@ -87,6 +87,20 @@ def test_project_checkpoint_roundtrip_and_cli_convert(hf_dir, tmp_path, capsys):
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params_half))
 
 
+def test_a_list_of_eos_ids_survives_both_conversions(tmp_path, capsys):
+    make_hf_llama(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, 7, 2, 9]}))
+    cfg, _ = load_hf(str(tmp_path / "hf"))
+    assert (cfg.eos_token_id, cfg.extra_eos_token_ids, cfg.eos_token_ids) == (2, (7, 9), (2, 7, 9))
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    assert load_model(str(tmp_path / "ours"))[0] == cfg
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "back" / name).read_text())["eos_token_id"] == [2, 7, 9]
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "back").eos_token_id == [2, 7, 9]
+
+
 def test_reward_model_exports_as_sequence_classification_and_converts_back(hf_dir, tmp_path, capsys):
     """A ScoreModel (reward model / critic) saved as a project checkpoint converts to an HF
     LlamaForSequenceClassification whose score on right-padded rows (HF picks the last non-pad

@@ -115,6 +115,17 @@ def test_greedy_matches_transformers_token_for_token_with_eos(tiny):
     assert (result.logprobs[result.mask == 0] == 0).all()
 
 
+def test_default_stop_tokens_are_every_eos_id_of_the_model_config(tiny):
+    _, model = tiny
+    prompts = random_prompts([5, 9], model.cfg.vocab_size)
+    free = generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=NEW, eos_token_ids=()))
+    stop = int(free.response_tokens(0)[3])  # row 0's fourth token ends it when it is an extra eos id
+    cfg = model.cfg.replace(eos_token_id=None, extra_eos_token_ids=(stop,))
+    out = generate(model_from_params(cfg, nnx.state(model)), prompts, SamplingParams(greedy=True, max_new_tokens=NEW))
+    first = int(np.argmax(free.response_tokens(0) == stop))
+    assert out.finished_by_eos[0] and out.lengths[0] == first + 1
+
+
 def test_greedy_step_is_argmax_with_first_index_ties_and_its_log_softmax():
     """The greedy step's reductions against numpy: argmax (first index on ties, the first NaN if a
     row has one, so always a valid id) and log_softmax(z)[token] (rtol 1e-6: fp32)."""

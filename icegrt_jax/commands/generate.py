@@ -108,7 +108,7 @@ def sample_responses(args):
                              f"{cfg.vocab_size}; pass the model's own tokenizer with --tokenizer")
     prompts = check_prompts([_encode(tokenizer, None if args.no_template else ICEGRT, r["prompt"])
                              for r in records], cfg)
-    eos = tuple(sorted({i for i in (tokenizer.eos_token_id, cfg.eos_token_id) if i is not None}))
+    eos = tuple(sorted({i for i in (tokenizer.eos_token_id, *cfg.eos_token_ids) if i is not None}))
     params = dataclasses.replace(params, eos_token_ids=eos, pad_id=pad_token_id(tokenizer))
 
     cfg, model_params = checkpoint.load_model_dir(args.model, progress=True, **overrides)
