@@ -49,13 +49,13 @@ def read_json(path: str | os.PathLike, error: type[Exception] = UserInputError, 
         raise error(f"{os.fspath(path)}: cannot read ({e.strerror})") from None
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` (UTF-8) in one rename."""
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one rename (written and synced to a temporary file first)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,6 +63,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) in one rename."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, obj, **dumps_options) -> None:

@@ -12,7 +12,6 @@ HF's q/k projections are already in the rotate-half RoPE layout we use, so no pe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -189,11 +188,8 @@ def _tensor_index(path: str) -> dict[str, str]:
     """HF tensor name -> safetensors file, from the index (sharded) or the single file."""
     index_path = os.path.join(path, SAFE_INDEX)
     if os.path.exists(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            weight_map = None
+        index = files.read_json(index_path, CheckpointError, "a safetensors index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index_path}: corrupted index (expected a 'weight_map' object of file names)")
         return {name: os.path.join(path, file) for name, file in weight_map.items()}

@@ -427,24 +427,26 @@ def split_model(model_or_params):
     return graphdef, params, cfg
 
 
-def check_prompts(prompts, cfg: LlamaConfig) -> list[np.ndarray]:
+def check_prompts(prompts, cfg: LlamaConfig, labels: Sequence[str] | None = None) -> list[np.ndarray]:
     """The prompts as int32 arrays; ``SamplingError`` for an empty list, an empty prompt, one
-    that leaves no room in the context, or ids outside the vocabulary."""
+    that leaves no room in the context, or ids outside the vocabulary. ``labels[i]`` names prompt
+    i in the errors (default "prompt i"; e.g. the file and line it came from)."""
     if prompts is None or len(prompts) == 0:
         raise SamplingError("no prompts given (the prompt list is empty)")
     checked = []
     for i, prompt in enumerate(prompts):
+        label = f"prompt {i}" if labels is None else labels[i]
         ids = np.asarray(prompt)
         if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
-            raise SamplingError(f"prompt {i}: expected a 1-D sequence of token ids, got shape {ids.shape} "
+            raise SamplingError(f"{label}: expected a 1-D sequence of token ids, got shape {ids.shape} "
                                 f"of {ids.dtype}")
         if ids.size == 0:
-            raise SamplingError(f"prompt {i} is empty (it needs at least one token, e.g. BOS)")
+            raise SamplingError(f"{label} is empty (it needs at least one token, e.g. BOS)")
         if ids.size >= cfg.max_position_embeddings:
-            raise SamplingError(f"prompt {i} has {ids.size} tokens; the model's context is "
+            raise SamplingError(f"{label} has {ids.size} tokens; the model's context is "
                                 f"{cfg.max_position_embeddings}, which leaves no room for a response")
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-            raise SamplingError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+            raise SamplingError(f"{label} has token ids outside [0, {cfg.vocab_size})")
         checked.append(ids.astype(np.int32))
     return checked
 

@@ -125,3 +125,24 @@ def test_every_stage_runs_writes_the_report_and_resumes(tmp_path, capsys):
     skipped = capsys.readouterr().out
     assert skipped.count("done, skipped") == len(pipeline.STAGES) and "report:" in skipped
     assert again.keys() == timings.keys()
+
+
+def test_a_figure_that_fails_to_render_leaves_no_png(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from icegrt_jax.demo.report import save_figure
+
+    fig = plt.figure()
+
+    def half_then_fail(target, **kwargs):
+        target.write(b"\x89PNG half")
+        raise RuntimeError("renderer crashed")
+
+    fig.savefig = half_then_fail
+    with pytest.raises(RuntimeError):
+        save_figure(fig, str(tmp_path / "curve.png"))
+    assert list(tmp_path.iterdir()) == []
+    save_figure(plt.figure(), str(tmp_path / "curve.png"))
+    assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")

@@ -219,6 +219,10 @@ def test_output_that_is_a_file(model_dir, tmp_path, capsys):
     assert not (tmp_path / "new").exists()  # nor the parents it made
     assert main(["eval", "--model", str(model_dir[0]), "--tasks", ",", "--output", str(out)]) == 2
     assert "--tasks ',': no task names given" in capsys.readouterr().err and not out.exists()
+    for flag in ("--limit", "--max-length", "--max-gen-toks", "--batch-size"):
+        assert main(["eval", "--model", str(model_dir[0]), "--tasks", "arc_e", flag, "0", "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"{flag} must be positive, got 0") and len(err.splitlines()) == 1 and not out.exists()
 
 
 def test_missing_data_file(data_dir, tmp_path):

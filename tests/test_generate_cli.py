@@ -78,7 +78,9 @@ def test_greedy_text_equals_the_library_on_the_templated_prompt(model_dir, tmp_p
     (["--temperature", "-1"], "temperature must be"),
     (["--prompts", "{bad}"], "missing field 'prompt'"),
     (["--prompts", "{empty}"], "no prompts"),
-    (["--prompt", "x" * 2000], "the model's context is 256"),
+    (["--prompt", "x" * 2000], "--prompt number 1: the prompt has"),
+    (["--prompts", "{long}"], "long.jsonl:3: the prompt has"),  # the file's line, blank lines counted
+    (["--prompts", "{answered}"], "answered.jsonl:1: the record already has a 'responses' field"),
     (["--out", "{folder}"], "is a directory; give the path of the JSONL file to write"),
     (["--tokenizer", "{folder}"], "; the directory needs tokenizer files (tokenizer.json"),
     (["--model", "{folder}/nowhere"], "/nowhere: no such model directory"),  # the last --model counts
@@ -87,8 +89,11 @@ def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, argv, mess
     bad, empty = tmp_path / "bad.jsonl", tmp_path / "empty.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
     empty.write_text("\n")
+    (tmp_path / "long.jsonl").write_text('{"prompt": "fine"}\n\n' + json.dumps({"prompt": "x" * 2000}) + "\n")
+    (tmp_path / "answered.jsonl").write_text('{"prompt": "fine", "responses": []}\n')
     (tmp_path / "folder").mkdir()
-    argv = [a.format(bad=bad, empty=empty, folder=tmp_path / "folder") for a in argv]
+    argv = [a.format(bad=bad, empty=empty, long=tmp_path / "long.jsonl", answered=tmp_path / "answered.jsonl",
+                     folder=tmp_path / "folder") for a in argv]
     if "--prompts" not in argv and "--prompt" not in argv:
         argv += ["--prompt", "hello"]
     assert run_cli("--model", model_dir, "--out", tmp_path / "out.jsonl", *argv) == 2

@@ -292,6 +292,8 @@ BAD_INPUTS = {
                    "only safetensors weights are loaded"),
     "index weight_map": (lambda p: Path(p, "model.safetensors.index.json").write_text('{"weight_map": [1]}'),
                          CheckpointError, r"index\.json: corrupted index \(expected a 'weight_map' object of file names\)"),
+    "index not UTF-8": (lambda p: Path(p, "model.safetensors.index.json").write_bytes(b'{"weight_map": "\xff"}'),
+                        CheckpointError, r"index\.json: not UTF-8 text"),
     "config float type": (lambda p: _edit_config(p, rms_norm_eps="abc"), ModelConfigError,
                           r"config\.json: rms_norm_eps must be a positive number, got 'abc'"),
     "config null size": (lambda p: _edit_config(p, vocab_size=None), ModelConfigError,

@@ -65,8 +65,10 @@ def run(args) -> int:
             raise UserInputError(f"{path}: a reward model or critic (LlamaForSequenceClassification); eval needs a "
                                  "causal LM")
         tokenizer_files(path, required=True)
-    if args.batch_size < 1:
-        raise UserInputError(f"--batch-size must be positive, got {args.batch_size}")
+    for flag in ("batch_size", "limit", "max_length", "max_gen_toks"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserInputError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     out = Path(args.output)
     created = files.outermost_missing(out)
     files.make_directory(out, "--output directory")

@@ -97,7 +97,7 @@ def sample_responses(args):
         raise UserInputError(f"--out {args.out}: directory {out_dir} does not exist")
     if os.path.isdir(args.out):
         raise UserInputError(f"--out {args.out}: is a directory; give the path of the JSONL file to write")
-    records = _read_prompts(args)
+    records, places = _read_prompts(args)
     if not os.path.isdir(args.model):
         raise UserInputError(f"--model {args.model}: no such model directory")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -107,7 +107,7 @@ def sample_responses(args):
         raise UserInputError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
                              f"{cfg.vocab_size}; pass the model's own tokenizer with --tokenizer")
     prompts = check_prompts([_encode(tokenizer, None if args.no_template else ICEGRT, r["prompt"])
-                             for r in records], cfg)
+                             for r in records], cfg, labels=[f"{where}: the prompt" for where in places])
     eos = tuple(sorted({i for i in (tokenizer.eos_token_id, *cfg.eos_token_ids) if i is not None}))
     params = dataclasses.replace(params, eos_token_ids=eos, pad_id=pad_token_id(tokenizer))
 
@@ -128,23 +128,27 @@ def sample_responses(args):
     return records, responses, params
 
 
-def _read_prompts(args) -> list[dict]:
+def _read_prompts(args) -> tuple[list[dict], list[str]]:
+    """The prompt records and where each came from (``file:line`` or ``--prompt number N``)."""
     from icegrt_jax.data.sources import DataError, iter_records, required_text
 
     if args.prompt is not None:
         for i, text in enumerate(args.prompt):
             if not text.strip():
                 raise UserInputError(f"--prompt number {i + 1} is empty")
-        return [{"prompt": text} for text in args.prompt]
-    records = []
+        return [{"prompt": text} for text in args.prompt], [f"--prompt number {i + 1}" for i in range(len(args.prompt))]
+    records, places = [], []
     for where, record in iter_records(args.prompts):
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected an object, got {type(record).__name__}")
         required_text(record, "prompt", where)
+        if "responses" in record:  # the output adds this field: it would replace the record's own
+            raise DataError(f"{where}: the record already has a 'responses' field (an output of generate?)")
         records.append(dict(record))
+        places.append(str(where))
     if not records:
         raise DataError(f"{args.prompts}: no prompts")
-    return records
+    return records, places
 
 
 def _encode(tokenizer, template, text: str):

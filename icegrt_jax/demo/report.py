@@ -4,6 +4,7 @@ agreement, export check, stage times) and PNG plots of PPO and reward-model trai
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import platform
 
@@ -27,6 +28,16 @@ def series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in rows], [v for _, v in rows]
 
 
+def save_figure(fig, path: str) -> None:
+    """``fig`` as a PNG at ``path``, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    files.write_bytes(path, buffer.getvalue())
+
+
 def plot_ppo(metrics: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -38,8 +49,7 @@ def plot_ppo(metrics: list[dict], path: str) -> None:
         ax.set_title(title)
         ax.set_xlabel("PPO iteration")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_reward(metrics: list[dict], path: str) -> None:
@@ -57,8 +67,7 @@ def plot_reward(metrics: list[dict], path: str) -> None:
     for ax in (loss_ax, acc_ax):
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def overall(results: dict, decoding: str, model: str) -> float:
