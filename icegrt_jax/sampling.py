@@ -81,7 +81,7 @@ import dataclasses
 import functools
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -452,11 +452,13 @@ def check_prompts(prompts, cfg: LlamaConfig, labels: Sequence[str] | None = None
 
 
 def generate(model_or_params, prompts: Sequence[Sequence[int]], params: SamplingParams,
-             *, batch_size: int | None = None, progress: bool = False) -> GenerationResult:
+             *, batch_size: int | None = None, progress: bool = False,
+             on_batch: Callable[[int], None] | None = None) -> GenerationResult:
     """Generate ``params.num_samples`` responses for each prompt (lists/arrays of token ids).
 
     ``batch_size`` prompts run per batch (default: all at once); with several batches the prompts
     are processed shortest first so each batch pads less, and the result is in the caller's order.
+    ``progress`` shows a bar; ``on_batch(n)`` is called as each batch of n prompts finishes.
     See the module docstring for shapes, bucketing, log-probs and RNG semantics.
     """
     graphdef, state, cfg = split_model(model_or_params)
@@ -503,6 +505,8 @@ def generate(model_or_params, prompts: Sequence[Sequence[int]], params: Sampling
             mask[dst, width:] = out_mask[c * n:(c + 1) * n, :cols]
             by_eos[dst] = eos_flags[c * n:(c + 1) * n]
         bar.update(len(chunk))
+        if on_batch is not None:
+            on_batch(len(chunk))
     bar.close()
     return GenerationResult(tokens, logprobs, mask, prompt_mask | mask, mask.sum(1).astype(np.int32), by_eos)
 

@@ -166,7 +166,9 @@ def test_demo_config_values_are_checked_when_it_loads(tmp_path):
     from icegrt_jax.demo.pipeline import load_run
 
     for line, message in (("samples_per_prompt: -5", "samples_per_prompt: must be >= 1, got -5"),
-                          ("ranking_eval_fraction: 1.5", "ranking_eval_fraction: must be in (0, 1), got 1.5")):
+                          ("ranking_eval_fraction: 1.5", "ranking_eval_fraction: must be in (0, 1), got 1.5"),
+                          ("held_out_arithmetic: 400", "held_out_arithmetic: must leave at least 3 of the"),
+                          ("eval_ad_prompts: 5000", "eval_ad_prompts: must be at most")):
         path = write_yaml(tmp_path, f"demo:\n  {line}\n")
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_run(str(tmp_path / "out"), path)

@@ -33,7 +33,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
-def test_generate_file_with_template_and_samples(model_dir, tmp_path):
+def test_generate_file_with_template_and_samples(model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
     out = tmp_path / "out.jsonl"
@@ -48,6 +48,8 @@ def test_generate_file_with_template_and_samples(model_dir, tmp_path):
             assert 1 <= response["num_tokens"] <= 6 and isinstance(response["text"], str)
             assert response["finished_by_eos"] or response["num_tokens"] == 6
             assert response["logprob"] <= 0
+    cut = sum(not r["finished_by_eos"] for record in records for r in record["responses"])
+    assert cut > 0 and f"{cut} of {3 * len(PROMPTS)} responses ended at the length limit" in capsys.readouterr().err
 
 
 def test_greedy_text_equals_the_library_on_the_templated_prompt(model_dir, tmp_path):

@@ -315,7 +315,9 @@ def test_batches_keep_the_callers_order_and_samples_do_not_depend_on_the_batchin
     _, model = tiny
     prompts = random_prompts(LENGTHS, model.cfg.vocab_size, seed=3)
     single = generate(model, prompts, SAMPLED)
-    chunked = generate(model, prompts, SAMPLED, batch_size=2)  # sorted by length, then restored
+    finished = []
+    chunked = generate(model, prompts, SAMPLED, batch_size=2, on_batch=finished.append)  # sorted by length, then restored
+    assert finished == [2] * (len(prompts) // 2) + [1] * (len(prompts) % 2)  # each batch reported as it ends
     # Other batch shapes may change the last bits of the logits (documented); on these prompts
     # no sample sits on a boundary, so the draws are identical.
     np.testing.assert_array_equal(chunked.tokens, single.tokens)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 from icegrt_jax import files
 from icegrt_jax.errors import UserInputError
@@ -125,6 +126,10 @@ def sample_responses(args):
                          "finished_by_eos": bool(result.finished_by_eos[row]),
                          "logprob": float(result.logprobs[row].sum())})
         responses.append(rows)
+    cut = int((~result.finished_by_eos).sum())
+    if cut:
+        print(f"{cut} of {len(result.lengths)} responses ended at the length limit (--max-new-tokens "
+              f"{params.max_new_tokens} or the model's context) before an end token", file=sys.stderr)
     return records, responses, params
 
 

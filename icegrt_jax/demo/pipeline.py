@@ -75,6 +75,17 @@ class DemoConfig:
             yield "temperature", f"must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}"
         if not 0 <= self.seed <= 2**32 - 2:  # the sampler's seeds are uint32; evaluation uses seed + 1
             yield "seed", f"must be in [0, 2**32 - 2], got {self.seed}"
+        sums = len(data.all_arithmetic_cases())  # pretraining documents draw 3 training sums each
+        if self.held_out_arithmetic > sums - 3:
+            yield "held_out_arithmetic", f"must leave at least 3 of the {sums} arithmetic problems, got {self.held_out_arithmetic}"
+        if 0 < self.held_out_ad_fraction < 1 and self.eval_ad_prompts > (available := held_out_ad_prompts(self)):
+            yield "eval_ad_prompts", (f"must be at most {available} (held-out ads x question forms at "
+                                      f"held_out_ad_fraction {self.held_out_ad_fraction}), got {self.eval_ad_prompts}")
+
+
+def held_out_ad_prompts(cfg: DemoConfig) -> int:
+    """How many distinct evaluation prompts the held-out ads give (each ad in every question form)."""
+    return len(data.split_ad_cases(cfg.seed, cfg.held_out_ad_fraction)[1]) * len(data.QUESTION_FORMS)
 
 
 @dataclasses.dataclass
@@ -169,7 +180,7 @@ def generate_data(cfg: DemoConfig) -> dict[str, list[dict]]:
         "sft_eval": sft[:cfg.sft_eval_examples],
         "ranking_prompts": [{"prompt": p} for p, _ in data.sample_ad_prompts(rng, ads, cfg.ranking_prompts)],
         "ppo_prompts": [{"prompt": p} for p, _ in data.sample_ad_prompts(rng, ads, cfg.ppo_prompts)],
-        "eval_ad": rng.sample(eval_ad, min(cfg.eval_ad_prompts, len(eval_ad))),
+        "eval_ad": rng.sample(eval_ad, cfg.eval_ad_prompts),  # at most len(eval_ad): DemoConfig.problems
         "eval_general": [{"prompt": c.question, "answer": c.answer} for c in held_out_sums],
     }
 

@@ -334,15 +334,16 @@ class IceGRTLM(TemplateLM):
         texts: list = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="icegrt generate_until")
         for indices in groups.values():
-            generated = self._generate([requests[i].args[0] for i in indices], requests[indices[0]].args[1])
+            generated = self._generate([requests[i].args[0] for i in indices], requests[indices[0]].args[1],
+                                       on_batch=bar.update)
             for index, text in zip(indices, generated):
                 texts[index] = text
                 self.cache_hook.add_partial("generate_until", requests[index].args, text)
-            bar.update(len(indices))
         bar.close()
         return texts
 
-    def _generate(self, contexts: Sequence[str], gen_kwargs: dict) -> list[str]:
+    def _generate(self, contexts: Sequence[str], gen_kwargs: dict, on_batch=None) -> list[str]:
+        """Texts for ``contexts`` under one set of generation settings; ``on_batch(n)`` as n finish."""
         kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
         stops = handle_stop_sequences(kwargs.pop("until"), eos=self.tok_decode(self.eot_token_id,
                                                                                skip_special_tokens=False))
@@ -357,7 +358,8 @@ class IceGRTLM(TemplateLM):
         self._count_truncated("generate_until", sum(len(ids) > max_prompt for ids in encoded), len(encoded),
                               f"max_length {self.max_length} - max_gen_toks {max_new}")
         prompts = [ids[-max_prompt:] for ids in encoded]
-        result = generate((self._graphdef, self._params), prompts, params, batch_size=self.batch_size)
+        result = generate((self._graphdef, self._params), prompts, params, batch_size=self.batch_size,
+                          on_batch=on_batch)
         return [postprocess_generated_text(self.tok_decode(result.response_tokens(row).tolist()), stops, None)
                 for row in range(len(prompts))]
 
