@@ -172,7 +172,8 @@ def test_eval_cli_end_to_end_two_models(model_dir, data_dir, tmp_path, capsys):
     shutil.copytree(path_a, path_b, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     out = tmp_path / "out"
     assert main(["eval", "--model", str(path_a), "--model", str(path_b), "--tasks", "arc_e,gsm8k",
-                 "--data-dir", str(data_dir), "--output", str(out), "--batch-size", "4", "--max-gen-toks", "12"]) == 0
+                 "--data-dir", str(data_dir), "--output", str(out), "--batch-size", "4", "--max-gen-toks", "12",
+                 "--limit", "3"]) == 0
     captured = capsys.readouterr()
     shown = captured.out
     assert "| Model | ARC-E 1-shot | GSM8K 8-shot |" in shown and "| model_b |" in shown
@@ -181,13 +182,14 @@ def test_eval_cli_end_to_end_two_models(model_dir, data_dir, tmp_path, capsys):
     assert "model_a: requests whose context was left-truncated to fit the context length: 3 generate_until" \
         in captured.err
     assert "Note: requests whose context was left-truncated" in (out / "results.md").read_text()
+    assert report["limit"] == 3 and "Only the first 3 documents of each task" in (out / "results.md").read_text()
     for label in ("model_a", "model_b"):
         model = report["models"][label]
         assert (model["n_shot"]["arc_easy"], model["n_shot"]["gsm8k_cot"]) == (1, 8)
         assert 0.0 <= model["scores"]["icegrt_arc_e"] <= 1.0 and 0.0 <= model["scores"]["icegrt_gsm8k"] <= 1.0
         assert model["truncated_requests"] == {"generate_until": 3}
         raw = json.loads((out / label / "lm_eval_results.json").read_text())
-        assert raw["results"]["arc_easy"]["sample_len"] == 4 and raw["results"]["gsm8k_cot"]["sample_len"] == 3
+        assert raw["results"]["arc_easy"]["sample_len"] == 3 and raw["results"]["gsm8k_cot"]["sample_len"] == 3
         assert raw["config"]["model_args"]["pretrained"] == str(path_a.parent / label)  # reproducible from the file
     assert "dataset_path: json" in (out / "model_a/local_tasks/arc_easy.yaml").read_text()
 

@@ -75,6 +75,7 @@ def test_bf16_checkpoint_keeps_dtype(tmp_path):
 
 def test_project_checkpoint_roundtrip_and_cli_convert(hf_dir, tmp_path, capsys):
     assert cli.main(["convert", str(hf_dir), str(tmp_path / "ours")]) == 0
+    assert "has no tokenizer files and no --tokenizer was given" in capsys.readouterr().err  # said, not silent
     assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
     cfg, params = load_hf(str(hf_dir))
     cfg_ours, params_ours = load_model(str(tmp_path / "ours"))

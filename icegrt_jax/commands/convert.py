@@ -17,6 +17,7 @@ def register(subparsers):
 def run(args) -> int:
     """The direction is auto-detected: a project checkpoint goes to HF, anything else comes from HF."""
     import os
+    import sys
 
     import jax
 
@@ -47,6 +48,9 @@ def run(args) -> int:
         kind = "project"
     print(f"wrote {kind} checkpoint {args.out} ({hf.HF_ARCHITECTURES[model_kind]}, {sum(x.size for x in jax.tree.leaves(params)):,} "
           f"parameters, {cfg.param_dtype})")
+    if tokenizer is None:
+        print(f"note: {args.src} has no tokenizer files and no --tokenizer was given: {args.out} has none "
+              "(generate, eval and the trainers need one)", file=sys.stderr)
     return 0
 
 

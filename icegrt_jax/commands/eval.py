@@ -106,7 +106,7 @@ def evaluate(args, names: list[str], benchmarks: dict, config_dir, out: Path) ->
         all_results[label], truncated[label] = results, dict(lm.truncated)
         if lm.truncated:
             print(f"{label}: {truncation_note(lm.truncated)}", file=sys.stderr)
-    return build_report(all_results, dict(zip(labels, args.model)), names, benchmarks, truncated)
+    return build_report(all_results, dict(zip(labels, args.model)), names, benchmarks, truncated, args.limit)
 
 
 def model_labels(paths: list[str]) -> list[str]:
@@ -137,10 +137,10 @@ def truncation_note(truncated: dict[str, int]) -> str:
 
 
 def build_report(all_results: dict[str, dict], paths: dict[str, str], names: list[str], benchmarks: dict,
-                 truncated: dict[str, dict[str, int]]) -> dict:
-    """JSON-ready report: the benchmarks (column, headline metric) and, per model, all metrics,
-    the headline scores (None when lm-eval reported no such metric) and the left-truncated
-    request counts."""
+                 truncated: dict[str, dict[str, int]], limit: int | None = None) -> dict:
+    """JSON-ready report: the benchmarks (column, headline metric), ``limit`` (documents per task
+    when not all of them ran) and, per model, all metrics, the headline scores (None when lm-eval
+    reported no such metric) and the left-truncated request counts."""
     models = {}
     for label, results in all_results.items():
         metrics = {name: metric_values(results["results"].get(name, {})) for name in names}
@@ -154,6 +154,7 @@ def build_report(all_results: dict[str, dict], paths: dict[str, str], names: lis
     return {
         "benchmarks": {name: {"column": benchmarks[name].column, "metric": benchmarks[name].metric,
                               "scoring": benchmarks[name].scoring} for name in names},
+        "limit": limit,
         "models": models,
     }
 
@@ -164,6 +165,9 @@ def render_report(report: dict) -> str:
 
     benchmarks = report["benchmarks"]
     sections = []
+    if report.get("limit"):
+        sections.append(f"Only the first {report['limit']} documents of each task (--limit): not comparable "
+                        "with full-benchmark scores.")
     for label, model in report["models"].items():
         rows = [[benchmarks[name]["column"] or name, key, f"{m['value']:.4f}",
                  "" if m["stderr"] is None else f"{m['stderr']:.4f}"]
