@@ -57,6 +57,7 @@ def write_directory(path: str, write):
     tmp, old = f"{path}.tmp-shared", f"{path}.old-shared"
     primary = jax.process_index() == 0
     if primary:
+        hf.recover_replaced(path, old)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     multihost_utils.sync_global_devices(f"{tmp}: created")

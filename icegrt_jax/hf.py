@@ -340,9 +340,10 @@ def check_replaceable(path: str):
                               "replace it: remove it or choose another output path")
 
 
-def _temporary_prefix(path: str) -> str:
-    """``path.tmp-<host>-``: with the writer's pid appended, its temporary directory."""
-    return f"{path}.tmp-{socket.gethostname()}-"
+def _temporary_prefix(path: str, kind: str = "tmp") -> str:
+    """``path.tmp-<host>-``: with the writer's pid appended, its temporary directory (``kind``
+    "old": where the model it replaces waits until the new one is in place)."""
+    return f"{path}.{kind}-{socket.gethostname()}-"
 
 
 def _process_alive(pid: int) -> bool:
@@ -355,20 +356,42 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: str) -> list[str]:
-    """Remove the temporary directories of ``atomic_directory(path)`` that a killed process of this
-    host left (its pid is gone; other hosts' are left alone); return their paths."""
-    parent, name = os.path.split(_temporary_prefix(path))
+def _left_by_dead_writers(path: str, kind: str) -> list[str]:
+    """The ``kind`` directories of ``atomic_directory(path)`` whose writer (a process of this host)
+    is gone; other hosts' are left alone."""
+    parent, name = os.path.split(_temporary_prefix(path, kind))
     try:
         entries = os.listdir(parent) if os.path.isdir(parent) else []
     except OSError:  # an unlistable parent: nothing we can clean
         entries = []
     pids = {entry: entry[len(name):] for entry in entries if entry.startswith(name)}
-    stale = [os.path.join(parent, entry) for entry, pid in pids.items()
-             if pid.isascii() and pid.isdigit() and not _process_alive(int(pid))]
+    return [os.path.join(parent, entry) for entry, pid in pids.items()
+            if pid.isascii() and pid.isdigit() and not _process_alive(int(pid))]
+
+
+def recover_replaced(path: str, old: str) -> None:
+    """A write killed between moving the model at ``path`` aside to ``old`` and moving the new one
+    in: put the old model back when ``path`` is empty, else remove ``old``; say which."""
+    if not os.path.lexists(old):
+        return
+    if os.path.lexists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        log.warning("removed %s, the model an interrupted earlier write replaced at %s", old, path)
+    else:
+        os.replace(old, path)
+        log.warning("restored %s from %s: an earlier write of it was interrupted", path, old)
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Clean up after writes of ``path`` (``atomic_directory``) that a killed process of this host
+    left: remove their temporary directories, and put back (``recover_replaced``) a model one had
+    moved aside; return the temporary directories removed."""
+    stale = _left_by_dead_writers(path, "tmp")
     for tmp in stale:
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("removed %s, left by an interrupted earlier write of %s", tmp, path)
+    for old in _left_by_dead_writers(path, "old"):
+        recover_replaced(path, old)
     return stale
 
 
@@ -388,7 +411,7 @@ def atomic_directory(path: str, write: Callable[[str], None]):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if os.path.exists(path):
-        old = f"{path}.old-{os.getpid()}"
+        old = f"{_temporary_prefix(path, 'old')}{os.getpid()}"
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)

@@ -169,6 +169,26 @@ def test_convert_removes_what_a_killed_convert_left(hf_dir, tmp_path, caplog):
     assert sorted(os.listdir(tmp_path)) == sorted(["out", *(path.name for path in list(left.values())[1:])])
 
 
+def test_a_write_killed_between_its_two_renames_gets_the_old_model_back(hf_dir, tmp_path, caplog):
+    """Replacing a model moves it to OUT.old-<host>-<pid>, then the new one in: killed between the
+    two, OUT is missing; the next write to OUT (here the cleanup it starts with) puts the old model
+    back, and when OUT is there again an orphaned old copy is removed."""
+    from icegrt_jax.hf import remove_stale_temporaries
+
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    old = tmp_path / f"out.old-{socket.gethostname()}-{dead}"
+    assert cli.main(["convert", str(hf_dir), str(out)]) == 0
+    out.rename(old)
+    remove_stale_temporaries(str(out))
+    assert sorted(os.listdir(tmp_path)) == ["out"] and f"restored {out} from {old}" in caplog.text
+    _leaves_equal_bitwise(load_hf(str(hf_dir))[1], load_model_dir(str(out))[1])
+    shutil.copytree(out, old)
+    assert cli.main(["convert", str(hf_dir), str(out)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["out"] and f"removed {old}, the model an interrupted" in caplog.text
+
+
 def test_convert_refuses_out_equal_to_src_and_a_bad_shard_size(hf_dir, tmp_path, capsys):
     src = _copy(hf_dir, tmp_path)
     assert cli.main(["convert", src, src + "/"]) == 2
