@@ -19,7 +19,7 @@ from icegrt_jax.config import (
     TrainingConfig,
     load_config,
 )
-from icegrt_jax.train.loop import NonFiniteError, train_loop
+from icegrt_jax.train.loop import NonFiniteError, drop_rows_after, train_loop
 from icegrt_jax.train.sft import run_sft
 from icegrt_jax.train.state import (
     accumulate_gradients,
@@ -251,3 +251,14 @@ def test_bad_config_is_one_line_exit_2_nothing_written(sft_setup, capsys, overri
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message.format(tmp=tmp_path) in err
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_keeps_the_metrics_rows_up_to_the_checkpoint_and_counts_unreadable_ones(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    path.write_text(f"{rows[0]}\nnot json\n{rows[1]}\n{rows[2]}\n{{\"step\": 4, \"lo")  # torn last line
+    drop_rows_after(str(path), 2)
+    assert path.read_text() == f"{rows[0]}\n{rows[1]}\n"
+    assert capsys.readouterr().err.strip().endswith("metrics.jsonl: dropped 1 line(s) that are not JSON objects")
+    drop_rows_after(str(path), 2)  # a clean file: nothing to say
+    assert capsys.readouterr().err == ""

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -147,19 +148,27 @@ class MetricsLogger:
 
 
 def drop_rows_after(path: str, step: int):
-    """Keep the rows of the JSONL file ``path`` whose ``step`` is <= ``step`` (atomic rewrite;
-    a torn last line from a killed process is dropped too)."""
+    """Keep the rows of the JSONL file ``path`` whose ``step`` is <= ``step`` (atomic rewrite).
+    A torn last line from a killed process is dropped too; any other line that is not a JSON
+    object is dropped with a warning that counts them."""
     if not os.path.exists(path):
         return
-    kept = []
     with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and row.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+        lines = f.readlines()
+    kept, unreadable = [], 0
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            torn = number == len(lines) and not line.endswith("\n")
+            unreadable += not torn
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if unreadable:
+        print(f"warning: {path}: dropped {unreadable} line(s) that are not JSON objects", file=sys.stderr)
     files.write_text(path, "".join(kept))
 
 
