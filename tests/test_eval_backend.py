@@ -207,7 +207,7 @@ def test_unknown_task_name(capsys):
     assert "unknown task 'nonsense'" in capsys.readouterr().err
 
 
-def test_output_that_is_a_file(model_dir, tmp_path, capsys):
+def test_output_that_is_a_file(model_dir, data_dir, tmp_path, capsys):
     (tmp_path / "results").write_text("mine")
     assert main(["eval", "--model", str(model_dir[0]), "--tasks", "arc_e", "--output", str(tmp_path / "results")]) == 2
     assert "results: exists and is not a directory; choose another --output directory" in capsys.readouterr().err
@@ -215,10 +215,19 @@ def test_output_that_is_a_file(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir[0]), "--tasks", "arc_e", "--data-dir", str(tmp_path / "nowhere"),
                  "--output", str(out)]) == 2
     assert "nowhere: no such data directory" in capsys.readouterr().err
-    assert not out.exists()  # a failed run leaves no output directory behind
-    assert main(["eval", "--model", str(model_dir[0]), "--tasks", "arc_e", "--data-dir", str(tmp_path / "nowhere"),
+    assert not out.exists()  # the data is checked before anything is written or loaded
+    out.mkdir()
+    assert main(["eval", "--model", str(model_dir[0]), "--tasks", "arc_c", "--data-dir", str(data_dir),
+                 "--output", str(out)]) == 2
+    assert "missing 2 local data file(s)" in capsys.readouterr().err and list(out.iterdir()) == []
+    out.rmdir()
+    broken = tmp_path / "broken"  # its config and tokenizer pass the checks; its weights fail to load
+    shutil.copytree(model_dir[0], broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 8)
+    assert main(["eval", "--model", str(broken), "--tasks", "arc_e", "--data-dir", str(data_dir),
                  "--output", str(tmp_path / "new" / "deeper" / "out")]) == 2
-    assert not (tmp_path / "new").exists()  # nor the parents it made
+    assert "model.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # a failed run leaves no directory it made behind
     assert main(["eval", "--model", str(model_dir[0]), "--tasks", ",", "--output", str(out)]) == 2
     assert "--tasks ',': no task names given" in capsys.readouterr().err and not out.exists()
     for flag in ("--limit", "--max-length", "--max-gen-toks", "--batch-size"):

@@ -47,7 +47,12 @@ def run(args) -> int:
     from icegrt_jax.eval import require_lm_eval
 
     require_lm_eval()
-    from icegrt_jax.eval.tasks import CONFIG_DIR, load_benchmarks, resolve_names
+    from icegrt_jax.eval.tasks import (
+        CONFIG_DIR,
+        check_local_data,
+        load_benchmarks,
+        resolve_names,
+    )
     from icegrt_jax.hf import load_hf_config, read_config_kind, tokenizer_files
 
     config_dir = args.config_dir or CONFIG_DIR
@@ -69,6 +74,8 @@ def run(args) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserInputError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.data_dir is not None:  # every data file is there before the first model loads
+        check_local_data(names, benchmarks, args.data_dir, config_dir)
     out = Path(args.output)
     created = files.outermost_missing(out)
     files.make_directory(out, "--output directory")

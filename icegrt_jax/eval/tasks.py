@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from icegrt_jax import files
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.eval import MissingExtraError, require_lm_eval
 
@@ -182,25 +184,50 @@ def local_task_config(name: str, cfg: dict, yaml_path: Path, data_dir: str | Pat
     return override, missing
 
 
-def write_local_overrides(index: dict, leaves: Sequence[str], data_dir: str | Path, out_dir: Path) -> None:
-    """One override YAML per leaf task in ``out_dir`` (emptied first); all missing files in one error."""
-    import yaml
-
+def local_overrides(index: dict, leaves: Sequence[str], data_dir: str | Path) -> dict[str, dict]:
+    """Leaf task name -> its override config reading local JSONL; all missing files in one error."""
     if not Path(data_dir).is_dir():
         raise LocalDataError(f"{data_dir}: no such data directory")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    missing: list[Path] = []
+    overrides, missing = {}, []
     for name in leaves:
         entry = index[name]
         if entry.yaml_path is None:
             raise LocalDataError(f"task {name!r} has no YAML config, so it cannot read local data")
-        override, lacking = local_task_config(name, entry.cfg, entry.yaml_path, data_dir)
+        overrides[name], lacking = local_task_config(name, entry.cfg, entry.yaml_path, data_dir)
         missing += lacking
-        (out_dir / f"{name}.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
     if missing:
         shown = ", ".join(str(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise LocalDataError(f"missing {len(missing)} local data file(s) (JSONL in the upstream schema): {shown}")
+    return overrides
+
+
+def write_local_overrides(overrides: dict[str, dict], out_dir: Path) -> None:
+    """One YAML per task in ``out_dir``, which is replaced whole (written aside, then renamed)."""
+    import yaml
+
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, override in overrides.items():
+        files.write_text(tmp / f"{name}.yaml", yaml.safe_dump(override, sort_keys=False))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def check_local_data(names: Sequence[str], benchmarks: dict[str, Benchmark], data_dir: str | Path,
+                     config_dir: str | Path = CONFIG_DIR) -> None:
+    """Raise ``LocalDataError`` now, before any model loads, when ``data_dir`` lacks a file the
+    benchmarks ``names`` (resolved) read."""
+    index = _stock_task_manager(names, benchmarks, config_dir).task_index
+    local_overrides(index, leaf_tasks(index, names), data_dir)
+
+
+def _stock_task_manager(names: Sequence[str], benchmarks: dict[str, Benchmark], config_dir, extra=()):
+    """A ``TaskManager`` over the stock task directories of ``names``, ours and ``extra`` ones."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(p) for p in stock_dirs(names, benchmarks)] + [str(config_dir), *map(str, extra)]
+    return TaskManager(include_defaults=False, include_path=paths)
 
 
 def build_task_manager(names: Sequence[str], benchmarks: dict[str, Benchmark], data_dir: str | Path | None = None,
@@ -208,17 +235,15 @@ def build_task_manager(names: Sequence[str], benchmarks: dict[str, Benchmark], d
     """An lm-eval ``TaskManager`` that knows the benchmarks ``names`` (resolved) and reads their
     data from ``data_dir`` when given (override YAMLs go to ``work_dir/local_tasks``, which must
     outlive the manager's use)."""
-    from lm_eval.tasks import TaskManager
-
-    paths = [str(p) for p in stock_dirs(names, benchmarks)] + [str(config_dir)]
-    manager = TaskManager(include_defaults=False, include_path=paths)
+    manager = _stock_task_manager(names, benchmarks, config_dir)
     if data_dir is None:
         return manager
     if work_dir is None:
         raise ValueError("build_task_manager: data_dir needs a work_dir for the override YAMLs")
     override_dir = Path(work_dir) / "local_tasks"
-    write_local_overrides(manager.task_index, leaf_tasks(manager.task_index, names), data_dir, override_dir)
-    return TaskManager(include_defaults=False, include_path=paths + [str(override_dir)])
+    write_local_overrides(local_overrides(manager.task_index, leaf_tasks(manager.task_index, names), data_dir),
+                          override_dir)
+    return _stock_task_manager(names, benchmarks, config_dir, extra=[override_dir])
 
 
 def run_benchmarks(model, names: Sequence[str], model_args: dict | None = None, data_dir: str | Path | None = None,
