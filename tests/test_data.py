@@ -290,3 +290,13 @@ def test_bad_batching_inputs_are_rejected():
     iterator = BatchIterator(fake_examples([3, 4, 5]), batch_size=2, buckets=(8,), pad_id=0, seed=0)
     with pytest.raises(DataError, match="outside an epoch of 2 batches"):
         iterator.position = DataPosition(epoch=5, index=2)
+
+
+def test_tokenising_and_eval_passes_show_progress_when_asked(tokenizer, capsys):
+    quiet, _ = tokenize_conversations(CONVERSATIONS, tokenizer, ICEGRT, max_length=512, truncation="drop_example")
+    assert capsys.readouterr().err == ""
+    shown, _ = tokenize_conversations(CONVERSATIONS, tokenizer, ICEGRT, max_length=512, truncation="drop_example",
+                                      progress=True)
+    assert f"tokenize:   0%|          | 0/{len(CONVERSATIONS)}" in capsys.readouterr().err and len(shown) == len(quiet)
+    batches = list(eval_batches(shown, batch_size=2, buckets=bucket_lengths([64, 128], 512), pad_id=0, progress=True))
+    assert "eval:   0%|" in capsys.readouterr().err and len(batches) == 2

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from icegrt_jax.data.sources import DataError
 from icegrt_jax.data.tokenize import TokenizedExample
@@ -172,10 +173,12 @@ class BatchIterator:
                              planned.num_counted)
 
 
-def eval_batches(examples: Sequence[TokenizedExample], *, batch_size: int,
-                 buckets: Sequence[int], pad_id: int, collate_fn: Callable | None = None) -> Iterator[Batch]:
-    """One unshuffled pass, grouped by length; each example counted exactly once."""
+def eval_batches(examples: Sequence[TokenizedExample], *, batch_size: int, buckets: Sequence[int], pad_id: int,
+                 collate_fn: Callable | None = None, progress: bool = False) -> Iterator[Batch]:
+    """One unshuffled pass, grouped by length; each example counted exactly once (``progress``:
+    a bar over the batches, removed when the pass ends)."""
     collate_fn = collate_fn or collate
     lengths = np.array([len(e) for e in examples])
-    for planned in plan_epoch(lengths, batch_size, buckets, rng=None, group_by_length=True):
+    plans = plan_epoch(lengths, batch_size, buckets, rng=None, group_by_length=True)
+    for planned in tqdm(plans, desc="eval", unit="batch", leave=False, disable=not progress):
         yield collate_fn([examples[i] for i in planned.indices], buckets, pad_id, planned.num_counted)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from icegrt_jax.data.sources import Conversation, DataError
 from icegrt_jax.data.templates import Round, Template
@@ -125,13 +126,15 @@ def first_kept_round(head_length: int, round_lengths: Sequence[int], max_length:
 
 
 def tokenize_conversations(conversations: Sequence[Conversation], tokenizer: Any,
-                           template: Template, *, max_length: int,
-                           truncation: str) -> tuple[list[TokenizedExample], TruncationReport]:
-    """Tokenise, mask and truncate; returns the kept examples and the report of what was cut."""
+                           template: Template, *, max_length: int, truncation: str,
+                           progress: bool = False) -> tuple[list[TokenizedExample], TruncationReport]:
+    """Tokenise, mask and truncate; returns the kept examples and the report of what was cut
+    (``progress``: a bar over the conversations)."""
     check_segment_boundaries(tokenizer, template)
     head = _head_ids(tokenizer, template)
     report = TruncationReport(max_length=max_length)
     examples = []
+    bar = tqdm(total=len(conversations), desc="tokenize", unit="example", leave=False, disable=not progress)
     for start in range(0, len(conversations), _ENCODE_CHUNK):
         chunk = conversations[start:start + _ENCODE_CHUNK]
         encoded = iter(_encode(tokenizer, [t for c in chunk for t in _round_texts(template, c.rounds)]))
@@ -144,6 +147,8 @@ def tokenize_conversations(conversations: Sequence[Conversation], tokenizer: Any
                 ids, mask = _join(head, rounds[first:])
                 examples.append(TokenizedExample(np.asarray(ids, np.int32),
                                                  np.asarray(mask, bool), conversation.source))
+        bar.update(len(chunk))
+    bar.close()
     return examples, report
 
 

@@ -147,6 +147,11 @@ class MetricsLogger:
                 sink.close()
 
 
+def shows_progress(logging: LoggingConfig) -> bool:
+    """Progress bars are drawn when ``logging.progress`` asks, by the first process only."""
+    return logging.progress and jax.process_index() == 0
+
+
 def drop_rows_after(path: str, step: int):
     """Keep the rows of the JSONL file ``path`` whose ``step`` is <= ``step`` (atomic rewrite).
     A torn last line from a killed process is dropped too; any other line that is not a JSON
@@ -228,7 +233,7 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
     """
     start = int(state.step)
     logger = MetricsLogger(output_dir, logging, resume_step=start)
-    show = logging.progress and jax.process_index() == 0
+    show = shows_progress(logging)
     metrics: dict[str, float] = {}
     stopped = None
     try:

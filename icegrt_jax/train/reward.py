@@ -44,6 +44,7 @@ from icegrt_jax.train.loop import (
     check_output_dir,
     data_position_meta,
     open_run,
+    shows_progress,
     train_loop,
 )
 from icegrt_jax.train.model_init import init_model, model_config, run_tokenizer
@@ -81,7 +82,7 @@ class PairExample:
         return max(len(self.chosen), len(self.rejected))
 
 
-def tokenize_pairs(pairs, tokenizer, template, max_length: int) -> tuple[list[PairExample], int]:
+def tokenize_pairs(pairs, tokenizer, template, max_length: int, progress: bool = False) -> tuple[list[PairExample], int]:
     """Prompt + response + EOS for both sides of each pair; a pair with a side longer than
     ``max_length`` is dropped. Returns (examples, number dropped)."""
 
@@ -89,7 +90,7 @@ def tokenize_pairs(pairs, tokenizer, template, max_length: int) -> tuple[list[Pa
         conversations = [Conversation((Round(p.prompt, getattr(p, name)),), f"{p.source}#{k}")
                          for k, p in enumerate(pairs)]
         examples, _ = tokenize_conversations(conversations, tokenizer, template, max_length=max_length,
-                                             truncation="drop_example")
+                                             truncation="drop_example", progress=progress)
         return {e.source: e for e in examples}
 
     chosen, rejected = side("chosen"), side("rejected")
@@ -171,7 +172,7 @@ def eval_sums(graphdef, params, batch):
 
 
 def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id, partitioner: Partitioner | None = None,
-                 param_shardings=None):
+                 param_shardings=None, progress: bool = False):
     """Held-out pairwise accuracy, mean margin and score mean/std of a state's params (sharded
     with a ``partitioner``)."""
     sums_fn = functools.partial(eval_sums, graphdef)
@@ -185,7 +186,7 @@ def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id, partitioner: P
     def evaluate(state) -> dict[str, float]:
         totals, count = None, 0.0
         for batch in eval_batches(examples, batch_size=batch_size, buckets=buckets, pad_id=pad_id,
-                                  collate_fn=collate_pairs):
+                                  collate_fn=collate_pairs, progress=progress):
             metric_sums, n = sums(state.params, to_device(batch))
             totals = metric_sums if totals is None else jax.tree.map(jnp.add, totals, metric_sums)
             count += float(n)
@@ -224,11 +225,13 @@ def run_reward(cfg: RewardConfig) -> dict:
     if not cfg.data.train_files:
         raise DataError("data.train_files: no preference files given")
     train_pairs, train_report = load_preferences(cfg.data.train_files, cfg.loss.top_k, cfg.loss.bottom_k)
-    train, train_dropped = tokenize_pairs(train_pairs, tokenizer, template, cfg.data.max_length)
+    train, train_dropped = tokenize_pairs(train_pairs, tokenizer, template, cfg.data.max_length,
+                                          shows_progress(cfg.logging))
     evaluation, eval_dropped, eval_report = [], 0, None
     if cfg.data.eval_files:
         eval_pairs, eval_report = load_preferences(cfg.data.eval_files, cfg.loss.top_k, cfg.loss.bottom_k)
-        evaluation, eval_dropped = tokenize_pairs(eval_pairs, tokenizer, template, cfg.data.max_length)
+        evaluation, eval_dropped = tokenize_pairs(eval_pairs, tokenizer, template, cfg.data.max_length,
+                                                  shows_progress(cfg.logging))
     if not train:
         raise DataError(f"every training pair is longer than data.max_length={cfg.data.max_length}")
     llama, params = init_score_params(cfg, len(tokenizer))
@@ -254,7 +257,7 @@ def run_reward(cfg: RewardConfig) -> dict:
                               cfg.optimizer.grad_accum_steps, cfg.loss.type, cfg.loss.margin,
                               partitioner=partitioner, state_shardings=state_shardings)
     stats_fn = make_eval_fn(graphdef, evaluation or train, cfg.data.batch_size, buckets, pad_id, partitioner,
-                            state_shardings.params)
+                            state_shardings.params, shows_progress(cfg.logging))
     result = train_loop(
         state=state, step_fn=lambda s, b: step_fn(s, partitioner.shard_batch(b)),
         batches=batches, total_steps=total_steps, checkpointer=checkpointer,

@@ -38,6 +38,7 @@ from icegrt_jax.train.loop import (
     check_output_dir,
     data_position_meta,
     open_run,
+    shows_progress,
     train_loop,
 )
 from icegrt_jax.train.model_init import init_model, run_tokenizer
@@ -85,8 +86,9 @@ def make_train_step(graphdef, tx, schedule, accum_steps: int, *, partitioner: Pa
 
 
 def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id, partitioner: Partitioner | None = None,
-                 param_shardings=None):
-    """Held-out token-mean NLL and perplexity of a state's params (sharded with a ``partitioner``)."""
+                 param_shardings=None, progress: bool = False):
+    """Held-out token-mean NLL and perplexity of a state's params (sharded with a ``partitioner``;
+    ``progress``: a bar over each pass)."""
     nll = functools.partial(masked_nll_sum, graphdef)
     if partitioner is None:
         nll_fn, to_device = jax.jit(nll), lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}
@@ -97,7 +99,7 @@ def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id, partitioner: P
 
     def evaluate(state) -> dict[str, float]:
         total, count = 0.0, 0.0
-        for batch in eval_batches(examples, batch_size=batch_size, buckets=buckets, pad_id=pad_id):
+        for batch in eval_batches(examples, batch_size=batch_size, buckets=buckets, pad_id=pad_id, progress=progress):
             nll, n = nll_fn(state.params, to_device(batch))
             total, count = total + float(nll), count + float(n)
         loss = total / max(count, 1.0)
@@ -122,8 +124,8 @@ def prepare_data(cfg: SFTConfig) -> PreparedData:
     def tokenized(files):
         if not files:
             return [], None
-        return tokenize_conversations(load_conversations(files), tokenizer, template,
-                                      max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+        return tokenize_conversations(load_conversations(files), tokenizer, template, max_length=cfg.data.max_length,
+                                      truncation=cfg.data.truncation, progress=shows_progress(cfg.logging))
 
     train, train_report = tokenized(cfg.data.train_files)
     evaluation, eval_report = tokenized(cfg.data.eval_files)
@@ -161,7 +163,7 @@ def run_sft(cfg: SFTConfig) -> dict:
                               cfg.optimizer.grad_accum_steps, partitioner=partitioner,
                               state_shardings=state_shardings)
     eval_fn = (make_eval_fn(graphdef, data.eval, cfg.data.batch_size, buckets, pad_id, partitioner,
-                            state_shardings.params) if data.eval else None)
+                            state_shardings.params, shows_progress(cfg.logging)) if data.eval else None)
     result = train_loop(
         state=state, step_fn=lambda s, b: step_fn(s, partitioner.shard_batch(b)),
         batches=batches, total_steps=total_steps, checkpointer=checkpointer,
