@@ -74,6 +74,7 @@ def test_tiny_model_overfits_small_batch(sft_setup):
     assert any("eval/loss" in m for m in lines)
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert os.path.isdir(tmp_path / "run" / "final" / "params")
+    assert (tmp_path / "run" / "data_report.txt").read_text().startswith("train data: ")  # the counts, kept
 
 
 def run_killed(config, output_dir, kill_at, sig):

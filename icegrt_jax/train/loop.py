@@ -51,8 +51,8 @@ def check_output_dir(out: str) -> None:
 
 def open_run(cfg, name: str, state, state_shardings, batches, report: list[str]):
     """A trainer's run directory: ``cfg.training.output_dir`` (checked by ``check_output_dir``
-    first) with config.yaml, the ``report`` lines
-    printed as ``[name] ...`` (process 0), and the checkpointer. When the directory holds a
+    first) with config.yaml, the ``report`` lines (what the data loading truncated or dropped)
+    printed as ``[name] ...`` and written to data_report.txt (process 0), and the checkpointer. When the directory holds a
     checkpoint the run resumes from it: the state (restored onto ``state_shardings``) and the
     data position of ``batches``; a config that differs from the saved config.yaml is named (what
     changes the run's course makes it differ from an uninterrupted one), and a state that no longer fits the
@@ -73,6 +73,7 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
         batches.position = DataPosition(**meta["data_position"])
     if is_primary_process():
         files.write_text(config_path, config_to_yaml(cfg))
+        files.write_text(os.path.join(out, "data_report.txt"), "".join(f"{line}\n" for line in report))
         for line in report:
             print(f"[{name}] {line}")
         if step is not None:
