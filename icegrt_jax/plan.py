@@ -43,6 +43,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from icegrt_jax.config import ConfigError, ModelConfig, PPOConfig
 from icegrt_jax.hf import abstract_model, load_hf_config
@@ -246,13 +247,17 @@ def describe(llama: LlamaConfig) -> str:
     return f"{size} {short[llama.param_dtype]} params / {short[llama.dtype]} compute"
 
 
-def plan_ppo(cfg: PPOConfig, device_memory_gib: float, reward_preset: str | None = None) -> Plan:
-    """The per-device memory plan of ``cfg`` on ``cfg.mesh`` over every visible device."""
+def plan_ppo(cfg: PPOConfig, device_memory_gib: float, reward_preset: str | None = None,
+             progress: bool = False) -> Plan:
+    """The per-device memory plan of ``cfg`` on ``cfg.mesh`` over every visible device
+    (``progress``: a bar over the roles, whose programs it compiles, on stderr)."""
     partitioner = Partitioner.from_config(cfg.mesh)
     shapes = rollout_shapes(cfg)
     ppo.check_rollout_batch(partitioner, cfg)
     roles, transients, forwards = [], {}, {}
-    for role, (llama, kind) in ppo_models(cfg, reward_preset).items():
+    models = ppo_models(cfg, reward_preset)
+    for role, (llama, kind) in tqdm(models.items(), total=len(models), desc="plan", unit="role", leave=False,
+                                    disable=not progress):
         key = (FORWARDS[role], llama, kind)
         if key not in forwards:
             forwards[key] = forward_temp_bytes(partitioner, role, llama, kind, cfg, shapes)

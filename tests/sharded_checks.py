@@ -408,12 +408,13 @@ def check_plan(directory: str) -> dict:
     with open(path, "w") as f:
         json.dump(PLAN_CONFIG, f)
     args = ["plan", "--config", path, "--devices", "8", "--device-memory", "1", "--reward-preset", "tiny"]
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    stdout, progress, stderr = io.StringIO(), io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(progress):
         code = cli.main([*args, "--json"])
     with contextlib.redirect_stderr(stderr):
         bad_code = cli.main([*args, "data.prompts_per_iteration=12"])
-    return {"code": code, "plan": json.loads(stdout.getvalue()), "bad_code": bad_code, "bad_error": stderr.getvalue()}
+    return {"code": code, "plan": json.loads(stdout.getvalue()), "progress": progress.getvalue(), "bad_code": bad_code,
+            "bad_error": stderr.getvalue()}
 
 
 def main(directory: str, tokenizer_dir: str):

@@ -250,7 +250,7 @@ def test_plan_counts_params_optimizer_gradients_and_kv_cache_exactly(sharded):
     from icegrt_jax.models.heads import ScoreModel
 
     result = sharded["plan"]
-    assert result["code"] == 0
+    assert result["code"] == 0 and "plan:   0%|          | 0/4" in result["progress"]  # a bar on stderr, --json clean
     plan = result["plan"]
     roles = {r["role"]: r for r in plan["roles"]}
     assert list(roles) == ["actor", "critic", "reference", "reward"]

@@ -61,6 +61,6 @@ def run(args) -> int:
     from icegrt_jax.plan import format_plan, plan_ppo, plan_to_dict
 
     cfg = load_config(PPOConfig, args.config, args.overrides, section=args.section)
-    plan = plan_ppo(cfg, args.device_memory, args.reward_preset)
+    plan = plan_ppo(cfg, args.device_memory, args.reward_preset, progress=True)
     print(json.dumps(plan_to_dict(plan)) if args.json else format_plan(plan))
     return 0
