@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from icegrt_jax.errors import UserInputError
@@ -31,6 +32,17 @@ def outermost_missing(path: str | os.PathLike) -> Path | None:
     while not path.parent.exists():
         path = path.parent
     return path
+
+
+def remove_made_directories(path: str | os.PathLike, outermost: str | os.PathLike) -> None:
+    """Remove ``path`` (with what is in it), then each parent up to ``outermost`` while it is
+    empty (another run may have put something there since)."""
+    path, outermost = Path(os.path.abspath(path)), Path(os.path.abspath(outermost))
+    shutil.rmtree(path, ignore_errors=True)
+    while path != outermost and path.parent != path:
+        path = path.parent
+        with contextlib.suppress(OSError):
+            path.rmdir()  # fails, leaving it, when not empty
 
 
 def read_json(path: str | os.PathLike, error: type[Exception] = UserInputError, what: str = "a JSON file"):

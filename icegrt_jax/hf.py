@@ -234,9 +234,23 @@ def _open_and_check_shapes(cfg, index, expected, pure) -> dict[str, SafetensorsF
 
 
 def load_hf_config(path: str, **overrides) -> LlamaConfig:
+    """The model config of an HF (or project) directory: config.json, plus the eos ids its
+    generation_config.json adds (what transformers' ``generate`` stops at, e.g. a chat model's
+    end-of-turn token)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
-    return LlamaConfig.from_json_file(os.path.join(path, "config.json"), **overrides)
+    cfg = LlamaConfig.from_json_file(os.path.join(path, "config.json"), **overrides)
+    generation = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(generation):
+        return cfg
+    config = files.read_json(generation, CheckpointError, "a generation config")
+    eos = config.get("eos_token_id") if isinstance(config, dict) else None
+    ids = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    if ids is None:
+        return cfg
+    if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        raise CheckpointError(f"{generation}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return cfg.replace(extra_eos_token_ids=cfg.extra_eos_token_ids + tuple(ids))
 
 
 def load_hf(path: str, progress: bool = False, **config_overrides) -> tuple[LlamaConfig, nnx.State]:
@@ -325,7 +339,8 @@ def _check_fast_tokenizer(path: str):
     try:
         Tokenizer.from_file(path)
     except Exception as e:  # noqa: BLE001 - the Rust library raises a plain Exception
-        raise CheckpointError(f"{path}: not a tokenizer the tokenizers library can load ({str(e).splitlines()[0]})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a tokenizer the tokenizers library can load ({reason})") from None
 
 
 def check_replaceable(path: str):
@@ -371,15 +386,20 @@ def _left_by_dead_writers(path: str, kind: str) -> list[str]:
 
 def recover_replaced(path: str, old: str) -> None:
     """A write killed between moving the model at ``path`` aside to ``old`` and moving the new one
-    in: put the old model back when ``path`` is empty, else remove ``old``; say which."""
+    in: put the old model back when ``path`` is missing or an empty directory; remove ``old`` when
+    ``path`` holds a model again (config.json); otherwise leave it and say where it is."""
     if not os.path.lexists(old):
         return
-    if os.path.lexists(path):
+    if os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
+    if not os.path.lexists(path):
+        os.replace(old, path)
+        log.warning("restored %s from %s: an earlier write of it was interrupted", path, old)
+    elif os.path.isfile(os.path.join(path, "config.json")):
         shutil.rmtree(old, ignore_errors=True)
         log.warning("removed %s, the model an interrupted earlier write replaced at %s", old, path)
     else:
-        os.replace(old, path)
-        log.warning("restored %s from %s: an earlier write of it was interrupted", path, old)
+        log.warning("%s holds the model an interrupted earlier write of %s replaced; left in place", old, path)
 
 
 def remove_stale_temporaries(path: str) -> list[str]:

@@ -194,6 +194,20 @@ def test_eval_cli_end_to_end_two_models(model_dir, data_dir, tmp_path, capsys):
     assert "dataset_path: json" in (out / "model_a/local_tasks/arc_easy.yaml").read_text()
 
 
+def test_a_failed_run_removes_only_the_directories_it_made_that_are_still_empty(tmp_path):
+    from icegrt_jax.files import outermost_missing, remove_made_directories
+
+    out = tmp_path / "new" / "deeper" / "out"
+    created = outermost_missing(out)
+    out.mkdir(parents=True)
+    (out / "partial.json").write_text("{}")
+    (tmp_path / "new" / "other-run").mkdir()  # another run's output, made since
+    remove_made_directories(out, created)
+    assert created == tmp_path / "new" and sorted(p.name for p in created.iterdir()) == ["other-run"]
+    remove_made_directories(tmp_path / "new" / "other-run", created)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_model_labels_are_unique_directory_names():
     assert model_labels(["runs/a/ckpt", "runs/b/ckpt/", "runs/c"]) == ["ckpt", "ckpt-2", "c"]
 

@@ -92,14 +92,20 @@ def test_a_list_of_eos_ids_survives_both_conversions(tmp_path, capsys):
     make_hf_llama(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, 7, 2, 9]}))
-    cfg, _ = load_hf(str(tmp_path / "hf"))
-    assert (cfg.eos_token_id, cfg.extra_eos_token_ids, cfg.eos_token_ids) == (2, (7, 9), (2, 7, 9))
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, 11]}))
+    cfg, _ = load_hf(str(tmp_path / "hf"))  # generation_config.json's ids count too (transformers stops there)
+    assert (cfg.eos_token_id, cfg.extra_eos_token_ids, cfg.eos_token_ids) == (2, (7, 9, 11), (2, 7, 9, 11))
     assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
     assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
     assert load_model(str(tmp_path / "ours"))[0] == cfg
     for name in ("config.json", "generation_config.json"):
-        assert json.loads((tmp_path / "back" / name).read_text())["eos_token_id"] == [2, 7, 9]
-    assert transformers.GenerationConfig.from_pretrained(tmp_path / "back").eos_token_id == [2, 7, 9]
+        assert json.loads((tmp_path / "back" / name).read_text())["eos_token_id"] == [2, 7, 9, 11]
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "back").eos_token_id == [2, 7, 9, 11]
+    # one normal form, however the ids are given: the first is eos_token_id, no repeats
+    assert cfg.replace(eos_token_id=None, extra_eos_token_ids=[7, 9, 7]) == cfg.replace(eos_token_id=7,
+                                                                                        extra_eos_token_ids=(9,))
+    assert cfg.replace(extra_eos_token_ids=None).eos_token_ids == (2,)
 
 
 def test_reward_model_exports_as_sequence_classification_and_converts_back(hf_dir, tmp_path, capsys):
@@ -185,8 +191,18 @@ def test_a_write_killed_between_its_two_renames_gets_the_old_model_back(hf_dir, 
     assert sorted(os.listdir(tmp_path)) == ["out"] and f"restored {out} from {old}" in caplog.text
     _leaves_equal_bitwise(load_hf(str(hf_dir))[1], load_model_dir(str(out))[1])
     shutil.copytree(out, old)
+    assert cli.main(["convert", str(old), str(out), "--dtype", "bfloat16"]) == 2  # never SRC: the write removes it
     assert cli.main(["convert", str(hf_dir), str(out)]) == 0
     assert sorted(os.listdir(tmp_path)) == ["out"] and f"removed {old}, the model an interrupted" in caplog.text
+    out.rename(old)
+    out.mkdir()  # e.g. a script's mkdir -p: an empty OUT is no model, the old one comes back
+    remove_stale_temporaries(str(out))
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (out / "config.json").is_file()
+    out.rename(old)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # something else: both stay, and the log says where the model is
+    remove_stale_temporaries(str(out))
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", old.name]) and "left in place" in caplog.text
 
 
 def test_convert_refuses_out_equal_to_src_and_a_bad_shard_size(hf_dir, tmp_path, capsys):
@@ -315,6 +331,8 @@ BAD_INPUTS = {
                          CheckpointError, r"index\.json: corrupted index \(expected a 'weight_map' object of file names\)"),
     "index not UTF-8": (lambda p: Path(p, "model.safetensors.index.json").write_bytes(b'{"weight_map": "\xff"}'),
                         CheckpointError, r"index\.json: not UTF-8 text"),
+    "generation eos type": (lambda p: Path(p, "generation_config.json").write_text('{"eos_token_id": "x"}'),
+                            CheckpointError, r"generation_config\.json: eos_token_id must be a token id or a list"),
     "config float type": (lambda p: _edit_config(p, rms_norm_eps="abc"), ModelConfigError,
                           r"config\.json: rms_norm_eps must be a positive number, got 'abc'"),
     "config null size": (lambda p: _edit_config(p, vocab_size=None), ModelConfigError,

@@ -27,6 +27,10 @@ def run(args) -> int:
     out, src = os.path.realpath(args.out), os.path.realpath(args.src)
     if os.path.commonpath([out, src]) == out:
         raise UserInputError(f"{args.out}: OUT is or contains SRC; writing it would replace the model being converted")
+    if os.path.dirname(src) == os.path.dirname(out) and os.path.basename(src).startswith(
+            tuple(f"{os.path.basename(out)}.{kind}-" for kind in ("old", "tmp"))):
+        raise UserInputError(f"{args.src}: SRC is a copy an interrupted write of OUT left, which writing OUT "
+                             "recovers or removes; move it elsewhere first")
     if not 0 < args.max_shard_gb < float("inf"):
         raise UserInputError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
     hf.check_replaceable(args.out)  # before loading SRC: a refused OUT or tokenizer fails at once

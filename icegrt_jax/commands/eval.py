@@ -6,7 +6,8 @@ with our JAX backend, on hub data or on local JSONL files (``--data-dir``). Writ
 - ``results.md``: per model, every metric of each benchmark; with several models, a side-by-side
   table of the headline metrics in the shape of the paper's Table 1 (models as rows);
 - ``results.json``: the same numbers, machine-readable, with the number of requests per request type
-  whose context was left-truncated to fit the context length (also named in results.md);
+  whose context was left-truncated to fit the context length (also named in results.md) and the
+  ``--limit`` (documents per task; null when all ran);
 - ``<model>/lm_eval_results.json``: lm-eval's full results; ``<model>/local_tasks/``: the task
   YAMLs generated for ``--data-dir``.
 """
@@ -14,7 +15,6 @@ with our JAX backend, on hub data or on local JSONL files (``--data-dir``). Writ
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -84,7 +84,7 @@ def run(args) -> int:
     except Exception:
         finished = any((out / label / "lm_eval_results.json").exists() for label in model_labels(args.model))
         if created and not finished:  # a run that failed before any result leaves no directory it made
-            shutil.rmtree(created, ignore_errors=True)
+            files.remove_made_directories(out, created)
         raise
     text = render_report(report)
     files.write_json(out / "results.json", report)

@@ -33,8 +33,10 @@ def save_figure(fig, path: str) -> None:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(buffer, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     files.write_bytes(path, buffer.getvalue())
 
 

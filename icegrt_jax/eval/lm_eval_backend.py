@@ -352,7 +352,8 @@ class IceGRTLM(TemplateLM):
         if max_prompt < 1:
             raise UserInputError(f"icegrt backend: max_gen_toks {max_new} leaves no room for a prompt "
                                  f"in max_length {self.max_length}")
-        eos_ids = tuple(dict.fromkeys((self.eot_token_id, *early_stop_ids(self.tokenizer, stops))))
+        eos_ids = tuple(dict.fromkeys((self.eot_token_id, *self.cfg.eos_token_ids,
+                                       *early_stop_ids(self.tokenizer, stops))))
         params = sampling_params(kwargs, max_new, eos_ids, self.seed)
         encoded = [self.tok_encode(context) or [self.prefix_token_id] for context in contexts]
         self._count_truncated("generate_until", sum(len(ids) > max_prompt for ids in encoded), len(encoded),

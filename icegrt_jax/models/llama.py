@@ -22,9 +22,11 @@ from flax import nnx
 from icegrt_jax.models.llama_config import (  # noqa: F401 - the config's public names stay importable from here
     DTYPES,
     PRESETS,
+    REMAT_POLICIES,
     LlamaConfig,
     ModelConfigError,
     preset,
+    read_config_json,
 )
 from icegrt_jax.models.projections import PROJECTION, dense, swiglu_mlp
 from icegrt_jax.sharding import shards_alike, with_logical_constraint

@@ -43,7 +43,10 @@ class LlamaConfig:
     remat: str = "none"  # none | full | dots
 
     def __post_init__(self):
-        object.__setattr__(self, "extra_eos_token_ids", tuple(self.extra_eos_token_ids))  # hashable
+        ids = tuple(dict.fromkeys((() if self.eos_token_id is None else (self.eos_token_id,))
+                                  + tuple(self.extra_eos_token_ids or ())))  # in order, no repeats, hashable
+        object.__setattr__(self, "eos_token_id", ids[0] if ids else None)
+        object.__setattr__(self, "extra_eos_token_ids", ids[1:])
         if self.hidden_size % self.num_heads:
             raise ModelConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"

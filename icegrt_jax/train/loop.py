@@ -150,7 +150,7 @@ class MetricsLogger:
 
 def shows_progress(logging: LoggingConfig) -> bool:
     """Progress bars are drawn when ``logging.progress`` asks, by the first process only."""
-    return logging.progress and jax.process_index() == 0
+    return logging.progress and is_primary_process()
 
 
 def drop_rows_after(path: str, step: int):
