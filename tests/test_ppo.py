@@ -62,6 +62,9 @@ def _metrics(path):
 def test_learns_from_a_programmatic_scorer_while_kl_stays_bounded(ppo_setup):
     tmp_path, config = ppo_setup
     free = _run(config, tmp_path / "free", "ppo.kl_coef=0.01")
+    assert (tmp_path / "free" / "data_report.txt").read_text() == (  # 32 prompts fill 2 iterations exactly
+        "32 prompts (0 longer than data.max_prompt_length dropped; each epoch's last iteration repeats 0 to fill "
+        "its batch); 24 iterations\n")
     tied = _run(config, tmp_path / "tied", "ppo.kl_coef=1.0")
     first, last = np.mean([m["score_raw_mean"] for m in free[:4]]), np.mean([m["score_raw_mean"] for m in free[-4:]])
     assert last > first + 0.05, (first, last)  # the share of 'e' rises clearly (0.05 -> ~0.2 here)

@@ -583,7 +583,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     state_shardings = partitioner.shardings(state)
 
     state, checkpointer = open_run(cfg, "ppo", state, state_shardings, batches, [
-        f"{len(prompts)} prompts ({dropped} longer than data.max_prompt_length dropped); {total} iterations"])
+        (f"{len(prompts)} prompts ({dropped} longer than data.max_prompt_length dropped; each epoch's last "
+         f"iteration repeats {-len(prompts) % cfg.data.prompts_per_iteration} to fill its batch); {total} iterations")])
     out = cfg.training.output_dir
     iteration = make_train_step(cfg, roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,
                                 partitioner=partitioner, state_shardings=state_shardings)
