@@ -7,9 +7,6 @@ import sys
 import tempfile
 
 import pytest
-
-pytest.importorskip("lm_eval")
-
 from helpers import make_hf_llama
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
@@ -48,7 +45,8 @@ def model_dir(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.fixture(scope="module")
 def backends(model_dir):
     """(ours, lm-eval's hf backend) over the same weights and tokenizer."""
-    HFLM = pytest.importorskip("lm_eval.models.huggingface", reason="needs lm-eval[hf]").HFLM
+    from lm_eval.models.huggingface import HFLM  # the test extra installs lm-eval[hf]
+
     path, torch_model = model_dir
     ours = IceGRTLM(pretrained=str(path), batch_size=4, max_gen_toks=12)
     theirs = HFLM(pretrained=torch_model, tokenizer=ours.tokenizer, batch_size=4, max_length=256)

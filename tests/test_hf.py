@@ -152,7 +152,7 @@ def test_save_model_is_atomic_on_failure(hf_dir, tmp_path):
         def save_pretrained(self, directory):
             raise RuntimeError("tokenizer failed")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="tokenizer failed"):
         save_model(cfg, params, str(tmp_path / "ckpt"), tokenizer=Boom())
     assert os.listdir(tmp_path) == []
 

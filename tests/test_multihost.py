@@ -102,7 +102,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_tokenizer_dir):
     assert progress_bar.search(first[0][1]) and not progress_bar.search(first[1][1])  # on process 0 only
     multi_metrics, single_metrics = metrics(tmp_path / "multi"), metrics(tmp_path / "single")
     assert [m["step"] for m in multi_metrics] == [1, 2, 3]  # logged once, by process 0
-    for m, s in zip(multi_metrics, single_metrics):
+    for m, s in zip(multi_metrics, single_metrics, strict=True):
         assert m["loss"] == pytest.approx(s["loss"], rel=1e-5)
     _, multi_params = load_model(str(tmp_path / "multi" / "final"))
     _, single_params = load_model(str(tmp_path / "single" / "final"))
@@ -144,7 +144,7 @@ def test_two_processes_run_ppo_like_one(tmp_path, tiny_tokenizer_dir):
 
     multi_metrics, single_metrics = metrics(tmp_path / "multi"), metrics(tmp_path / "single")
     assert [m["step"] for m in multi_metrics] == [1, 2]
-    for m, s in zip(multi_metrics, single_metrics):
+    for m, s in zip(multi_metrics, single_metrics, strict=True):
         assert m["response_length"] == s["response_length"]
         assert m["score_raw_mean"] == pytest.approx(s["score_raw_mean"], abs=1e-7)
         assert m["value_loss"] == pytest.approx(s["value_loss"], rel=1e-4)

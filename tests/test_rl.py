@@ -20,13 +20,16 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 def response_mask(rng, batch=B, length=T):
     """Left prompt of random length, then a response, then padding. Row 0 has a response
-    of length 1, row 1 spans the whole row, the others are random."""
+    of length 1, row 1 spans the whole row, row 2 has none (a prompt whose response was cut
+    to nothing, or a filler row), the others are random."""
     mask = np.zeros((batch, length), np.float32)
     for row in range(batch):
         if row == 0:
             start, size = rng.integers(0, length), 1
         elif row == 1:
             start, size = 0, length
+        elif row == 2:
+            continue
         else:
             start = rng.integers(0, length)
             size = rng.integers(1, length - start + 1)
@@ -73,7 +76,8 @@ def test_masked_mean_var_whiten_match_loops(batch):
     np.testing.assert_allclose(jax.jit(rl.masked_mean)(x, mask), mean, **TOL)
     np.testing.assert_allclose(rl.masked_var(x, mask), unbiased, **TOL)
     np.testing.assert_allclose(rl.masked_var(x, mask, unbiased=False), biased, **TOL)
-    row_means = [np.mean([x[i, t] for t in response_positions(mask[i])]) for i in range(B)]
+    row_means = [np.mean([x[i, t] for t in response_positions(mask[i])]) if mask[i].any() else 0.0  # empty: 0
+                 for i in range(B)]
     np.testing.assert_allclose(rl.masked_mean(x, mask, axis=1), row_means, **TOL)
     for shift_mean in (True, False):
         whitened = jax.jit(rl.masked_whiten, static_argnums=2)(x, mask, shift_mean)
@@ -144,7 +148,8 @@ def test_shaped_rewards_match_loop(rng, batch, score_clip):
             lr = float(logprobs[i, t]) - float(ref[i, t])
             expected[i, t] = -0.3 * (np.exp(-lr) - 1 + lr)
         score = scores[i] if score_clip is None else np.clip(scores[i], -score_clip, score_clip)
-        expected[i, positions[-1]] += score
+        if positions:  # a row without response tokens has nowhere to take its score
+            expected[i, positions[-1]] += score
     np.testing.assert_allclose(got, expected, **TOL)
 
 
@@ -187,7 +192,8 @@ def loop_policy_loss(logprobs, old, advantages, mask, eps, dual_clip, aggregate)
     """Per-token loss and d loss / d logprobs, aggregated as requested."""
     per_row = []
     grads = np.zeros(logprobs.shape)
-    num_tokens = mask.sum()
+    num_tokens, num_rows = mask.sum(), int(mask.any(axis=1).sum())  # rows with a response
+    dual_clipped = 0
     for i in range(logprobs.shape[0]):
         positions = response_positions(mask[i])
         row = []
@@ -197,13 +203,15 @@ def loop_policy_loss(logprobs, old, advantages, mask, eps, dual_clip, aggregate)
             loss, grad = (unclipped, -a * ratio) if unclipped >= clipped else (clipped, 0.0)
             if dual_clip is not None and a < 0 and -dual_clip * a < loss:
                 loss, grad = -dual_clip * a, 0.0
+                dual_clipped += 1
             row.append(loss)
-            weight = 1 / num_tokens if aggregate == "token_mean" else 1 / (B * len(positions))
+            weight = 1 / num_tokens if aggregate == "token_mean" else 1 / (num_rows * len(positions))
             grads[i, t] = grad * weight
-        per_row.append(row)
+        if row:
+            per_row.append(row)
     if aggregate == "token_mean":
-        return sum(sum(r) for r in per_row) / num_tokens, grads
-    return np.mean([np.mean(r) for r in per_row]), grads
+        return sum(sum(r) for r in per_row) / num_tokens, grads, dual_clipped / num_tokens
+    return np.mean([np.mean(r) for r in per_row]), grads, dual_clipped / num_tokens
 
 
 @pytest.mark.parametrize("aggregate", ["token_mean", "seq_mean_token_mean"])
@@ -218,12 +226,35 @@ def test_ppo_policy_loss_and_gradient_match_loop(batch, aggregate, dual_clip):
         )
 
     (loss, metrics), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(logprobs)
-    expected, expected_grad = loop_policy_loss(
+    expected, expected_grad, dual_clip_frac = loop_policy_loss(
         logprobs, old, advantages, mask, 0.2, dual_clip, aggregate
     )
     np.testing.assert_allclose(loss, expected, **TOL)
     np.testing.assert_allclose(grad, expected_grad, **TOL)
     assert ("dual_clip_frac" in metrics) == (dual_clip is not None)
+    if dual_clip is not None:
+        assert dual_clip_frac > 0  # the case is exercised
+        np.testing.assert_allclose(metrics["dual_clip_frac"], dual_clip_frac, **TOL)
+
+
+def test_log_ratios_beyond_the_clamp_give_a_finite_loss_and_gradient(rng, batch):
+    """A log-ratio of +100 overflows exp in fp32 (e^100 ~ 3e43 > 3.4e38): the ratio comes from the
+    log-ratio clamped to +-LOG_RATIO_CLAMP, as the loop's input is here."""
+    mask, advantages = batch["mask"], batch["field"]()
+    old = batch["field"](0.4)
+    logprobs = (old + np.where(rng.random((B, T)) < 0.5, 100.0, -100.0)).astype(np.float32)
+    loss_fn = lambda lp: rl.ppo_policy_loss(lp, old, advantages, mask, 0.2, dual_clip=3.0)
+    (loss, _), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(logprobs)
+    clamped = (old + np.clip(logprobs - old, -rl.LOG_RATIO_CLAMP, rl.LOG_RATIO_CLAMP)).astype(np.float64)
+    expected, _, _ = loop_policy_loss(clamped, old, advantages, mask, 0.2, 3.0, "token_mean")
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert np.isfinite(grad).all() and np.isfinite(loss)
+
+
+def test_constant_returns_leave_nothing_to_explain(batch):
+    mask = batch["mask"]
+    _, metrics = rl.value_loss(batch["field"](), batch["field"](), np.full((B, T), 3.0, np.float32), mask)
+    assert metrics["explained_variance"] == 0.0  # Var[R] = 0: defined as 0, not 0/0
 
 
 def test_ppo_policy_metrics_match_loop(rng, batch):

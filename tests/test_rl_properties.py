@@ -21,11 +21,12 @@ values_strategy = arrays(np.float32, (B, T), elements=st.floats(-5, 5, width=32)
 
 @st.composite
 def masks(draw):
-    """One contiguous response per row after a left prompt: lengths 1..T - prompt."""
+    """One contiguous response per row after a left prompt: lengths 0..T - prompt (0: a row
+    without response tokens), at least one row with a response."""
     mask = np.zeros((B, T), np.float32)
     for row in range(B):
         start = draw(st.integers(0, T - 1))
-        length = draw(st.integers(1, T - start))
+        length = draw(st.integers(0 if row else 1, T - start))
         mask[row, start : start + length] = 1
     return mask
 

@@ -120,7 +120,9 @@ def test_default_stop_tokens_are_every_eos_id_of_the_model_config(tiny):
     prompts = random_prompts([5, 9], model.cfg.vocab_size)
     free = generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=NEW, eos_token_ids=()))
     stop = int(free.response_tokens(0)[3])  # row 0's fourth token ends it when it is an extra eos id
-    cfg = model.cfg.replace(eos_token_id=None, extra_eos_token_ids=(stop,))
+    never = min(set(range(model.cfg.vocab_size)) - set(free.tokens.ravel().tolist()))  # the primary eos id
+    cfg = model.cfg.replace(eos_token_id=never, extra_eos_token_ids=(stop,))
+    assert (cfg.eos_token_id, cfg.extra_eos_token_ids) == (never, (stop,))
     out = generate(model_from_params(cfg, nnx.state(model)), prompts, SamplingParams(greedy=True, max_new_tokens=NEW))
     first = int(np.argmax(free.response_tokens(0) == stop))
     assert out.finished_by_eos[0] and out.lengths[0] == first + 1

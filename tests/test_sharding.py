@@ -128,11 +128,11 @@ def test_sharded_fused_update_programs_match_one_device(sharded):
     assert changes["params_difference"] < 1e-6 and changes["actor_change"] > 1e-3, changes  # equal steps taken
     assert len(runs["2x2x2"]) == len(runs["one_device"]) == 2
     assert "policy_loss" not in runs["one_device"][0] and "policy_loss" in runs["one_device"][1]
-    for sharded_metrics, one_device in zip(runs["2x2x2"], runs["one_device"]):
-        for key in ("value_loss", "critic_grad_norm", "advantage_mean", "return_mean", "explained_variance",
-                    "policy_loss", "actor_grad_norm", "rollout_entropy", "kl"):
-            if key in one_device:
-                np.testing.assert_allclose(sharded_metrics[key], one_device[key], rtol=1e-3, atol=1e-5, err_msg=key)
+    critic = ["value_loss", "critic_grad_norm", "advantage_mean", "return_mean", "explained_variance", "kl"]
+    expected = [critic, critic + ["policy_loss", "actor_grad_norm", "rollout_entropy"]]  # warm-up, then joint
+    for keys, sharded_metrics, one_device in zip(expected, runs["2x2x2"], runs["one_device"], strict=True):
+        for key in keys:
+            np.testing.assert_allclose(sharded_metrics[key], one_device[key], rtol=1e-3, atol=1e-5, err_msg=key)
 
 
 @pytest.mark.parametrize("target", ["8x1x1", "one_device"])
