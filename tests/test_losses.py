@@ -89,6 +89,14 @@ def test_chunked_logprobs_vmap_and_bf16(rng):
     total = lambda h, w: losses.chunked_token_logprobs(h, w, targets[0], 5).sum()
     grad_h, grad_w = jax.grad(total, (0, 1))(hidden[0], lm_head)
     assert grad_h.dtype == jnp.bfloat16 and grad_w.dtype == jnp.bfloat16
+    # against the fp32 gradient of the unchunked formula on the same (bf16-valued) inputs: bf16 keeps
+    # 8 bits of mantissa (relative rounding 2^-9), and each gradient is rounded once more to bf16, so
+    # 1% of the largest entry bounds the difference; a wrong block or a dropped term is far larger
+    full = lambda h, w: losses.token_logprobs(jnp.dot(h, w), targets[0]).sum()
+    for got, want in zip((grad_h, grad_w), jax.grad(full, (0, 1))(hidden[0].astype(jnp.float32),
+                                                                      lm_head.astype(jnp.float32)), strict=True):
+        want = np.asarray(want)
+        assert np.max(np.abs(np.asarray(got, np.float32) - want)) < 1e-2 * np.max(np.abs(want))
 
 
 def test_chunked_logprobs_rejects_bad_chunk_size():

@@ -58,7 +58,7 @@ CHECKS = os.path.join(os.path.dirname(__file__), "sharded_checks.py")
 def sharded(tmp_path_factory, tiny_tokenizer_dir) -> dict:
     out = subprocess.run([sys.executable, CHECKS, str(tmp_path_factory.mktemp("sharded")), tiny_tokenizer_dir],
                          check=False, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "0"})  # XLA's warnings shown
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert results["devices"] == 8
