@@ -124,6 +124,8 @@ def test_sample_writes_the_annotation_file_that_becomes_ranking_data(model_dir, 
                    "--max-new-tokens", 6, "--seed", 3) == 0
     for shuffled, ordered in zip(records, read_jsonl(plain)):
         assert sorted(shuffled["responses"]) == sorted(r["text"] for r in ordered["responses"])
+        cut = {r["text"]: not r["finished_by_eos"] for r in ordered["responses"]}  # each flag goes with its text
+        assert [cut[text] for text in shuffled["responses"]] == shuffled["truncated"]
     ranked = tmp_path / "ranked.jsonl"
     ranked.write_text("".join(json.dumps({**r, "rankings": [[0, 1, 2, 3, 4]] * 3}) + "\n" for r in records))
     pairs, report = load_preferences([str(ranked)])

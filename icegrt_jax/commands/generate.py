@@ -12,7 +12,8 @@ and tokenised exactly as in SFT. The output has one JSON line per prompt, in inp
 
 ``icegrt sample --model DIR --prompts FILE --n 5 --out FILE.jsonl`` writes the annotation input of
 the paper's data collection instead: per prompt ``{"prompt_id", "prompt", "responses": [n texts in
-a random order, seeded], "sampling": {...settings, "model"}}``. Labelers add ``"rankings"`` (one
+a random order, seeded], "truncated": [n flags: the response hit the length limit before an end
+token], "sampling": {...settings, "model"}}``. Labelers add ``"rankings"`` (one
 best-first list of response indices each) and the file becomes ICE-Reward training data
 (``icegrt_jax.data.preferences``). ``prompt_id`` is the record's ``id`` field, else its index.
 """
@@ -74,7 +75,8 @@ def run_sample(args) -> int:
     for i, (record, rows) in enumerate(zip(records, responses)):
         order = np.random.default_rng((params.seed, i)).permutation(len(rows))
         lines.append({"prompt_id": str(record.get("id", i)), "prompt": record["prompt"],
-                      "responses": [rows[j]["text"] for j in order], "sampling": settings})
+                      "responses": [rows[j]["text"] for j in order],
+                      "truncated": [not rows[j]["finished_by_eos"] for j in order], "sampling": settings})
     files.write_jsonl(args.out, lines, ensure_ascii=False)
     print(f"wrote {len(records)} prompts x {params.num_samples} responses (random order) to {args.out}")
     return 0
