@@ -119,7 +119,7 @@ def test_every_stage_runs_writes_the_report_and_resumes(tmp_path, capsys):
     assert check["transformers_available"] and check["identical_greedy"] == check["prompts"] == 2
     assert os.path.exists(os.path.join(out, "export", "hf", "model.safetensors"))
 
-    capsys.readouterr()
+    assert "responses hit demo.max_new_tokens (32) before an end token" in capsys.readouterr().out  # counted
     again = pipeline.run_demo(run)
     skipped = capsys.readouterr().out
     assert skipped.count("done, skipped") == len(pipeline.STAGES) and "report:" in skipped

@@ -221,6 +221,8 @@ def generate_responses(model_dir: str, prompts: list[str], cfg: DemoConfig, *, g
                       sampling, batch_size=cfg.generate_batch_size, progress=True)
     texts = [tokenizer.decode(result.response_tokens(r), skip_special_tokens=True).strip()
              for r in range(len(result.tokens))]
+    if cut := int((~result.finished_by_eos).sum()):
+        print(f"{cut} of {len(texts)} responses hit demo.max_new_tokens ({cfg.max_new_tokens}) before an end token")
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 
 
