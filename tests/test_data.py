@@ -61,6 +61,14 @@ def test_single_round_renders_the_paper_template_verbatim():
     assert text == PAPER_TEMPLATE
 
 
+def test_a_generated_response_loses_only_the_templates_separator():
+    # after " ASSISTANT:" the model emits the separator inside its first token (" The"); the text
+    # the data files hold is the response alone, which ``response`` renders back to what was generated
+    for decoded, text in ((" The answer is 3.", "The answer is 3."), ("  indented", " indented"), ("no space", "no space")):
+        assert ICEGRT.response_text(decoded) == text
+    assert ICEGRT.response(ICEGRT.response_text(" The answer")) == " The answer"
+
+
 def test_multi_round_repeats_user_assistant_with_eos_after_each_output():
     rounds = [Round("q1", "a1"), Round("q2", "a2")]
     assert render(ICEGRT, rounds, eos="</s>") == (

@@ -123,7 +123,8 @@ def sample_responses(args):
         for row in range(i * params.num_samples, (i + 1) * params.num_samples):
             ids = result.response_tokens(row)
             text_ids = ids[:-1] if result.finished_by_eos[row] else ids
-            rows.append({"text": tokenizer.decode(text_ids.tolist(), skip_special_tokens=True),
+            text = tokenizer.decode(text_ids.tolist(), skip_special_tokens=True)
+            rows.append({"text": text if args.no_template else ICEGRT.response_text(text),
                          "num_tokens": int(result.lengths[row]),
                          "finished_by_eos": bool(result.finished_by_eos[row]),
                          "logprob": float(result.logprobs[row].sum())})

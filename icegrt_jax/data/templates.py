@@ -47,6 +47,12 @@ class Template:
         """The response segment of a round (trained on, followed by EOS)."""
         return f"{self.response_prefix}{assistant}"
 
+    def response_text(self, decoded: str) -> str:
+        """A generated response as training data holds it: the decoded tokens without the
+        ``response_prefix`` they start with (training tokenises that separator into the first
+        response token, so the model emits it), i.e. ``response(response_text(d)) == d``."""
+        return decoded.removeprefix(self.response_prefix)
+
 
 ICEGRT = Template(
     name="icegrt",

@@ -406,7 +406,7 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
 
     def score(prompts, result, tokens, attention_mask):
         if score_function is not None or not pass_through:
-            responses = [tokenizer.decode(result.response_tokens(r), skip_special_tokens=True)
+            responses = [template.response_text(tokenizer.decode(result.response_tokens(r), skip_special_tokens=True))
                          for r in range(len(prompts))]
         if score_function is not None:
             scores = score_function(prompts, responses)
