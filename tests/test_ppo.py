@@ -239,6 +239,7 @@ def test_exact_resume_after_sigkill_mid_iteration(ppo_setup, minibatches, factor
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert cli.main(args) == 0
     for name in ("final", "final-critic"):
+        assert (tmp_path / "straight" / name / "tokenizer.json").is_file(), name  # each exports with its tokenizer
         straight = jax.tree.leaves(load_model(str(tmp_path / "straight" / name))[1])
         resumed = jax.tree.leaves(load_model(str(tmp_path / "resumed" / name))[1])
         for a, b in zip(straight, resumed, strict=True):

@@ -594,5 +594,5 @@ def run_ppo(cfg: PPOConfig) -> dict:
     checkpointer.close()
     result.raise_if_stopped(checkpointer)
     save_model(llama, result.state.actor.params, os.path.join(out, "final"), tokenizer=tokenizer)
-    save_model(critic_cfg, result.state.critic.params, os.path.join(out, "final-critic"), kind="score")
+    save_model(critic_cfg, result.state.critic.params, os.path.join(out, "final-critic"), tokenizer=tokenizer, kind="score")
     return result.last_metrics
