@@ -248,7 +248,9 @@ def test_exact_resume_after_sigkill_mid_iteration(ppo_setup, minibatches, factor
 
 
 @pytest.mark.parametrize("override, message", [
-    ("reward.function=nowhere:nothing", "reward.function: cannot import 'nowhere:nothing'"),
+    ("reward.function=nowhere:nothing", "cannot import module 'nowhere' (No module named 'nowhere'); its directory"),
+    ("reward.function=ppo_scorers:nothing", "reward.function: module 'ppo_scorers' has no 'nothing'"),
+    ("reward.function=ppo_scorers", "reward.function: 'ppo_scorers' is not of the form 'module:function'"),
     ("data.prompts_per_iteration=15", "data.prompts_per_iteration: 15 is not divisible"),
     ("data.prompt_files=[/nonexistent/p.jsonl]", "/nonexistent/p.jsonl"),
     ("data.prompt_files=[{tmp}/empty.jsonl]", "empty.jsonl: no prompts (the files are empty)"),

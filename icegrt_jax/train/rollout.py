@@ -83,10 +83,15 @@ def reward_model_scores(graphdef, params, tokens, attention_mask):
 def load_score_function(spec: str) -> Callable:
     """``"module:function"`` -> the function, or a ConfigError naming ``reward.function``."""
     module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ConfigError(f"reward.function: {spec!r} is not of the form 'module:function'")
     try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        raise ConfigError(f"reward.function: cannot import {spec!r} (expected 'module:function')") from None
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"reward.function: cannot import module {module_name!r} ({e}); its directory must be "
+                          "on PYTHONPATH (e.g. PYTHONPATH=. icegrt ppo ...)") from None
+    if (function := getattr(module, name, None)) is None:
+        raise ConfigError(f"reward.function: module {module_name!r} has no {name!r}")
     if not callable(function):
         raise ConfigError(f"reward.function: {spec!r} is not callable")
     return function
