@@ -113,6 +113,7 @@ def test_resume_names_a_changed_config_and_refuses_a_state_that_no_longer_fits(s
     assert cli.main([*run, "training.steps=3", "optimizer.lr=1e-3"]) == 0  # resumes at its last step
     out = capsys.readouterr().out
     assert "[sft] resumed from step 3" in out
+    assert "[sft] done: no step left to run (training.steps reached); see metrics.jsonl" in out  # not an empty summary
     assert "[sft] note: resuming with a config that differs from the run's: optimizer.lr: 0.003 -> 0.001\n" in out
     assert cli.main([*run, "training.steps=5", "optimizer.lr=1e-3", "model.hidden_size=32"]) == 2
     err = capsys.readouterr().err.strip()

@@ -34,5 +34,5 @@ def run(args) -> int:
     cfg = config.load_config(getattr(config, schema), args.config, args.overrides, section=args.command)
     metrics = getattr(importlib.import_module(module), function)(cfg)
     summary = ", ".join(f"{key} {metrics[key]:.4f}" for key in shown if key in metrics)
-    print(f"[{args.command}] done: {summary}")
+    print(f"[{args.command}] done: {summary or 'no step left to run (training.steps reached); see metrics.jsonl'}")
     return 0
