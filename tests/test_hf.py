@@ -216,6 +216,13 @@ def test_convert_refuses_out_equal_to_src_and_a_bad_shard_size(hf_dir, tmp_path,
     assert sorted(os.listdir(src)) == sorted(os.listdir(hf_dir)) and not (tmp_path / "out").exists()
 
 
+def test_convert_of_a_run_directory_names_its_final_model(hf_dir, tmp_path, capsys):
+    shutil.copytree(hf_dir, tmp_path / "run" / "final")
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    assert f"run: a training run, not a model; its trained model is {tmp_path / 'run' / 'final'}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_project_checkpoint_with_missing_parameters_is_one_line(hf_dir, tmp_path, capsys):
     assert cli.main(["convert", str(hf_dir), str(tmp_path / "ours")]) == 0
     shutil.rmtree(tmp_path / "ours" / "params")
