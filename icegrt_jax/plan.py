@@ -129,12 +129,13 @@ def with_numerics(base: LlamaConfig, model_cfg: ModelConfig) -> LlamaConfig:
                         scan_layers=model_cfg.scan_layers, remat=model_cfg.remat)
 
 
-def architecture(hf_path: str | None, preset_name: str | None, what: str) -> LlamaConfig:
-    """A model's LlamaConfig from a preset or a checkpoint's config.json (no weights read)."""
+def architecture(hf_path: str | None, preset_name: str | None, what: str, instead: str) -> LlamaConfig:
+    """A model's LlamaConfig from a preset or a checkpoint's config.json (no weights read); without
+    either, the error names ``instead``, how to give a preset."""
     if preset_name is not None:
         return preset(preset_name)
     if hf_path is None or not os.path.isfile(os.path.join(hf_path, "config.json")):
-        raise ConfigError(f"{what}: no config.json at {hf_path!r}; plan with a preset instead")
+        raise ConfigError(f"{what}: no config.json at {hf_path!r}; plan with a preset instead ({instead})")
     return load_hf_config(hf_path)
 
 
@@ -142,10 +143,11 @@ def ppo_models(cfg: PPOConfig, reward_preset: str | None) -> dict[str, tuple[Lla
     """role -> (architecture, kind), all with the run's numerics (``model``'s dtypes and remat).
     The actor and reference are ICE-Instruct; the critic has its backbone (the reward model's with
     ``critic_init: reward``); the reward model is a checkpoint's or ``reward_preset``."""
-    policy = model_config(cfg.model, architecture(cfg.model.hf_path, cfg.model.preset, "model.hf_path"))
+    policy = model_config(cfg.model, architecture(cfg.model.hf_path, cfg.model.preset, "model.hf_path",
+                                                     "model.hf_path=null model.preset=NAME"))
     models = {"actor": (policy, "causal_lm"), "reference": (policy, "causal_lm")}
     if cfg.reward.path is not None or reward_preset is not None:
-        reward = architecture(cfg.reward.path, reward_preset, "reward.path")
+        reward = architecture(cfg.reward.path, reward_preset, "reward.path", "--reward-preset NAME")
         models["reward"] = (with_numerics(reward, cfg.model), "score")
     models["critic"] = (models["reward"][0] if cfg.ppo.critic_init == "reward" else policy, "score")
     return {role: models[role] for role in ("actor", "critic", "reference", "reward") if role in models}

@@ -148,6 +148,8 @@ def test_plan_refuses_a_bad_device_memory_and_an_unknown_section(capsys):
     for memory in ("nan", "-1", "0"):
         assert cli.main([*plan, "--device-memory", memory]) == 2
         assert "--device-memory must be a positive number of GiB" in capsys.readouterr().err
+    assert cli.main([*plan, "--device-memory", "80", "--section", "ppo"]) == 2  # its model is not on disk (yet)
+    assert "plan with a preset instead (model.hf_path=null model.preset=NAME)" in capsys.readouterr().err
     assert cli.main([*plan, "--device-memory", "80", "--section", "nosuch"]) == 2
     err = capsys.readouterr().err
     assert "--section nosuch: " in err and "holds several runs but no such top-level key (it has: demo, pretrain, sft" in err
