@@ -87,7 +87,7 @@ def load_score_function(spec: str) -> Callable:
         raise ConfigError(f"reward.function: {spec!r} is not of the form 'module:function'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except (ImportError, ValueError, TypeError) as e:  # TypeError: a relative name such as ".x"
         raise ConfigError(f"reward.function: cannot import module {module_name!r} ({e}); its directory must be "
                           "on PYTHONPATH (e.g. PYTHONPATH=. icegrt ppo ...)") from None
     if (function := getattr(module, name, None)) is None:
