@@ -221,7 +221,10 @@ BAD_DATA = {
     "malformed line": ('{"prompt": "a", "response": "b"}\n{"prompt": "c",\n', r"train\.jsonl:2"),
     "missing field": ('{"prompt": "a"}\n', "response"),
     "empty response": ('{"prompt": "a", "response": ""}\n', "response"),
-    "empty file": ("", r"data.train_files .*train\.jsonl: no training examples \(the files are empty"),
+    "empty file": ("", r"data.train_files .*train\.jsonl: no training examples \(the files are empty\)"),
+    "every example too long": ('{"prompt": "a", "response": "' + "waves " * 200 + '"}\n',
+                               r"no training examples \(1 examples \(max_length 128\): .* 1 dropped as too long .*; "
+                               + r"each starts with the template's \d+ preamble"),
 }
 
 

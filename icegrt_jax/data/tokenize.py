@@ -46,6 +46,7 @@ class TruncationReport:
     """What the truncation policy did to a dataset (for the trainer's log)."""
 
     max_length: int
+    head_tokens: int = 0  # the template's preamble (and BOS) every example starts with
     examples: int = 0
     kept_whole: int = 0
     shortened: int = 0  # examples that lost their earliest rounds
@@ -132,7 +133,7 @@ def tokenize_conversations(conversations: Sequence[Conversation], tokenizer: Any
     (``progress``: a bar over the conversations)."""
     check_segment_boundaries(tokenizer, template)
     head = _head_ids(tokenizer, template)
-    report = TruncationReport(max_length=max_length)
+    report = TruncationReport(max_length=max_length, head_tokens=len(head))
     examples = []
     bar = tqdm(total=len(conversations), desc="tokenize", unit="example", leave=False, disable=not progress)
     for start in range(0, len(conversations), _ENCODE_CHUNK):

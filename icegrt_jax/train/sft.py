@@ -142,8 +142,11 @@ def run_sft(cfg: SFTConfig) -> dict:
     partitioner.check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
     data = prepare_data(cfg)
     if not data.train:
+        report = data.reports["train"]
+        why = (f"{report.summary()}; each starts with the template's {report.head_tokens} preamble tokens"
+               if report is not None and report.examples else "the files are empty")
         raise DataError(f"data.train_files {', '.join(cfg.data.train_files) or '(none given)'}: no training examples "
-                        "(the files are empty, or data.truncation dropped every example longer than data.max_length)")
+                        f"({why})")
     llama, params = init_model(cfg.model, cfg.training.seed, min_vocab=len(data.tokenizer))
     buckets = bucket_lengths(cfg.data.bucket_boundaries, cfg.data.max_length)
     pad_id = pad_token_id(data.tokenizer)
