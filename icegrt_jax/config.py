@@ -24,6 +24,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from icegrt_jax import files
 from icegrt_jax.errors import UserInputError
 
 Schema = TypeVar("Schema")
@@ -472,14 +473,11 @@ def read_yaml_mapping(path: str) -> dict:
 def _read_yaml(path: str) -> DictConfig:
     if not Path(path).is_file():
         raise ConfigError(f"{path}: no such config file")
-    try:
-        loaded = OmegaConf.load(path)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({_one_line(str(e))})") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    with files.read_errors(path, ConfigError):
+        try:
+            loaded = OmegaConf.load(path)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({_one_line(str(e))})") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return loaded

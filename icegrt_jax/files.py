@@ -48,13 +48,22 @@ def remove_made_directories(path: str | os.PathLike, outermost: str | os.PathLik
 def read_json(path: str | os.PathLike, error: type[Exception] = UserInputError, what: str = "a JSON file"):
     """The JSON value in ``path``; a missing or unreadable file, bad UTF-8 or bad JSON is one
     ``error`` naming the file (and the line)."""
+    with read_errors(path, error):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise error(f"{os.fspath(path)}: not found (expected {what})") from None
+        except json.JSONDecodeError as e:
+            raise error(f"{os.fspath(path)}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+@contextlib.contextmanager
+def read_errors(path: str | os.PathLike, error: type[Exception]):
+    """Reading ``path`` inside: bad UTF-8 or an OS error (a directory, no permission) becomes one
+    ``error`` naming the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise error(f"{os.fspath(path)}: not found (expected {what})") from None
-    except json.JSONDecodeError as e:
-        raise error(f"{os.fspath(path)}:{e.lineno}: invalid JSON: {e.msg}") from None
+        yield
     except UnicodeDecodeError as e:
         raise error(f"{os.fspath(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:

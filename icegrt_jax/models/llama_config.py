@@ -218,10 +218,8 @@ def _first_id(token_id):
 
 
 def _later_ids(token_id) -> tuple[int, ...]:
-    """The ids of a config.json list entry after the first, without repeats of earlier ones."""
-    if not isinstance(token_id, list):
-        return ()
-    return tuple(dict.fromkeys(i for i in token_id[1:] if i != token_id[0]))
+    """The ids of a config.json list entry after the first (``LlamaConfig`` drops repeats)."""
+    return tuple(token_id[1:]) if isinstance(token_id, list) else ()
 
 
 PRESETS: dict[str, LlamaConfig] = {
