@@ -26,8 +26,8 @@ Bucketing (bounded compilation). Programs are compiled per shape, so shapes come
 - prompts per batch: the smallest power of two >= the batch's prompt count (at most
   ``batch_size``); the extra rows are dummies that start finished and are dropped.
 
-Prefill compiles once per (batch bucket, P, N); decode once per (batch bucket, P, N,
-num_samples, the static sampling options: greedy, top_k, whether top-p filters). Temperature,
+Prefill compiles once per (batch bucket, P, N, num_samples); decode once per (batch bucket, P,
+N, num_samples, the static sampling options: greedy, top_k, whether top-p filters). Temperature,
 top_p's value, max_new_tokens, the EOS ids (padded to a multiple of 4) and the seed are runtime
 values. ``TRACE_COUNTS`` counts the traces of each jitted function (tests use it to check the
 bound).
@@ -41,8 +41,9 @@ stacked parameters, XLA:GPU copied each layer's MLP kernels out of the stack eve
 (BENCHMARKS.md, "On a GPU"). On CPU the decode loop compiles without XLA's YNNPACK fusions and
 tree reduction rewriter (``_CPU_DECODE_OPTIONS``; its fp32 sums then run in one pass, in order).
 
-``num_samples`` samples per prompt share one prefill: the prompt's cache is repeated
-``num_samples`` times along the batch axis on device before decoding.
+``num_samples`` samples per prompt share one prefill: the prompt's keys and values are repeated
+``num_samples`` times along the batch axis on device, into the cache the decode loop updates in
+place (donated to it: one KV cache in memory while decoding, never two).
 
 Sampling and log-probs. With ``z`` the fp32 logits of a step and ``T`` the temperature:
 
@@ -316,22 +317,37 @@ def _logits(model, weights, tokens, key_mask, cache, cache_index):
     return jnp.einsum("bh,hv->bv", hidden[:, -1], weights["lm_head"], preferred_element_type=jnp.float32), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "new_slots"))
-def _prefill(graphdef, params, weights, tokens, prompt_mask, *, new_slots):
-    """Write the prompts into the first P slots of a fresh cache of P + N slots (attention reads
-    the prompt block only: the key mask covers P slots); logits [B, V] at the last prompt slot."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_slots", "num_samples"))
+def _prefill(graphdef, params, weights, tokens, prompt_mask, *, new_slots, num_samples):
+    """Run the prompts [B, P] once; return the logits [R, V] at the last prompt slot and a cache
+    of R = B x ``num_samples`` rows (prompt-major) and P + N slots with each prompt's keys and
+    values in its first P slots (attention reads the prompt block only: the key mask covers P
+    slots). With one sample the prompts are written straight into the full cache; with more,
+    into a P-slot cache whose rows are repeated into the full one (never two full caches)."""
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, params)
     batch, width = tokens.shape
-    cache = init_cache(model.cfg, batch, width + new_slots, per_layer=True)
-    return _logits(model, weights, tokens, prompt_mask, cache, 0)
+    if num_samples == 1:
+        return _logits(model, weights, tokens, prompt_mask, init_cache(model.cfg, batch, width + new_slots, per_layer=True), 0)
+    logits, prompt_cache = _logits(model, weights, tokens, prompt_mask, init_cache(model.cfg, batch, width, per_layer=True), 0)
+    slot_axis = {"k": 2, "v": 3}  # init_cache(per_layer=True): k [B, K, S, D], v [B, K, D, S]
+
+    def repeated(name, c):
+        padding = [(0, 0)] * c.ndim
+        padding[slot_axis[name]] = (0, new_slots)
+        return with_logical_constraint(jnp.pad(jnp.repeat(c, num_samples, axis=0), padding), LAYER_CACHE_AXES[name])
+
+    cache = tuple({name: repeated(name, c) for name, c in layer.items()} for layer in prompt_cache)
+    return jnp.repeat(logits, num_samples, axis=0), cache
 
 
 def _decode(graphdef, params, weights, cache, logits, prompt_mask, prompt_index, row_limit, seed,
             temperature, top_p, pad_id, eos, *, static: StaticOptions, num_samples: int):
-    """The decode loop. Per prompt: prompt_mask [B, P], prompt_index [B], row_limit [B] (0 for a
-    dummy row); eos [E] (-1 entries match nothing). Returns response tokens, logprobs, mask
-    [R, N] and finished_by_eos [R].
+    """The decode loop. Per row (R = B x num_samples, ``_prefill``'s): cache, logits [R, V]; per
+    prompt: prompt_mask [B, P], prompt_index [B], row_limit [B] (0 for a dummy row); eos [E] (-1
+    entries match nothing). Returns response tokens, logprobs, mask [R, N], finished_by_eos [R]
+    and the final cache: returned so that the donated input cache is the loop's own buffer
+    (written in place, where a cache that is not donated is copied before the loop).
 
     The key mask's response part doubles as the response mask: slot P + t is marked real when
     token t is written by a row that had not stopped before it."""
@@ -340,9 +356,6 @@ def _decode(graphdef, params, weights, cache, logits, prompt_mask, prompt_index,
     width = prompt_mask.shape[1]
     new_slots = cache[0]["k"].shape[2] - width
     if num_samples > 1:
-        cache = tuple({name: with_logical_constraint(jnp.repeat(c, num_samples, axis=0), LAYER_CACHE_AXES[name])
-                       for name, c in layer.items()} for layer in cache)
-        logits = jnp.repeat(logits, num_samples, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, num_samples, axis=0)
         row_limit = jnp.repeat(row_limit, num_samples, axis=0)
     rows = logits.shape[0]
@@ -377,12 +390,13 @@ def _decode(graphdef, params, weights, cache, logits, prompt_mask, prompt_index,
              jnp.full((rows, new_slots), pad_id, jnp.int32), jnp.zeros((rows, new_slots), jnp.float32),
              row_limit <= 0, jnp.zeros((rows,), bool))
     state = sample_into(state, logits)
-    _, _, key_mask, out_tok, out_lp, _, by_eos = jax.lax.while_loop(cond, body, state)
-    return out_tok, out_lp, key_mask[:, width:], by_eos
+    _, cache, key_mask, out_tok, out_lp, _, by_eos = jax.lax.while_loop(cond, body, state)
+    return out_tok, out_lp, key_mask[:, width:], by_eos, cache
 
 
 _DECODE_STATIC = ("graphdef", "static", "num_samples")
-_decode_jit = jax.jit(_decode, static_argnames=_DECODE_STATIC)
+_DECODE_DONATED = ("cache",)
+_decode_jit = jax.jit(_decode, static_argnames=_DECODE_STATIC, donate_argnames=_DECODE_DONATED)
 # A decode step is ~80 small ops (batch-row matmuls, norms, one query's attention). XLA:CPU's
 # YNNPACK fusions cost a fixed ~0.1 ms each, which dominates at these sizes, so on CPU the decode
 # loop compiles without them (its own dot and loop emitters): 1.3x faster decode on bench-small.
@@ -391,7 +405,8 @@ _decode_jit = jax.jit(_decode, static_argnames=_DECODE_STATIC)
 # into a reduce-window and a second reduce, each ~50 us at these sizes: without it a fp32 sum runs
 # in one pass (1.15x faster decode).
 _CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_disable_hlo_passes": "tree_reduction_rewriter"}
-_decode_jit_cpu = jax.jit(_decode, static_argnames=_DECODE_STATIC, compiler_options=_CPU_DECODE_OPTIONS)
+_decode_jit_cpu = jax.jit(_decode, static_argnames=_DECODE_STATIC, donate_argnames=_DECODE_DONATED,
+                          compiler_options=_CPU_DECODE_OPTIONS)
 
 
 @functools.cache
@@ -526,8 +541,9 @@ def _generate_batch(graphdef, state, weights, cfg, prompts, prompt_index, static
         tokens[row, width - len(p):] = p
         mask[row, width - len(p):] = 1
         limit[row] = min(params.max_new_tokens, cfg.max_position_embeddings - len(p))
-    logits, cache = _prefill(graphdef, state, weights, tokens, mask, new_slots=new_slots)
-    out_tok, out_lp, out_mask, by_eos = _decode_program()(
+    logits, cache = _prefill(graphdef, state, weights, tokens, mask, new_slots=new_slots,
+                             num_samples=params.num_samples)
+    out_tok, out_lp, out_mask, by_eos, _ = _decode_program()(
         graphdef, state, weights, cache, logits, mask, index, limit, np.uint32(params.seed),
         np.float32(params.temperature or 1.0), np.float32(params.top_p), np.int32(pad_id), eos,
         static=static, num_samples=params.num_samples)

@@ -254,7 +254,7 @@ def check_tensor_parallel_sampling() -> dict:
             sharded = generate((graphdef, sharded_params), prompts, options)
             weights = _inference_weights(graphdef, sharded_params)
             _, cache = _prefill(graphdef, sharded_params, weights, np.ones((4, 16), np.int32),
-                                np.ones((4, 16), np.int32), new_slots=16)
+                                np.ones((4, 16), np.int32), new_slots=16, num_samples=1)
         results[name] = {"same_tokens": bool(np.array_equal(sharded.tokens, single.tokens)),
                          "cache_spec": str(cache[0]["k"].sharding.spec),
                          "logprobs_abs": float(np.max(np.abs(sharded.logprobs - single.logprobs))),

@@ -23,6 +23,9 @@ from icegrt_jax.sampling import (
     SamplingError,
     SamplingParams,
     StaticOptions,
+    _decode_program,
+    _inference_weights,
+    _prefill,
     batch_bucket,
     bucket,
     filter_logits,
@@ -358,6 +361,29 @@ def test_compilations_stay_within_the_bucket_count(tiny):
             shapes.add((batch_bucket(len(chunk)), bucket(max(chunk), PROMPT_BUCKETS)))
     for name in ("prefill", "decode"):  # at most one program per (batch bucket, prompt bucket) seen
         assert TRACE_COUNTS[name] - before.get(name, 0) <= len(shapes)
+
+
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["one sample", "three samples"])
+def test_the_decode_loop_updates_the_prefilled_cache_in_place(tiny, options):
+    """One KV cache while decoding: the prefill's (already repeated per sample) is donated to the
+    decode loop and aliased to the loop's own. A cache that is not donated is copied before the
+    loop: two caches at the peak, one more than ``icegrt plan`` counts."""
+    _, model = tiny
+    graphdef, params = nnx.split(model)
+    prompts = np.ones((8, 16), np.int32)  # the shapes of the tests above: batch bucket 8, P = N = 16
+    logits, cache = _prefill(graphdef, params, _inference_weights(graphdef, params), prompts, prompts,
+                             new_slots=16, num_samples=options.num_samples)
+    assert cache[0]["k"].shape[0] == 8 * options.num_samples
+    cache_bytes = sum(x.nbytes for layer in cache for x in layer.values())
+    rows = np.arange(8, dtype=np.int32)
+    args = (graphdef, params, _inference_weights(graphdef, params), cache, logits, prompts, rows,
+            np.full(8, NEW, np.int32), np.uint32(0), np.float32(1), np.float32(1), np.int32(0),
+            np.full(4, -1, np.int32))
+    compiled = _decode_program().lower(*args, static=options.static_options(),
+                                       num_samples=options.num_samples).compile()
+    memory = compiled.memory_analysis()
+    assert memory.alias_size_in_bytes == cache_bytes
+    assert memory.temp_size_in_bytes < cache_bytes
 
 
 @pytest.mark.parametrize("make, message", [
