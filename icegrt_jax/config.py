@@ -336,7 +336,7 @@ class RewardModelConfig:
     list[float]``. ``normalize``: ``none``; ``stats`` uses the checkpoint's reward_stats.json
     (score - mean) / std; ``running`` uses running moments of the scores seen so far. Then
     ``clip`` bounds |score| (set it with ``stats`` from a small held-out set: its std can be small and
-    the policy's scores far from its mean), and ``missing_eos_penalty`` is subtracted from responses
+    the policy's scores far from its mean; PPO warns once when such scores pass +-10 unclipped), and ``missing_eos_penalty`` is subtracted from responses
     that never emitted EOS (truncated at the maximum response length)."""
 
     path: str | None = None

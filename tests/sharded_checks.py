@@ -38,7 +38,7 @@ from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import Llama, LlamaConfig
 from icegrt_jax.sampling import SamplingParams, _inference_weights, _prefill, generate
 from icegrt_jax.sharding import Partitioner, ShardingError
-from icegrt_jax.train import ppo, reward, sft
+from icegrt_jax.train import ppo, ppo_updates, reward, sft
 from icegrt_jax.train.model_init import init_model
 from icegrt_jax.train.state import (
     init_train_state,
@@ -197,10 +197,10 @@ def check_ppo_updates() -> dict:
     on a ScoreModel, over the same experience minibatches."""
     return {
         "actor": compare_model_steps(lambda: Llama(MODEL, nnx.Rngs(2)),
-                                     lambda g, tx, **kw: ppo.make_actor_update(g, tx, PPO, **kw), ppo_minibatches,
+                                     lambda g, tx, **kw: ppo_updates.make_actor_update(g, tx, PPO, **kw), ppo_minibatches,
                                      ("policy_loss", "actor_grad_norm", "approx_kl")),
         "critic": compare_model_steps(lambda: ScoreModel(MODEL, nnx.Rngs(3)),
-                                      lambda g, tx, **kw: ppo.make_critic_update(g, tx, PPO, **kw), ppo_minibatches,
+                                      lambda g, tx, **kw: ppo_updates.make_critic_update(g, tx, PPO, **kw), ppo_minibatches,
                                       ("value_loss", "critic_grad_norm")),
     }
 

@@ -142,6 +142,20 @@ def test_shape_scores_follow_the_formula_over_two_batches(normalize, penalty, cl
         assert int(moments.count) == len(seen)
 
 
+def test_stats_normalised_scores_beyond_ten_without_a_clip_warn():
+    """reward.normalize=stats divides by the reward model's held-out std, which can be small: a
+    rollout scored beyond +-10 with no reward.clip gets a one-line warning naming the fix."""
+    stats = {"score_mean": 0.3, "score_std": 0.04}
+    cfg = RewardModelConfig(path="rm", normalize="stats")
+    message = rollout.large_score_warning(jnp.float32(15.5), cfg, stats)
+    assert message == ("warning: reward.normalize=stats gave scores up to 15.5 in absolute value "
+                       "(reward_stats.json: score_std 0.04); set reward.clip (e.g. 5) to bound them")
+    assert rollout.large_score_warning(jnp.float32(10.0), cfg, stats) is None
+    assert rollout.large_score_warning(jnp.float32(15.5), RewardModelConfig(path="rm", normalize="stats", clip=5.0), stats) is None
+    running = RewardModelConfig(function=SCORER, normalize="running")
+    assert rollout.large_score_warning(jnp.float32(15.5), running, None) is None
+
+
 def test_experience_steps_the_adaptive_kl_controller_with_the_mean_sequence_kl():
     """Ziegler's controller in the trainer's experience step, as a plain loop: KL = the mean over
     rows of sum_t (log pi - log pi_ref) over each row's response; beta <- beta (1 + clip(KL /

@@ -20,7 +20,7 @@ from icegrt_jax.config import MeshConfig, PPOConfig
 from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import Llama, preset
 from icegrt_jax.sharding import Partitioner
-from icegrt_jax.train import ppo, rollout
+from icegrt_jax.train import ppo_updates, rollout
 from icegrt_jax.train.state import init_train_state
 
 ROWS, LENGTH, RESPONSE = 4, 12, 6
@@ -79,13 +79,13 @@ def test_critic_update_with_values_returns_the_separate_paths_state(setup):
     s, (graphdef, params) = setup, setup.critic
     tx = optax.sgd(0.5)
     state = init_train_state(copy(params), tx, 0)
-    fused = ppo.make_critic_update_with_values(graphdef, tx, s.cfg, s.experience, partitioner=s.one_device,
+    fused = ppo_updates.make_critic_update_with_values(graphdef, tx, s.cfg, s.experience, partitioner=s.one_device,
                                                state_shardings=s.one_device.shardings(state))
     fused_state, fused_metrics, fused_values, fused_experience = fused(copy(state), s.rows, s.kl,
                                                                        s.moments)
     values, experience = separate_experience(s, s.rows["old_logprobs"])
     minibatch = {**s.rows, "old_values": values, "returns": experience[1].returns}
-    separate_state, separate_metrics = ppo.make_critic_update(graphdef, tx, s.cfg)(state, minibatch)
+    separate_state, separate_metrics = ppo_updates.make_critic_update(graphdef, tx, s.cfg)(state, minibatch)
     close(fused_values, values)
     jax.tree.map(close, fused_experience, experience)
     jax.tree.map(close, fused_state.params, separate_state.params)
@@ -105,7 +105,7 @@ def test_joint_update_returns_the_separate_paths_states(setup, old_logprobs):
     actor_tx, critic_tx = optax.sgd(0.5), optax.sgd(0.125)
     state = types.SimpleNamespace(actor=init_train_state(copy(actor_params), actor_tx, 0),
                                   critic=init_train_state(copy(critic_params), critic_tx, 0))
-    joint = ppo.make_joint_update(actor_graphdef, critic_graphdef, actor_tx, critic_tx, cfg, s.experience,
+    joint = ppo_updates.make_joint_update(actor_graphdef, critic_graphdef, actor_tx, critic_tx, cfg, s.experience,
                                   partitioner=s.one_device,
                                   state_shardings=types.SimpleNamespace(**s.one_device.shardings(vars(state))))
     rows = dict(s.rows)
@@ -123,8 +123,8 @@ def test_joint_update_returns_the_separate_paths_states(setup, old_logprobs):
     values, experience = separate_experience(s, old)
     minibatch = {**s.rows, "old_logprobs": old, "advantages": experience[1].advantages, "old_values": values,
                  "returns": experience[1].returns}
-    separate_actor, actor_metrics = ppo.make_actor_update(actor_graphdef, actor_tx, cfg)(state.actor, minibatch)
-    separate_critic, critic_metrics = ppo.make_critic_update(critic_graphdef, critic_tx, cfg)(state.critic,
+    separate_actor, actor_metrics = ppo_updates.make_actor_update(actor_graphdef, actor_tx, cfg)(state.actor, minibatch)
+    separate_critic, critic_metrics = ppo_updates.make_critic_update(critic_graphdef, critic_tx, cfg)(state.critic,
                                                                                               minibatch)
     close(joint_old, old)
     close(joint_values, values)
@@ -147,7 +147,7 @@ def test_plan_counts_the_joint_updates_transients_together():
     cfg = load_config(PPOConfig, None, [
         "model.preset=tiny", "data.prompt_files=[p.jsonl]", "data.tokenizer_path=tok", "data.max_prompt_length=16",
         "data.prompts_per_iteration=4", "rollout.max_new_tokens=8", "reward.path=no-such-reward-model"])
-    assert ppo.fuses_rollout_forwards(cfg)
+    assert ppo_updates.fuses_rollout_forwards(cfg)
     transients = plan_ppo(cfg, 1.0, reward_preset="tiny").transients
     assert transients["update: actor + critic"] == transients["update: actor"] + transients["update: critic"] > 0
 
@@ -166,10 +166,10 @@ def test_actor_update_accumulated_over_micro_batches_equals_one_batch(setup):
     results = {}
     for steps in (1, 2):
         run_cfg = dataclasses.replace(cfg, actor_optimizer=dataclasses.replace(cfg.actor_optimizer, grad_accum_steps=steps))
-        results[steps] = ppo.make_actor_update(graphdef, tx, run_cfg)(init_train_state(copy(params), tx, 0), minibatch)
+        results[steps] = ppo_updates.make_actor_update(graphdef, tx, run_cfg)(init_train_state(copy(params), tx, 0), minibatch)
     (one_state, one), (two_state, two) = results[1], results[2]
     jax.tree.map(close, two_state.params, one_state.params)
     assert _changed(one_state.params, params)
     assert set(one) == set(two) and "tokens" not in one
-    for key in ("policy_loss", *ppo.TOKEN_MEAN_METRICS):
+    for key in ("policy_loss", *ppo_updates.TOKEN_MEAN_METRICS):
         close(two[key], one[key], err_msg=key)

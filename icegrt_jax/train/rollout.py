@@ -155,6 +155,23 @@ def shape_scores(raw, finished_by_eos, moments: rl.RunningMoments, normalize: st
     return scores, moments
 
 
+LARGE_SCORE = 10.0  # |shaped score| beyond which reward.normalize=stats without reward.clip is suspect
+
+
+def large_score_warning(score_abs_max, reward_cfg: RewardModelConfig, stats: dict | None) -> str | None:
+    """A one-line warning when ``reward.normalize: stats`` with no ``reward.clip`` gave a rollout
+    scores beyond +-``LARGE_SCORE``: the reward model's saved std (from its held-out set, which can
+    be small) is then small next to the spread of the policy's scores, and such scores swamp the
+    KL penalty. None otherwise. ``score_abs_max``: max |score| of the rollout (a scalar)."""
+    if reward_cfg.normalize != "stats" or reward_cfg.clip is not None:
+        return None
+    largest = float(score_abs_max)
+    if largest <= LARGE_SCORE:
+        return None
+    return (f"warning: reward.normalize=stats gave scores up to {largest:.3g} in absolute value (reward_stats.json: "
+            f"score_std {stats['score_std']:.3g}); set reward.clip (e.g. 5) to bound them")
+
+
 def experience_from_scores(raw_scores, finished_by_eos, logprobs, ref_logprobs, values, mask,
                            kl: rl.KLController, moments: rl.RunningMoments, *, reward_cfg: RewardModelConfig,
                            reward_stats: dict | None, loss_cfg: PPOLossConfig):
