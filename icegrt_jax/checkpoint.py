@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from icegrt_jax import hf
 from icegrt_jax.models.llama import LlamaConfig
+from icegrt_jax.sharding import is_primary_process
 
 PARAMS_SUBDIR = "params"
 
@@ -55,7 +56,7 @@ def write_directory(path: str, write):
     path = os.path.abspath(path)
     hf.check_replaceable(path)
     tmp, old = f"{path}.tmp-shared", f"{path}.old-shared"
-    primary = jax.process_index() == 0
+    primary = is_primary_process()
     if primary:
         hf.recover_replaced(path, old)
         shutil.rmtree(tmp, ignore_errors=True)

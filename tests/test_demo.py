@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 
 import pytest
 
@@ -119,7 +120,13 @@ def test_every_stage_runs_writes_the_report_and_resumes(tmp_path, capsys):
     assert check["transformers_available"] and check["identical_greedy"] == check["prompts"] == 2
     assert os.path.exists(os.path.join(out, "export", "hf", "model.safetensors"))
 
-    assert "responses hit demo.max_new_tokens (32) before an end token" in capsys.readouterr().out  # counted
+    printed = capsys.readouterr().out
+    assert "responses hit demo.max_new_tokens (32) before an end token" in printed  # counted
+    samples = [json.loads(line) for line in read_text(os.path.join(out, "rlhf", "samples.jsonl")).splitlines()]
+    assert all(len(s["truncated"]) == len(s["responses"]) for s in samples)  # and flagged
+    flags = [flag for s in samples for flag in s["truncated"]]
+    first_count = re.search(r"(\d+) of (\d+) responses hit", printed)  # the samples stage's
+    assert (int(first_count[1]), int(first_count[2])) == (sum(flags), len(flags))
     again = pipeline.run_demo(run)
     skipped = capsys.readouterr().out
     assert skipped.count("done, skipped") == len(pipeline.STAGES) and "report:" in skipped

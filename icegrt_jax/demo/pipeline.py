@@ -204,8 +204,9 @@ def stage_tokenizer(run: Run) -> None:
 # --- generation --------------------------------------------------------------------------------
 
 def generate_responses(model_dir: str, prompts: list[str], cfg: DemoConfig, *, greedy: bool = False,
-                       num_samples: int = 1, seed: int = 0) -> list[list[str]]:
-    """``num_samples`` decoded responses per prompt from a saved policy (template-rendered)."""
+                       num_samples: int = 1, seed: int = 0) -> tuple[list[list[str]], list[list[bool]]]:
+    """``num_samples`` decoded responses per prompt from a saved policy (template-rendered), and
+    per response whether it hit ``demo.max_new_tokens`` before an end token (both per prompt)."""
     from icegrt_jax.checkpoint import load_model_dir
     from icegrt_jax.data.templates import ICEGRT
     from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id, tokenize_prompt
@@ -223,17 +224,24 @@ def generate_responses(model_dir: str, prompts: list[str], cfg: DemoConfig, *, g
              for r in range(len(result.tokens))]
     if cut := int((~result.finished_by_eos).sum()):
         print(f"{cut} of {len(texts)} responses hit demo.max_new_tokens ({cfg.max_new_tokens}) before an end token")
-    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+    truncated = (~result.finished_by_eos).tolist()
+    per_prompt = [slice(i * num_samples, (i + 1) * num_samples) for i in range(len(prompts))]
+    return [texts[rows] for rows in per_prompt], [truncated[rows] for rows in per_prompt]
+
+
+def one_response_each(model_dir: str, prompts: list[str], cfg: DemoConfig, **options) -> list[str]:
+    """One response per prompt (``generate_responses`` with one sample)."""
+    return [responses[0] for responses in generate_responses(model_dir, prompts, cfg, **options)[0]]
 
 
 # --- stage: samples and annotation -------------------------------------------------------------
 
 def stage_samples(run: Run) -> None:
     prompts = [r["prompt"] for r in read_jsonl(run.path("data", "ranking_prompts.jsonl"))]
-    responses = generate_responses(run.path("sft", "final"), prompts, run.demo,
-                                   num_samples=run.demo.samples_per_prompt, seed=run.demo.seed)
-    write_jsonl(run.path("rlhf", "samples.jsonl"),
-                [{"prompt": p, "responses": r} for p, r in zip(prompts, responses)])
+    responses, truncated = generate_responses(run.path("sft", "final"), prompts, run.demo,
+                                              num_samples=run.demo.samples_per_prompt, seed=run.demo.seed)
+    write_jsonl(run.path("rlhf", "samples.jsonl"), [{"prompt": p, "responses": r, "truncated": t}
+                                                     for p, r, t in zip(prompts, responses, truncated, strict=True)])
 
 
 def rank_responses(prompt: str, responses: list[str], seed: int, item: int) -> list[list[int]]:
@@ -310,12 +318,12 @@ def stage_evaluate(run: Run) -> None:
     results, rows, annotations = {"decoding": {}, "general_accuracy": {}}, [], {"sampled": [], "greedy": []}
     for model, directory in models.items():
         for decoding in ("sampled", "greedy"):
-            texts = [r[0] for r in generate_responses(directory, [a["prompt"] for a in ads], cfg,
-                                                      greedy=decoding == "greedy", seed=cfg.seed + 1)]
+            texts = one_response_each(directory, [a["prompt"] for a in ads], cfg, greedy=decoding == "greedy",
+                                      seed=cfg.seed + 1)
             annotations[decoding] += rubric_annotations(model, ads, texts, cfg.seed)
             rows += [{"model": model, "decoding": decoding, "prompt": a["prompt"], "response": t}
                      for a, t in zip(ads, texts)]
-        answers = [r[0] for r in generate_responses(directory, [g["prompt"] for g in general], cfg, greedy=True)]
+        answers = one_response_each(directory, [g["prompt"] for g in general], cfg, greedy=True)
         results["general_accuracy"][model] = general_accuracy(answers, [g["answer"] for g in general])
         rows += [{"model": model, "decoding": "greedy", "prompt": g["prompt"], "response": t}
                  for g, t in zip(general, answers)]
@@ -361,7 +369,7 @@ def stage_export(run: Run) -> None:
     hf_dir = run.path("export", "hf")
     save_hf(*load_model_dir(final), hf_dir, tokenizer=final)
     prompts = [r["prompt"] for r in read_jsonl(run.path("data", "eval_ad.jsonl"))[:run.demo.export_check_prompts]]
-    ours = [r[0] for r in generate_responses(hf_dir, prompts, run.demo, greedy=True)]
+    ours = one_response_each(hf_dir, prompts, run.demo, greedy=True)
     theirs = transformers_greedy(hf_dir, prompts, run.demo.max_new_tokens)
     write_json(run.path("export", "check.json"), {
         "hf_dir": hf_dir, "prompts": len(prompts),
