@@ -439,15 +439,15 @@ def atomic_directory(path: str, write: Callable[[str], None]):
         os.replace(tmp, path)
 
 
-def save_hf(cfg: LlamaConfig, params, path: str, tokenizer=None, max_shard_size: int = 5 * 1024**3,
+def save_hf(config: LlamaConfig, params, path: str, tokenizer=None, max_shard_size: int = 5 * 1024**3,
             progress: bool = False, kind: str = "causal_lm"):
     """Write an HF ``LlamaForCausalLM`` directory (``LlamaForSequenceClassification`` for kind
     "score"): safetensors (sharded + index when larger than ``max_shard_size`` bytes),
     config.json, generation_config.json (causal LM), tokenizer files when given."""
-    tensors = hf_tensors(cfg, params, kind)
+    tensors = hf_tensors(config, params, kind)
     dtypes = {str(t.dtype) for t in tensors.values()}
     stored_dtype = dtypes.pop() if len(dtypes) == 1 else None
-    saved_cfg = cfg.replace(param_dtype=stored_dtype) if stored_dtype in DTYPES else cfg
+    saved_cfg = config.replace(param_dtype=stored_dtype) if stored_dtype in DTYPES else config
 
     def write(tmp: str):
         shards = _shards(tensors, max_shard_size)
@@ -462,8 +462,8 @@ def save_hf(cfg: LlamaConfig, params, path: str, tokenizer=None, max_shard_size:
         write_json(os.path.join(tmp, "config.json"), hf_config_dict(saved_cfg, kind))
         if kind == "causal_lm":
             write_json(os.path.join(tmp, "generation_config.json"), {
-                "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.hf_eos_token_id,
-                "pad_token_id": cfg.pad_token_id, "_from_model_config": True,
+                "bos_token_id": config.bos_token_id, "eos_token_id": config.hf_eos_token_id,
+                "pad_token_id": config.pad_token_id, "_from_model_config": True,
             })
         if tokenizer is not None:
             save_tokenizer_files(tokenizer, tmp)

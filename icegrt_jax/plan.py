@@ -13,14 +13,14 @@ Per device and per role:
   by ``kv_heads``);
 - activations: the compiled program's ``memory_analysis().temp_size_in_bytes`` (everything that
   is neither an argument nor an output), minus the gradients for the update steps. The programs
-  are the trainer's own: ``ppo.make_actor_update`` / ``make_critic_update`` on a minibatch and
+  are the trainer's own: ``ppo_updates.make_actor_update`` / ``make_critic_update`` on a minibatch and
   ``rollout.sequence_logprobs`` (``_without_entropy`` for the reference) / ``critic_values`` /
   ``reward_model_scores`` on a rollout batch. With one epoch, one minibatch and no critic
   accumulation, in critic warm-up iterations or with actor accumulation, the trainer runs
   ``make_critic_update_with_values`` instead of ``critic_values`` + ``make_critic_update``: the
   same critic forward and backward plus the experience arrays ([rows, length] each), sized here
   by the separate critic update (an approximation by those few arrays). When the actor's step,
-  too, is one step on the whole rollout (``ppo.fuses_rollout_forwards``), ``make_joint_update``
+  too, is one step on the whole rollout (``ppo_updates.fuses_rollout_forwards``), ``make_joint_update``
   runs both updates in one program: its transient is counted as the sum of the two updates'
   (both models' gradients and activations live at once; XLA may reuse a little of it).
 
@@ -50,8 +50,8 @@ from icegrt_jax.hf import abstract_model, load_hf_config
 from icegrt_jax.models.llama import LAYER_CACHE_AXES, LlamaConfig, init_cache, preset
 from icegrt_jax.sampling import NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, batch_bucket, bucket
 from icegrt_jax.sharding import Partitioner
-from icegrt_jax.train import ppo, rollout
-from icegrt_jax.train.model_init import model_config
+from icegrt_jax.train import ppo, ppo_updates, rollout
+from icegrt_jax.train.model_init import frozen_config, model_config
 from icegrt_jax.train.state import init_train_state, make_optimizer
 
 GIB = 2 ** 30
@@ -140,16 +140,19 @@ def architecture(hf_path: str | None, preset_name: str | None, what: str, instea
 
 
 def ppo_models(cfg: PPOConfig, reward_preset: str | None) -> dict[str, tuple[LlamaConfig, str]]:
-    """role -> (architecture, kind), all with the run's numerics (``model``'s dtypes and remat).
-    The actor and reference are ICE-Instruct; the critic has its backbone (the reward model's with
+    """role -> (architecture, kind), all with the run's numerics (``model``'s dtypes and remat;
+    the frozen roles' weights in the compute dtype, ``frozen_config``). The actor and reference
+    are ICE-Instruct; the critic has its backbone (the reward model's with
     ``critic_init: reward``); the reward model is a checkpoint's or ``reward_preset``."""
     policy = model_config(cfg.model, architecture(cfg.model.hf_path, cfg.model.preset, "model.hf_path",
                                                      "model.hf_path=null model.preset=NAME"))
-    models = {"actor": (policy, "causal_lm"), "reference": (policy, "causal_lm")}
+    models = {"actor": (policy, "causal_lm"), "reference": (frozen_config(policy), "causal_lm")}
+    reward = None
     if cfg.reward.path is not None or reward_preset is not None:
-        reward = architecture(cfg.reward.path, reward_preset, "reward.path", "--reward-preset NAME")
-        models["reward"] = (with_numerics(reward, cfg.model), "score")
-    models["critic"] = (models["reward"][0] if cfg.ppo.critic_init == "reward" else policy, "score")
+        reward = with_numerics(architecture(cfg.reward.path, reward_preset, "reward.path", "--reward-preset NAME"),
+                               cfg.model)
+        models["reward"] = (frozen_config(reward), "score")
+    models["critic"] = (reward if cfg.ppo.critic_init == "reward" else policy, "score")
     return {role: models[role] for role in ("actor", "critic", "reference", "reward") if role in models}
 
 
@@ -203,8 +206,8 @@ def role_memory(partitioner: Partitioner, role: str, llama: LlamaConfig, kind: s
     memory = {"params": sharded_bytes(params, partitioner.shardings(params))}
     update_transient = 0
     if role in ("actor", "critic"):
-        make_update, opt_cfg = ((ppo.make_actor_update, cfg.actor_optimizer) if role == "actor"
-                                else (ppo.make_critic_update, cfg.critic_optimizer))
+        make_update, opt_cfg = ((ppo_updates.make_actor_update, cfg.actor_optimizer) if role == "actor"
+                                else (ppo_updates.make_critic_update, cfg.critic_optimizer))
         graphdef = abstract_model(llama, kind)[0]
         tx = make_optimizer(opt_cfg, PLAN_OPTIMIZER_STEPS)
         state = jax.eval_shape(lambda p: init_train_state(p, tx, 0), params)
@@ -268,7 +271,7 @@ def plan_ppo(cfg: PPOConfig, device_memory_gib: float, reward_preset: str | None
         transients[f"score: {role}"] = forwards[key]
         if update_transient:
             transients[f"update: {role}"] = update_transient
-    if ppo.fuses_rollout_forwards(cfg):  # make_joint_update: both updates' transients live at once
+    if ppo_updates.fuses_rollout_forwards(cfg):  # make_joint_update: both updates' transients live at once
         transients["update: actor + critic"] = transients["update: actor"] + transients["update: critic"]
     actor = roles[0]
     transients["generate"] = actor.kv_cache + actor.decode_weights + transients["score: actor"]

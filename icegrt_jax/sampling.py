@@ -1,6 +1,7 @@
 """Batched generation with a KV cache: one jitted prefill, then an on-device ``lax.while_loop``.
 
-``generate(model_or_params, prompts, SamplingParams(...)) -> GenerationResult``
+``generate(model_or_params, prompts, SamplingParams(...)) -> GenerationResult`` (unpacks as
+``tokens, logprobs, mask``)
 
 Layout of one batch (all shapes bucketed, see below)::
 
@@ -161,8 +162,10 @@ class SamplingParams:
         return StaticOptions(self.is_greedy, self.top_k, self.top_p < 1.0)
 
 
-class GenerationResult(NamedTuple):
-    """Rows are prompt-major: row ``r`` is sample ``r % num_samples`` of prompt ``r // num_samples``.
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """Unpacks as the stable API's ``tokens, logprobs, mask = generate(...)``; every field is an
+    attribute. Rows are prompt-major: row ``r`` is sample ``r % num_samples`` of prompt ``r // num_samples``.
 
     With P the prompt bucket of the longest prompt and N = max_new_tokens (or, when smaller, the
     room the model's context leaves after the shortest prompt), every [R, P + N] array holds the
@@ -184,6 +187,9 @@ class GenerationResult(NamedTuple):
     attention_mask: np.ndarray
     lengths: np.ndarray
     finished_by_eos: np.ndarray
+
+    def __iter__(self):
+        return iter((self.tokens, self.logprobs, self.mask))
 
     def response_tokens(self, row: int) -> np.ndarray:
         """The response of ``row`` (EOS included), without padding."""

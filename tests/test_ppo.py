@@ -22,9 +22,12 @@ from icegrt_jax.config import (
     RewardModelConfig,
     load_config,
 )
+from icegrt_jax.data.tokenize import load_tokenizer
+from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import preset
+from icegrt_jax.sharding import Partitioner
 from icegrt_jax.train import ppo, rollout
-from icegrt_jax.train.model_init import init_model
+from icegrt_jax.train.model_init import frozen_config, frozen_params, init_model
 from icegrt_jax.train.ppo import run_ppo
 from icegrt_jax.train.rollout import (
     compute_advantages,
@@ -154,6 +157,27 @@ def test_stats_normalised_scores_beyond_ten_without_a_clip_warn():
     assert rollout.large_score_warning(jnp.float32(15.5), RewardModelConfig(path="rm", normalize="stats", clip=5.0), stats) is None
     running = RewardModelConfig(function=SCORER, normalize="running")
     assert rollout.large_score_warning(jnp.float32(15.5), running, None) is None
+
+
+def test_frozen_roles_are_kept_in_the_compute_dtype_and_score_bitwise_alike(ppo_setup, tiny_tokenizer_dir):
+    """bf16 compute over fp32 master weights: the frozen reference (and reward model) are placed in
+    bf16, half the memory, and their forwards equal the fp32 weights' bitwise (each forward casts
+    every weight to the compute dtype first), so the KL to the reference starts at exactly 0."""
+    _, config = ppo_setup
+    cfg = load_config(PPOConfig, config, ["model.dtype=bfloat16", "model.param_dtype=float32"])
+    partitioner = Partitioner.from_config(cfg.mesh)
+    llama, _, actor_params, _, roles, _ = ppo.build_roles(cfg, load_tokenizer(tiny_tokenizer_dir), partitioner)
+    assert {x.dtype for x in jax.tree.leaves(actor_params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(roles.reference_params)} == {jnp.dtype(jnp.bfloat16)}
+    tokens = np.random.default_rng(0).integers(3, llama.vocab_size, (2, 12)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    score = lambda params: rollout.sequence_logprobs_without_entropy(roles.actor_graphdef, params, tokens, mask, 1.0, 6)
+    np.testing.assert_array_equal(score(roles.reference_params), score(actor_params))
+    critic = ScoreModel(llama, nnx.Rngs(1))
+    graphdef, params = nnx.split(critic)
+    np.testing.assert_array_equal(rollout.reward_model_scores(graphdef, frozen_params(params, llama), tokens, mask),
+                                  rollout.reward_model_scores(graphdef, params, tokens, mask))
+    assert frozen_config(llama).param_dtype == "bfloat16" and frozen_config(preset("tiny")) == preset("tiny")
 
 
 def test_experience_steps_the_adaptive_kl_controller_with_the_mean_sequence_kl():

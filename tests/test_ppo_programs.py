@@ -152,6 +152,23 @@ def test_plan_counts_the_joint_updates_transients_together():
     assert transients["update: actor + critic"] == transients["update: actor"] + transients["update: critic"] > 0
 
 
+def test_plan_counts_the_frozen_roles_in_the_compute_dtype():
+    """bf16 compute over fp32 master weights: the trained roles' params count 4 bytes each, the
+    frozen reference's and reward model's 2, as ``ppo.build_roles`` places them."""
+    from icegrt_jax.config import load_config
+    from icegrt_jax.plan import plan_ppo
+
+    cfg = load_config(PPOConfig, None, [
+        "model.preset=tiny", "model.dtype=bfloat16", "model.param_dtype=float32", "data.prompt_files=[p.jsonl]",
+        "data.tokenizer_path=tok", "data.max_prompt_length=16", "data.prompts_per_iteration=4",
+        "rollout.max_new_tokens=8", "reward.path=no-such-reward-model"])
+    roles = {r.role: r for r in plan_ppo(cfg, 1.0, reward_preset="tiny").roles}
+    assert roles["reference"].params * 2 == roles["actor"].params
+    assert roles["reward"].params * 2 == roles["critic"].params  # the same tiny backbone and score head
+    assert "fp32 params / bf16 compute" in roles["actor"].model
+    assert "bf16 params / bf16 compute" in roles["reward"].model
+
+
 def test_actor_update_accumulated_over_micro_batches_equals_one_batch(setup):
     """Two micro-batches of rows with different response lengths give the one-batch step and
     metrics with the sequence-mean aggregation (whose weight, the sequence count, is not the token

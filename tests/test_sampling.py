@@ -305,8 +305,10 @@ def test_rng_is_per_row_and_reproducible(tiny):
     prompts = random_prompts(LENGTHS, vocab, seed=1)
     first = generate(model, prompts, params)
     again = generate(model, prompts, params)
-    for a, b in zip(first, again):
-        np.testing.assert_array_equal(a, b)
+    for field in dataclasses.fields(first):
+        np.testing.assert_array_equal(getattr(first, field.name), getattr(again, field.name))
+    tokens, logprobs, mask = again  # the stable API's unpacking
+    assert tokens is again.tokens and logprobs is again.logprobs and mask is again.mask
     # Other prompts in the batch (same bucketed shapes) do not change prompt 0's samples.
     others = [prompts[0]] + random_prompts(LENGTHS[1:], vocab, seed=9)
     mixed = generate(model, others, params)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from icegrt_jax.checkpoint import load_model_dir
@@ -53,3 +55,19 @@ def init_model(cfg: ModelConfig, seed: int, min_vocab: int | None = None) -> tup
     if params is None:
         _, params = nnx.split(Llama(llama, nnx.Rngs(seed)))
     return llama, params
+
+
+def frozen_config(llama: LlamaConfig) -> LlamaConfig:
+    """A frozen role's numerics (PPO's reference and reward model): weights stored in the compute
+    dtype where it is narrower than ``param_dtype``. Every forward casts each weight to the
+    compute dtype before use, so the outputs are bitwise the same, in half the memory for bf16
+    compute over fp32 master weights (which only the trained roles need)."""
+    if jnp.dtype(llama.dtype).itemsize < jnp.dtype(llama.param_dtype).itemsize:
+        return llama.replace(param_dtype=llama.dtype)
+    return llama
+
+
+def frozen_params(params, llama: LlamaConfig):
+    """``params`` with their floating-point leaves in ``frozen_config(llama).param_dtype``."""
+    dtype = jnp.dtype(frozen_config(llama).param_dtype)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)

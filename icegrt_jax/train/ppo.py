@@ -70,7 +70,12 @@ from icegrt_jax.train.loop import (
     open_run,
     train_loop,
 )
-from icegrt_jax.train.model_init import existing_directory, init_model, run_tokenizer
+from icegrt_jax.train.model_init import (
+    existing_directory,
+    frozen_params,
+    init_model,
+    run_tokenizer,
+)
 from icegrt_jax.train.ppo_updates import (
     fuses_rollout_forwards,
     fuses_value_forward,
@@ -331,7 +336,8 @@ def _iteration_metrics(result, raw_scores, scores, sequence_kl, kl_controller, a
 
 def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
     """Actor and critic initial params (not placed: ``init_ppo_state`` places them), and the
-    roles, with the frozen reference (ICE-Instruct) and reward model placed on the mesh."""
+    roles, with the frozen reference (ICE-Instruct) and reward model placed on the mesh, stored in
+    their compute dtype where it is narrower (``frozen_config``)."""
     llama, actor_params = init_model(cfg.model, cfg.training.seed, min_vocab=len(tokenizer))
     reward_graphdef = reward_params = reward_stats = reward_tokenizer = None
     if cfg.reward.path is not None:
@@ -347,9 +353,11 @@ def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
         critic_cfg, critic_params = reward_cfg, reward_params
     else:
         critic_cfg, critic_params = llama, score_params_from_llama(actor_params, cfg.training.seed + 1, llama)
+    if reward_params is not None:
+        reward_params = partitioner.put(frozen_params(reward_params, reward_cfg))
     roles = Roles(actor_graphdef=abstract_model(llama)[0], critic_graphdef=abstract_model(critic_cfg, "score")[0],
-                  reference_params=partitioner.put(actor_params), reward_graphdef=reward_graphdef,
-                  reward_params=partitioner.put(reward_params), reward_stats=reward_stats)
+                  reference_params=partitioner.put(frozen_params(actor_params, llama)),
+                  reward_graphdef=reward_graphdef, reward_params=reward_params, reward_stats=reward_stats)
     return llama, critic_cfg, actor_params, critic_params, roles, reward_tokenizer
 
 
