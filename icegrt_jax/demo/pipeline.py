@@ -36,7 +36,7 @@ from icegrt_jax.config import (
 from icegrt_jax.demo import annotator, data
 from icegrt_jax.demo.tokenizer import train_tokenizer
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # package data
 CONFIG_ROOT = "runs/demo"
 PRETRAIN_PROMPT = "Write a document."
 SECTIONS = {"pretrain": SFTConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}

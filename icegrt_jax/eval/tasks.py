@@ -31,7 +31,7 @@ from icegrt_jax import files
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.eval import MissingExtraError, require_lm_eval
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "eval"  # package data
 NAME_PREFIX = "icegrt_"
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 OTHER_TASKS_HINT = "any other lm-eval task runs with `python -m icegrt_jax.eval.lm_eval_backend`"
