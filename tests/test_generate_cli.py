@@ -76,6 +76,16 @@ def test_greedy_text_equals_the_library_on_the_templated_prompt(model_dir, tmp_p
     np.testing.assert_allclose(response["logprob"], result.logprobs[0].sum(), rtol=1e-5)
 
 
+def test_a_raw_prompt_is_bos_and_its_text_tokenised_as_in_training(model_dir):
+    """--no-template: BOS + the text, where special-token text (a literal "</s>") stays text."""
+    from icegrt_jax.commands.generate import _encode
+
+    tokenizer = load_tokenizer(model_dir)
+    ids = [int(i) for i in _encode(tokenizer, None, "waves </s> roll")]
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in ids
+    assert tokenizer.decode(ids[1:]) == "waves </s> roll"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),

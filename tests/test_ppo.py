@@ -340,6 +340,9 @@ def test_reward_model_with_another_tokenizer_gets_retokenized_text(tiny_tokenize
     assert tokens[0].tolist() == full and mask[0].tolist() == [1] * len(full)
     assert tokens[1, :len(truncated)].tolist() == truncated and mask[1].sum() == len(truncated)
     assert (tokens[1, len(truncated):] == 0).all() and reward.unk_token_id not in full
+    # A response that spells the EOS token out is text, as in training: no EOS inside a response.
+    spelled, _ = retokenize_for_reward(actor, ICEGRT, ["sea poem"], ["waves </s> roll"], np.array([False]), pad_id=0)
+    assert actor.eos_token_id not in spelled[0].tolist()
 
 
 def test_scoring_forward_recomputes_the_samplers_logprobs_on_the_response_only():

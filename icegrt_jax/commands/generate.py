@@ -160,10 +160,9 @@ def _read_prompts(args) -> tuple[list[dict], list[str]]:
 
 
 def _encode(tokenizer, template, text: str):
+    """BOS + the prompt (in ``template``; as-is without one), tokenised as in training."""
+    from icegrt_jax.data.templates import RAW
     from icegrt_jax.data.tokenize import tokenize_prompt
 
-    if template is not None:
-        return tokenize_prompt(tokenizer, template, text)
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenize_prompt(tokenizer, template or RAW, text)
 

@@ -163,6 +163,12 @@ def tokenize_prompt(tokenizer: Any, template: Template, user: str,
     return np.asarray(ids + next(encoded), np.int32)
 
 
+def tokenize_response(tokenizer: Any, template: Template, assistant: str) -> list[int]:
+    """Ids of ``assistant``'s response segment, tokenised exactly as in training (special-token
+    text such as a literal "</s>" stays text; no EOS appended)."""
+    return _encode(tokenizer, [template.response(assistant)])[0]
+
+
 def check_segment_boundaries(tokenizer: Any, template: Template) -> None:
     """Raise unless tokenising the template's segments one by one equals tokenising their join."""
     probe = Round("What is 2 + 2?", "It is 4.")

@@ -21,7 +21,7 @@ from flax import nnx
 from icegrt_jax import rl
 from icegrt_jax.config import ConfigError, PPOLossConfig, RewardModelConfig
 from icegrt_jax.data.templates import Template
-from icegrt_jax.data.tokenize import tokenize_prompt
+from icegrt_jax.data.tokenize import tokenize_prompt, tokenize_response
 from icegrt_jax.losses import entropy_from_logits, token_logprobs
 from icegrt_jax.models.heads import score_at_last_token
 
@@ -120,11 +120,11 @@ def same_tokenizer(a, b) -> bool:
 def retokenize_for_reward(tokenizer, template: Template, prompts: list[str], responses: list[str],
                           finished_by_eos: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded (tokens, attention_mask) of template prompt + response (+ EOS when the
-    response ended with one) in the reward model's tokenizer."""
+    response ended with one) in the reward model's tokenizer, tokenised as its training data was
+    (a response's text that spells a special token stays text: no EOS inside a response)."""
     rows = []
     for prompt, response, ended in zip(prompts, responses, finished_by_eos):
-        ids = list(tokenize_prompt(tokenizer, template, prompt))
-        ids += tokenizer(template.response(response), add_special_tokens=False)["input_ids"]
+        ids = list(tokenize_prompt(tokenizer, template, prompt)) + tokenize_response(tokenizer, template, response)
         rows.append(ids + ([tokenizer.eos_token_id] if ended else []))
     width = max(len(r) for r in rows)
     tokens = np.full((len(rows), width), pad_id, np.int32)
