@@ -173,12 +173,20 @@ def sft_loss(
       logits: ``[B, T, V]``. targets: ``[B, T]`` ids. loss_mask: ``[B, T]``, 1 where scored.
     """
     chex.assert_equal_shape((targets, loss_mask))
-    on_mask = loss_mask != 0
-    nll = -token_logprobs(logits, targets)
-    nll_sum = jnp.sum(jnp.where(on_mask, nll, 0.0))
-    num_tokens = jnp.sum(on_mask, dtype=jnp.float32)
+    # logits off the mask are replaced before any maths: not even a NaN there reaches the gradient
+    logits = jnp.where((loss_mask != 0)[..., None], logits, 0.0)
+    nll_sum, num_tokens = masked_nll_sum(token_logprobs(logits, targets), loss_mask)
     loss = nll_sum / jnp.maximum(num_tokens, 1.0)
     return loss, {"nll_sum": nll_sum, "num_tokens": num_tokens}
+
+
+def masked_nll_sum(logprobs: Array, loss_mask: Array) -> tuple[Array, Array]:
+    """``(sum_t m_t * -logprobs_t, sum_t m_t)`` over ``loss_mask`` != 0 (selected, not multiplied:
+    nothing off the mask enters the sum): the numerator and the token count of the token-mean
+    NLL, summed exactly over micro-batches."""
+    chex.assert_equal_shape((logprobs, loss_mask))
+    on_mask = loss_mask != 0
+    return -jnp.sum(jnp.where(on_mask, logprobs, 0.0)), jnp.sum(on_mask, dtype=jnp.float32)
 
 
 def margin_ranking_loss(chosen: Array, rejected: Array, margin: float = 1.0) -> Array:

@@ -118,7 +118,8 @@ def test_sft_loss_gradient_and_exact_accumulation(rng):
     mask[0, 6:] = 1  # length 1
     mask[1, :] = 1  # full length
     mask[2, 2:5] = 1
-    garbage_logits = np.where(mask[..., None] > 0, logits, 1e30).astype(np.float32)
+    garbage_logits = np.where(mask[..., None] > 0, logits, np.nan).astype(np.float32)  # off the mask: NaN,
+    garbage_logits[0, 0, :3] = [np.inf, -np.inf, 1e30]  # infinities, huge values: none may reach loss or gradient
     (loss, metrics), grad = jax.jit(
         jax.value_and_grad(losses.sft_loss, has_aux=True)
     )(garbage_logits, targets, mask)

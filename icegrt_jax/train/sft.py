@@ -32,7 +32,7 @@ from icegrt_jax.data.tokenize import (
     tokenize_conversations,
 )
 from icegrt_jax.hf import abstract_model
-from icegrt_jax.losses import chunked_token_logprobs
+from icegrt_jax.losses import chunked_token_logprobs, masked_nll_sum
 from icegrt_jax.sharding import Partitioner, initialize_distributed
 from icegrt_jax.train.loop import (
     check_output_dir,
@@ -54,14 +54,12 @@ from icegrt_jax.train.state import (
 LOGPROB_CHUNK = 1024  # tokens per chunk of the LM-head projection
 
 
-def masked_nll_sum(graphdef, params, batch):
+def batch_nll_sum(graphdef, params, batch):
     """(sum of -log p over loss_mask, number of loss tokens)."""
     model = nnx.merge(graphdef, params)
     hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"])
     kernel = model.lm_head_kernel().astype(hidden.dtype)
-    logprobs = chunked_token_logprobs(hidden, kernel, batch["targets"], LOGPROB_CHUNK)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return -jnp.sum(logprobs * mask), jnp.sum(mask)
+    return masked_nll_sum(chunked_token_logprobs(hidden, kernel, batch["targets"], LOGPROB_CHUNK), batch["loss_mask"])
 
 
 def make_train_step(graphdef, tx, schedule, accum_steps: int, *, partitioner: Partitioner | None = None,
@@ -70,7 +68,7 @@ def make_train_step(graphdef, tx, schedule, accum_steps: int, *, partitioner: Pa
     With a ``partitioner`` the step runs sharded (state laid out by ``state_shardings``)."""
 
     def sum_loss(params, micro_batch):
-        nll, count = masked_nll_sum(graphdef, params, micro_batch)
+        nll, count = batch_nll_sum(graphdef, params, micro_batch)
         return nll, (count, {})
 
     def step(state, batch):
@@ -89,7 +87,7 @@ def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id, partitioner: P
                  param_shardings=None, progress: bool = False):
     """Held-out token-mean NLL and perplexity of a state's params (sharded with a ``partitioner``;
     ``progress``: a bar over each pass)."""
-    nll = functools.partial(masked_nll_sum, graphdef)
+    nll = functools.partial(batch_nll_sum, graphdef)
     if partitioner is None:
         nll_fn, to_device = jax.jit(nll), lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}
     else:
