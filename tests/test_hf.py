@@ -157,6 +157,19 @@ def test_save_model_is_atomic_on_failure(hf_dir, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_every_weight_shard_is_on_disk_before_the_directory_is_renamed(hf_dir, tmp_path, monkeypatch):
+    """The write goes to a temporary directory renamed into place; each shard is fsynced first,
+    so a power loss cannot leave a complete-looking directory with truncated weights."""
+    cfg, params = load_hf(str(hf_dir))
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    save_hf(cfg, params, str(tmp_path / "out"), max_shard_size=40_000)
+    shards = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors"))
+    synced_shards = sorted(os.path.basename(p) for p in synced if p.endswith(".safetensors"))
+    assert len(shards) > 1 and synced_shards == shards
+    assert all(os.path.dirname(p) != str(tmp_path / "out") for p in synced)  # synced before the rename
+
+
 def test_convert_removes_what_a_killed_convert_left(hf_dir, tmp_path, caplog):
     """A convert killed mid-write leaves OUT.tmp-<host>-<pid>; the next write to OUT removes it
     when that pid is gone on this host, and keeps a live process's or another host's."""
