@@ -36,7 +36,7 @@ def save_model(cfg: LlamaConfig, params: nnx.State, path: str, tokenizer=None, k
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(tmp, PARAMS_SUBDIR), nnx.to_pure_dict(params))
         checkpointer.wait_until_finished()
-        if jax.process_index() != 0:  # the arrays are written by every process, the rest by one
+        if not is_primary_process():  # the arrays are written by every process, the rest by one
             return
         hf.write_json(os.path.join(tmp, "config.json"), hf.hf_config_dict(cfg, kind))
         for name, obj in (extra_json or {}).items():

@@ -356,7 +356,8 @@ class RewardModelConfig:
 
 @dataclass
 class PPOLossConfig:
-    """PPO with GAE and KL control (paper section 3.3; defaults: the paper's section 4).
+    """PPO with GAE and KL control (paper section 3.3; clip_eps and gamma default to section 4's
+    values, the rest, which the paper does not state, to common ones).
 
     Per iteration: ``epochs`` passes over the rollouts in ``minibatches`` shuffled minibatches,
     each split into ``optimizer.grad_accum_steps`` micro-batches. KL control: ``kl_target`` null

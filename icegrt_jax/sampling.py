@@ -102,7 +102,6 @@ from icegrt_jax.models.llama import (
 )
 from icegrt_jax.sharding import with_logical_constraint
 
-MIN_BUCKET = 16
 PROMPT_BUCKETS: tuple[int, ...] = tuple(2 ** i for i in range(4, 18))  # 16 ... 131072
 NEW_TOKEN_BUCKETS: tuple[int, ...] = PROMPT_BUCKETS
 TRACE_COUNTS: Counter = Counter()  # jitted function name -> number of traces (= compilations)

@@ -74,7 +74,6 @@ POLICIES: tuple[Policy, ...] = (
     ), "it describes the {p} plainly", "no change is needed"),
 )
 POLICY_BY_NAME = {p.name: p for p in POLICIES}
-VIOLATIONS = tuple(p.name for p in POLICIES if p.name != "none")
 
 QUESTION_FORMS = (
     "What ad policy does the following text violate? {ad}",

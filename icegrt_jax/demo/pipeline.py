@@ -16,7 +16,6 @@ the dotted overrides ``--fast`` applies. Paths in the trainer sections start wit
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import re
@@ -33,6 +32,7 @@ from icegrt_jax.config import (
     load_config,
     read_yaml_mapping,
 )
+from icegrt_jax.data.sources import DataError, jsonl_records
 from icegrt_jax.demo import annotator, data
 from icegrt_jax.demo.tokenizer import train_tokenizer
 
@@ -141,8 +141,8 @@ def write_jsonl(path: str, records) -> None:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a stage's JSONL output; a corrupted file is a one-line error naming its line."""
+    return [record for _, record in jsonl_records(path)]
 
 
 def write_json(path: str, obj) -> None:
@@ -151,13 +151,11 @@ def write_json(path: str, obj) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    return files.read_json(path, DataError)
 
 
 # --- stage: data and tokenizer -----------------------------------------------------------------
 
-DATA_FILES = ("pretrain", "sft_train", "sft_eval", "ranking_prompts", "ppo_prompts", "eval_ad", "eval_general")
 
 
 def generate_data(cfg: DemoConfig) -> dict[str, list[dict]]:
@@ -348,8 +346,9 @@ def transformers_greedy(hf_dir: str, prompts: list[str], max_new_tokens: int) ->
     from icegrt_jax.data.templates import ICEGRT
     from icegrt_jax.data.tokenize import tokenize_prompt
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    local = {"local_files_only": True, "trust_remote_code": False}
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, **local)
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, use_safetensors=True, **local).eval()
     texts = []
     for prompt in prompts:
         ids = torch.tensor([tokenize_prompt(tokenizer, ICEGRT, prompt).tolist()])
@@ -395,10 +394,6 @@ STAGES = (
 )
 
 
-class StageInterrupted(RuntimeError):
-    """A trainer stopped early (SIGTERM/SIGINT); rerunning the same command resumes it."""
-
-
 def run_demo(run: Run) -> dict[str, float]:
     """Run every stage not yet complete, then write the report; returns and records
     (``timings.json``) each stage's wall seconds."""
@@ -414,7 +409,7 @@ def run_demo(run: Run) -> dict[str, float]:
         began = time.perf_counter()
         stage(run)
         if not done(run):
-            raise StageInterrupted(f"stage {name} stopped before finishing; rerun the same command to resume")
+            raise RuntimeError(f"stage {name} returned without its output")  # a stopped trainer raises instead
         timings[name] = round(time.perf_counter() - began, 1)
         write_json(timings_path, timings)
         print(f"[demo] {number}/{len(STAGES)} {name}: {timings[name]:.1f} s", flush=True)

@@ -122,7 +122,7 @@ class MetricsLogger:
 
     def __init__(self, directory: str, cfg: LoggingConfig, resume_step: int = 0):
         self._jsonl = self._tensorboard = None
-        if jax.process_index() != 0:
+        if not is_primary_process():
             return
         os.makedirs(directory, exist_ok=True)
         if cfg.jsonl:

@@ -37,15 +37,17 @@ def model_config(cfg: ModelConfig, base: LlamaConfig) -> LlamaConfig:
                         remat=cfg.remat, **cfg.architecture_overrides())
 
 
-def init_model(cfg: ModelConfig, seed: int, min_vocab: int | None = None) -> tuple[LlamaConfig, nnx.State]:
+def init_model(cfg: ModelConfig, seed: int, min_vocab: int | None = None,
+               progress: bool = False) -> tuple[LlamaConfig, nnx.State]:
     """(config, params) from ``hf_path`` (HF or project checkpoint) or a random ``preset``.
 
-    ``min_vocab`` (the tokenizer's size) must fit in the model's vocabulary.
+    ``min_vocab`` (the tokenizer's size) must fit in the model's vocabulary; ``progress`` shows
+    a bar while a checkpoint loads.
     """
     if cfg.hf_path is not None:
         if overrides := cfg.architecture_overrides():
             raise ConfigError(f"model.{next(iter(overrides))}: architecture overrides apply only with model.preset")
-        loaded, params = load_model_dir(cfg.hf_path, progress=True, param_dtype=cfg.param_dtype)
+        loaded, params = load_model_dir(cfg.hf_path, progress=progress, param_dtype=cfg.param_dtype)
         llama = model_config(cfg, loaded)
     else:
         llama = model_config(cfg, preset(cfg.preset))

@@ -68,6 +68,7 @@ from icegrt_jax.train.loop import (
     check_output_dir,
     data_position_meta,
     open_run,
+    shows_progress,
     train_loop,
 )
 from icegrt_jax.train.model_init import (
@@ -338,7 +339,8 @@ def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
     """Actor and critic initial params (not placed: ``init_ppo_state`` places them), and the
     roles, with the frozen reference (ICE-Instruct) and reward model placed on the mesh, stored in
     their compute dtype where it is narrower (``frozen_config``)."""
-    llama, actor_params = init_model(cfg.model, cfg.training.seed, min_vocab=len(tokenizer))
+    llama, actor_params = init_model(cfg.model, cfg.training.seed, min_vocab=len(tokenizer),
+                                     progress=shows_progress(cfg.logging))
     reward_graphdef = reward_params = reward_stats = reward_tokenizer = None
     if cfg.reward.path is not None:
         reward_cfg, reward_params = load_model_dir(cfg.reward.path, kind="score")

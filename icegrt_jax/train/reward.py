@@ -205,7 +205,8 @@ def init_score_params(cfg: RewardConfig, min_vocab: int):
         loaded, params = load_model_dir(path, kind="score", param_dtype=cfg.model.param_dtype)
         llama = model_config(cfg.model, loaded)
     else:
-        llama, llama_params = init_model(cfg.model, cfg.training.seed, min_vocab=min_vocab)
+        llama, llama_params = init_model(cfg.model, cfg.training.seed, min_vocab=min_vocab,
+                                         progress=shows_progress(cfg.logging))
         params = score_params_from_llama(llama_params, cfg.training.seed + 1, llama)
     if llama.vocab_size < min_vocab:
         raise ConfigError(f"model.vocab_size: {llama.vocab_size} is smaller than the tokenizer's {min_vocab} tokens")

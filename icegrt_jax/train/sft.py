@@ -145,7 +145,8 @@ def run_sft(cfg: SFTConfig) -> dict:
                if report is not None and report.examples else "the files are empty")
         raise DataError(f"data.train_files {', '.join(cfg.data.train_files) or '(none given)'}: no training examples "
                         f"({why})")
-    llama, params = init_model(cfg.model, cfg.training.seed, min_vocab=len(data.tokenizer))
+    llama, params = init_model(cfg.model, cfg.training.seed, min_vocab=len(data.tokenizer),
+                               progress=shows_progress(cfg.logging))
     buckets = bucket_lengths(cfg.data.bucket_boundaries, cfg.data.max_length)
     pad_id = pad_token_id(data.tokenizer)
     batches = BatchIterator(data.train, batch_size=cfg.data.batch_size, buckets=buckets, pad_id=pad_id,
