@@ -45,13 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from icegrt_jax.config import ConfigError, ModelConfig, PPOConfig
+from icegrt_jax.config import ConfigError, PPOConfig
 from icegrt_jax.hf import abstract_model, load_hf_config
 from icegrt_jax.models.llama import LAYER_CACHE_AXES, LlamaConfig, init_cache, preset
 from icegrt_jax.sampling import NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, batch_bucket, bucket
 from icegrt_jax.sharding import Partitioner
 from icegrt_jax.train import ppo, ppo_updates, rollout
-from icegrt_jax.train.model_init import frozen_config, model_config
+from icegrt_jax.train.model_init import frozen_config, model_config, with_numerics
 from icegrt_jax.train.state import init_train_state, make_optimizer
 
 GIB = 2 ** 30
@@ -123,11 +123,6 @@ def compiled_temp_bytes(partitioner: Partitioner, jitted, *args) -> int:
 
 
 # --- the run's models and shapes ----------------------------------------------------------------
-
-def with_numerics(base: LlamaConfig, model_cfg: ModelConfig) -> LlamaConfig:
-    return base.replace(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
-                        scan_layers=model_cfg.scan_layers, remat=model_cfg.remat)
-
 
 def architecture(hf_path: str | None, preset_name: str | None, what: str, instead: str) -> LlamaConfig:
     """A model's LlamaConfig from a preset or a checkpoint's config.json (no weights read); without

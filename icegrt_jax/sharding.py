@@ -235,13 +235,16 @@ class Partitioner:
                                 f"axes {self.rules.get('batch', ())})")
 
     # placing data
-    def put(self, tree, shardings=None):
+    def put(self, tree, shardings=None, float_dtype=None):
         """Host or single-device arrays -> global arrays on the mesh (every process passes the
-        same values; each copies only its own shards). Default shardings: ``self.shardings``."""
+        same values; each copies only its own shards). Default shardings: ``self.shardings``.
+        ``float_dtype``: floating-point leaves are cast to it on the host, one leaf at a time."""
         shardings = self.shardings(tree) if shardings is None else shardings
 
         def place(value, sharding):
             host = np.asarray(jax.device_get(value))
+            if float_dtype is not None and np.issubdtype(host.dtype, np.floating):
+                host = host.astype(float_dtype)
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
         return jax.tree.map(place, tree, shardings)

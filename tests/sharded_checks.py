@@ -6,6 +6,7 @@ Each check reports measured differences; the test module holds the tolerances. X
 optimisation is turned down: compiling is 7x faster and the checks are about values, not speed.
 """
 
+import dataclasses
 import os
 
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -246,16 +247,21 @@ def check_tensor_parallel_sampling() -> dict:
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 9, 3, 12)]
     options = SamplingParams(greedy=True, max_new_tokens=12, eos_token_ids=())
     single = generate((graphdef, params), prompts, options)
+    repeated = dataclasses.replace(options, num_samples=3)  # the prefill repeats each prompt's cache
+    single_repeated = generate((graphdef, params), prompts, repeated)
     results = {}
     for name, shape in {"2x1x4": (2, 1, 4)}.items():
         p = partitioner(shape)
         sharded_params = p.put(params)
         with p.activate():
             sharded = generate((graphdef, sharded_params), prompts, options)
+            sharded_repeated = generate((graphdef, sharded_params), prompts, repeated)
             weights = _inference_weights(graphdef, sharded_params)
             _, cache = _prefill(graphdef, sharded_params, weights, np.ones((4, 16), np.int32),
                                 np.ones((4, 16), np.int32), new_slots=16, num_samples=1)
         results[name] = {"same_tokens": bool(np.array_equal(sharded.tokens, single.tokens)),
+                         "same_repeated_tokens": bool(np.array_equal(sharded_repeated.tokens, single_repeated.tokens)
+                                                      and np.array_equal(single_repeated.tokens[::3], single.tokens)),
                          "cache_spec": str(cache[0]["k"].sharding.spec),
                          "logprobs_abs": float(np.max(np.abs(sharded.logprobs - single.logprobs))),
                          "wq_spec": str(sharded_params["layers"]["wq"].get_value().sharding.spec),

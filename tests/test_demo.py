@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 
 import pytest
 
@@ -125,8 +124,7 @@ def test_every_stage_runs_writes_the_report_and_resumes(tmp_path, capsys):
     samples = [json.loads(line) for line in read_text(os.path.join(out, "rlhf", "samples.jsonl")).splitlines()]
     assert all(len(s["truncated"]) == len(s["responses"]) for s in samples)  # and flagged
     flags = [flag for s in samples for flag in s["truncated"]]
-    first_count = re.search(r"(\d+) of (\d+) responses hit", printed)  # the samples stage's
-    assert (int(first_count[1]), int(first_count[2])) == (sum(flags), len(flags))
+    assert sum(flags) and f"\n{sum(flags)} of {len(flags)} responses hit demo.max_new_tokens" in printed
     again = pipeline.run_demo(run)
     skipped = capsys.readouterr().out
     assert skipped.count("done, skipped") == len(pipeline.STAGES) and "report:" in skipped

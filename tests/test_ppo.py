@@ -14,7 +14,7 @@ from flax import nnx
 from helpers import run_cli_killed_at
 
 from icegrt_jax import cli, rl
-from icegrt_jax.checkpoint import load_model
+from icegrt_jax.checkpoint import load_model, save_model
 from icegrt_jax.config import (
     ConfigError,
     PPOConfig,
@@ -27,7 +27,7 @@ from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import preset
 from icegrt_jax.sharding import Partitioner
 from icegrt_jax.train import ppo, rollout
-from icegrt_jax.train.model_init import frozen_config, frozen_params, init_model
+from icegrt_jax.train.model_init import frozen_config, init_model
 from icegrt_jax.train.ppo import run_ppo
 from icegrt_jax.train.rollout import (
     compute_advantages,
@@ -154,29 +154,37 @@ def test_stats_normalised_scores_beyond_ten_without_a_clip_warn():
     assert message == ("warning: reward.normalize=stats gave scores up to 15.5 in absolute value "
                        "(reward_stats.json: score_std 0.04); set reward.clip (e.g. 5) to bound them")
     assert rollout.large_score_warning(jnp.float32(10.0), cfg, stats) is None
+    assert rollout.large_score_warning(jnp.float32(jnp.nan), cfg, stats) is None  # non-finite: the run stops
     assert rollout.large_score_warning(jnp.float32(15.5), RewardModelConfig(path="rm", normalize="stats", clip=5.0), stats) is None
     running = RewardModelConfig(function=SCORER, normalize="running")
     assert rollout.large_score_warning(jnp.float32(15.5), running, None) is None
 
 
-def test_frozen_roles_are_kept_in_the_compute_dtype_and_score_bitwise_alike(ppo_setup, tiny_tokenizer_dir):
-    """bf16 compute over fp32 master weights: the frozen reference (and reward model) are placed in
+def test_frozen_roles_are_kept_in_the_compute_dtype_and_score_bitwise_alike(ppo_setup, tiny_tokenizer_dir,
+                                                                            tmp_path):
+    """bf16 compute over fp32 master weights: the frozen reference and reward model are placed in
     bf16, half the memory, and their forwards equal the fp32 weights' bitwise (each forward casts
-    every weight to the compute dtype first), so the KL to the reference starts at exactly 0."""
+    every weight to the compute dtype first), so the KL to the reference starts at exactly 0. The
+    reward model runs with the run's numerics, whatever its checkpoint was trained with."""
     _, config = ppo_setup
-    cfg = load_config(PPOConfig, config, ["model.dtype=bfloat16", "model.param_dtype=float32"])
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    saved_cfg = preset("tiny", vocab_size=400)  # a reward model trained and saved in fp32
+    saved = nnx.split(ScoreModel(saved_cfg, nnx.Rngs(1)))[1]
+    save_model(saved_cfg, saved, str(tmp_path / "rm"), tokenizer=tokenizer, kind="score")
+    cfg = load_config(PPOConfig, config, ["model.dtype=bfloat16", "model.param_dtype=float32",
+                                          "reward.function=null", f"reward.path={tmp_path / 'rm'}"])
     partitioner = Partitioner.from_config(cfg.mesh)
-    llama, _, actor_params, _, roles, _ = ppo.build_roles(cfg, load_tokenizer(tiny_tokenizer_dir), partitioner)
+    llama, _, actor_params, _, roles, _ = ppo.build_roles(cfg, tokenizer, partitioner)
     assert {x.dtype for x in jax.tree.leaves(actor_params)} == {jnp.dtype(jnp.float32)}
-    assert {x.dtype for x in jax.tree.leaves(roles.reference_params)} == {jnp.dtype(jnp.bfloat16)}
+    for frozen in (roles.reference_params, roles.reward_params):
+        assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
+    assert nnx.merge(roles.reward_graphdef, roles.reward_params).cfg.dtype == "bfloat16"
     tokens = np.random.default_rng(0).integers(3, llama.vocab_size, (2, 12)).astype(np.int32)
     mask = np.ones_like(tokens)
     score = lambda params: rollout.sequence_logprobs_without_entropy(roles.actor_graphdef, params, tokens, mask, 1.0, 6)
     np.testing.assert_array_equal(score(roles.reference_params), score(actor_params))
-    critic = ScoreModel(llama, nnx.Rngs(1))
-    graphdef, params = nnx.split(critic)
-    np.testing.assert_array_equal(rollout.reward_model_scores(graphdef, frozen_params(params, llama), tokens, mask),
-                                  rollout.reward_model_scores(graphdef, params, tokens, mask))
+    reward = lambda params: rollout.reward_model_scores(roles.reward_graphdef, params, tokens, mask)
+    np.testing.assert_array_equal(reward(roles.reward_params), reward(saved))
     assert frozen_config(llama).param_dtype == "bfloat16" and frozen_config(preset("tiny")) == preset("tiny")
 
 

@@ -147,6 +147,7 @@ def test_checkpoint_from_2x2x2_restores_on_another_mesh(sharded, target):
 def test_tensor_parallel_greedy_sampling_matches_one_device(sharded, mesh):
     result = sharded["sampling"][mesh]
     assert result["same_tokens"]
+    assert result["same_repeated_tokens"]  # three samples a prompt: the repeated, donated cache, sharded
     assert result["logprobs_abs"] < 1e-5
     assert "tensor" in result["wq_spec"]
     # The sampler's per-layer copy is split alike: wqkv [H, K, G + 2, D] by kv heads (model: 8 heads,

@@ -13,7 +13,7 @@ def register(subparsers):
     parser = subparsers.add_parser("demo", help="run the whole pipeline on the embedded tiny default")
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     parser.add_argument("--fast", action="store_true", help="smaller data and shorter training (minutes)")
-    parser.add_argument("--config", help="demo config (default: configs/demo.yaml)")
+    parser.add_argument("--config", help="demo config (default: the packaged icegrt_jax/configs/demo.yaml; configs/demo.yaml in a checkout)")
     parser.add_argument("--seed", type=int, help="seed of the data, labelers and trainers (default: the config's)")
     parser.set_defaults(func=run)
 

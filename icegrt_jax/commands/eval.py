@@ -39,7 +39,8 @@ def register(subparsers):
     parser.add_argument("--max-length", type=int, help="context length (default: the model's)")
     parser.add_argument("--max-gen-toks", type=int, help="new-token limit of tasks that set none (default 256)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="parameter/compute dtype")
-    parser.add_argument("--config-dir", help="directory of the benchmark configs (default: configs/eval)")
+    parser.add_argument("--config-dir", help="directory of the benchmark configs (default: the packaged icegrt_jax/configs/eval; configs/eval in a "
+                        "checkout)")
     parser.set_defaults(func=run)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -12,6 +11,7 @@ from icegrt_jax.checkpoint import load_model_dir
 from icegrt_jax.config import ConfigError, ModelConfig
 from icegrt_jax.data.tokenize import load_tokenizer
 from icegrt_jax.models.llama import Llama, LlamaConfig, preset
+from icegrt_jax.sharding import Partitioner
 
 
 def existing_directory(key: str, path: str) -> str:
@@ -31,10 +31,14 @@ def run_tokenizer(cfg):
     return load_tokenizer(cfg.model.hf_path)
 
 
+def with_numerics(base: LlamaConfig, cfg: ModelConfig) -> LlamaConfig:
+    """``base`` with the run's numerics: ``cfg``'s dtypes, layer scan and remat."""
+    return base.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers, remat=cfg.remat)
+
+
 def model_config(cfg: ModelConfig, base: LlamaConfig) -> LlamaConfig:
     """``base`` with the config's numerics and architecture overrides applied."""
-    return base.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
-                        remat=cfg.remat, **cfg.architecture_overrides())
+    return with_numerics(base, cfg).replace(**cfg.architecture_overrides())
 
 
 def init_model(cfg: ModelConfig, seed: int, min_vocab: int | None = None,
@@ -69,7 +73,6 @@ def frozen_config(llama: LlamaConfig) -> LlamaConfig:
     return llama
 
 
-def frozen_params(params, llama: LlamaConfig):
-    """``params`` with their floating-point leaves in ``frozen_config(llama).param_dtype``."""
-    dtype = jnp.dtype(frozen_config(llama).param_dtype)
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+def place_frozen(partitioner: Partitioner, params, llama: LlamaConfig):
+    """A frozen role's ``params`` on the mesh in ``frozen_config(llama)``'s dtype (cast on the host)."""
+    return partitioner.put(params, float_dtype=jnp.dtype(frozen_config(llama).param_dtype))

@@ -73,9 +73,10 @@ from icegrt_jax.train.loop import (
 )
 from icegrt_jax.train.model_init import (
     existing_directory,
-    frozen_params,
     init_model,
+    place_frozen,
     run_tokenizer,
+    with_numerics,
 )
 from icegrt_jax.train.ppo_updates import (
     fuses_rollout_forwards,
@@ -337,13 +338,15 @@ def _iteration_metrics(result, raw_scores, scores, sequence_kl, kl_controller, a
 
 def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
     """Actor and critic initial params (not placed: ``init_ppo_state`` places them), and the
-    roles, with the frozen reference (ICE-Instruct) and reward model placed on the mesh, stored in
-    their compute dtype where it is narrower (``frozen_config``)."""
-    llama, actor_params = init_model(cfg.model, cfg.training.seed, min_vocab=len(tokenizer),
-                                     progress=shows_progress(cfg.logging))
-    reward_graphdef = reward_params = reward_stats = reward_tokenizer = None
+    roles, with the frozen reference (ICE-Instruct) and reward model placed on the mesh in their
+    compute dtype where it is narrower (``frozen_config``). The reward model runs with the run's
+    numerics (``model.*``). A checkpoint is read whole onto the first device before it is placed,
+    so the reward model is placed (and its copy dropped) before the actor is read: one model at a
+    time there (with ``critic_init: reward`` the reward model's copy stays, the critic's start)."""
+    reward_graphdef = reward_params = reward_stats = reward_tokenizer = loaded_reward = None
     if cfg.reward.path is not None:
-        reward_cfg, reward_params = load_model_dir(cfg.reward.path, kind="score")
+        reward_cfg, loaded_reward = load_model_dir(cfg.reward.path, kind="score", param_dtype=cfg.model.param_dtype)
+        reward_cfg = with_numerics(reward_cfg, cfg.model)
         reward_graphdef, _ = abstract_model(reward_cfg, "score")
         reward_tokenizer = load_tokenizer(cfg.reward.path)
         stats_path = os.path.join(cfg.reward.path, REWARD_STATS_FILE)
@@ -351,15 +354,18 @@ def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
             if not os.path.exists(stats_path):
                 raise DataError(f"{stats_path}: not found (reward.normalize=stats needs it)")
             reward_stats = read_reward_stats(stats_path)
+        reward_params = place_frozen(partitioner, loaded_reward, reward_cfg)
+        if cfg.ppo.critic_init != "reward":
+            loaded_reward = None
+    llama, actor_params = init_model(cfg.model, cfg.training.seed, min_vocab=len(tokenizer),
+                                     progress=shows_progress(cfg.logging))
     if cfg.ppo.critic_init == "reward":
-        critic_cfg, critic_params = reward_cfg, reward_params
+        critic_cfg, critic_params = reward_cfg, loaded_reward
     else:
         critic_cfg, critic_params = llama, score_params_from_llama(actor_params, cfg.training.seed + 1, llama)
-    if reward_params is not None:
-        reward_params = partitioner.put(frozen_params(reward_params, reward_cfg))
     roles = Roles(actor_graphdef=abstract_model(llama)[0], critic_graphdef=abstract_model(critic_cfg, "score")[0],
-                  reference_params=partitioner.put(frozen_params(actor_params, llama)),
-                  reward_graphdef=reward_graphdef, reward_params=reward_params, reward_stats=reward_stats)
+                  reference_params=place_frozen(partitioner, actor_params, llama), reward_graphdef=reward_graphdef,
+                  reward_params=reward_params, reward_stats=reward_stats)
     return llama, critic_cfg, actor_params, critic_params, roles, reward_tokenizer
 
 

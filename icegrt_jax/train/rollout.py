@@ -162,11 +162,12 @@ def large_score_warning(score_abs_max, reward_cfg: RewardModelConfig, stats: dic
     """A one-line warning when ``reward.normalize: stats`` with no ``reward.clip`` gave a rollout
     scores beyond +-``LARGE_SCORE``: the reward model's saved std (from its held-out set, which can
     be small) is then small next to the spread of the policy's scores, and such scores swamp the
-    KL penalty. None otherwise. ``score_abs_max``: max |score| of the rollout (a scalar)."""
+    KL penalty. None otherwise (and for NaN or infinite scores, which stop the run as non-finite).
+    ``score_abs_max``: max |score| of the rollout (a scalar)."""
     if reward_cfg.normalize != "stats" or reward_cfg.clip is not None:
         return None
     largest = float(score_abs_max)
-    if largest <= LARGE_SCORE:
+    if not largest > LARGE_SCORE or largest == float("inf"):  # non-finite scores stop the run anyway
         return None
     return (f"warning: reward.normalize=stats gave scores up to {largest:.3g} in absolute value (reward_stats.json: "
             f"score_std {stats['score_std']:.3g}); set reward.clip (e.g. 5) to bound them")
