@@ -243,7 +243,7 @@ class Partitioner:
 
         def place(value, sharding):
             host = np.asarray(jax.device_get(value))
-            if float_dtype is not None and np.issubdtype(host.dtype, np.floating):
+            if float_dtype is not None and jax.dtypes.issubdtype(host.dtype, np.floating):  # bfloat16 too
                 host = host.astype(float_dtype)
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

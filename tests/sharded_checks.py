@@ -10,7 +10,12 @@ import dataclasses
 import os
 
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
+# On a loaded 2-core machine (CI runs four test workers) one of the 8 device threads can reach a
+# collective more than XLA:CPU's default 40 s after the others, which aborts the process (seen
+# once in CI). A real deadlock still ends, with XLA's message, before the test's 600 s timeout.
+PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=300"
+os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8 "
+                           f"{FAST_COMPILE} {PATIENT_COLLECTIVES}")
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import collections

@@ -2,6 +2,7 @@
 same weights, simple_evaluate end to end on local data in the upstream schemas, and bad input."""
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -190,6 +191,34 @@ def test_eval_cli_end_to_end_two_models(model_dir, data_dir, tmp_path, capsys):
         assert raw["results"]["arc_easy"]["sample_len"] == 3 and raw["results"]["gsm8k_cot"]["sample_len"] == 3
         assert raw["config"]["model_args"]["pretrained"] == str(path_a.parent / label)  # reproducible from the file
     assert "dataset_path: json" in (out / "model_a/local_tasks/arc_easy.yaml").read_text()
+
+
+def test_a_rerun_reuses_a_models_results_only_while_nothing_they_depend_on_changed(model_dir, data_dir, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """A failed or stopped run of several models resumes at the first unfinished one: a model's
+    results are reused when its settings and files are the same, computed anew otherwise."""
+    from icegrt_jax.eval import lm_eval_backend
+
+    path, _ = model_dir
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(path), "--tasks", "arc_e", "--data-dir", str(data_dir), "--output", str(out),
+            "--batch-size", "4", "--limit", "2"]
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+
+    def evaluated_again(**_):
+        raise AssertionError("the model was evaluated again")
+
+    monkeypatch.setattr(lm_eval_backend, "IceGRTLM", evaluated_again)
+    assert main(argv) == 0
+    assert f"model_a: results of an earlier run with the same settings reused ({out / 'model_a'})" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == first
+    with pytest.raises(AssertionError, match="evaluated again"):  # another --limit
+        main(argv[:-1] + ["3"])
+    os.utime(path / "config.json", ns=(0, 0))  # the model's files changed since
+    with pytest.raises(AssertionError, match="evaluated again"):
+        main(argv)
 
 
 def test_a_failed_run_removes_only_the_directories_it_made_that_are_still_empty(tmp_path):

@@ -9,7 +9,11 @@ with our JAX backend, on hub data or on local JSONL files (``--data-dir``). Writ
   whose context was left-truncated to fit the context length (also named in results.md) and the
   ``--limit`` (documents per task; null when all ran);
 - ``<model>/lm_eval_results.json``: lm-eval's full results; ``<model>/local_tasks/``: the task
-  YAMLs generated for ``--data-dir``.
+  YAMLs generated for ``--data-dir``; ``<model>/eval_settings.json``: what produced them.
+
+A rerun into the same ``--output`` reuses a model's results when its settings (tasks, data,
+``--limit``, the backend's options) and its files (names, sizes, modification times) are
+unchanged, so a failed or stopped run of several models resumes at the first unfinished one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from icegrt_jax import files
 from icegrt_jax.errors import UserInputError
 
 RESULT_INFO_KEYS = ("alias", "name", "sample_len", "sample_count")
+SETTINGS_FILE = "eval_settings.json"  # per model, written after its results: what produced them
 
 
 def register(subparsers):
@@ -106,15 +111,46 @@ def evaluate(args, names: list[str], benchmarks: dict, config_dir, out: Path) ->
     for label, path in zip(labels, args.model):
         model_args = {k: v for k, v in {"pretrained": path, "batch_size": args.batch_size, "max_length": args.max_length,
                                         "max_gen_toks": args.max_gen_toks, "dtype": args.dtype}.items() if v is not None}
+        settings = eval_settings(path, names, model_args, args, config_dir)
+        earlier = finished_results(out / label, settings)
+        if earlier is not None:
+            print(f"{label}: results of an earlier run with the same settings reused ({out / label})", file=sys.stderr)
+            all_results[label], truncated[label] = earlier
+            continue
         lm = IceGRTLM(**model_args)
         results = run_benchmarks(lm, names, model_args, data_dir=args.data_dir, work_dir=out / label,
                                  limit=args.limit, config_dir=config_dir)  # model_args: recorded in the results
         (out / label).mkdir(parents=True, exist_ok=True)
         files.write_json(out / label / "lm_eval_results.json", results, default=handle_non_serializable)
+        files.write_json(out / label / SETTINGS_FILE, {**settings, "truncated": dict(lm.truncated)})  # written last
         all_results[label], truncated[label] = results, dict(lm.truncated)
         if lm.truncated:
             print(f"{label}: {truncation_note(lm.truncated)}", file=sys.stderr)
     return build_report(all_results, dict(zip(labels, args.model)), names, benchmarks, truncated, args.limit)
+
+
+def eval_settings(path: str, names: list[str], model_args: dict, args, config_dir) -> dict:
+    """What a model's results depend on, as JSON: the model's files (relative path, size, mtime),
+    the benchmarks, the data, ``--limit`` and the backend's options."""
+    model_files = sorted([os.path.relpath(os.path.join(d, f), path), os.path.getsize(os.path.join(d, f)),
+                          os.stat(os.path.join(d, f)).st_mtime_ns] for d, _, fs in os.walk(path) for f in fs)
+    return {"model": os.path.abspath(path), "model_files": model_files, "tasks": names, "limit": args.limit,
+            "data_dir": None if args.data_dir is None else os.path.abspath(args.data_dir),
+            "config_dir": os.path.abspath(config_dir), "model_args": {k: v for k, v in model_args.items() if k != "pretrained"}}
+
+
+def finished_results(directory: Path, settings: dict) -> tuple[dict, dict[str, int]] | None:
+    """(lm-eval's results, the truncation counts) of an earlier run with the same ``settings``;
+    None when there is none or anything differs or cannot be read."""
+    try:
+        earlier = files.read_json(directory / SETTINGS_FILE)
+        results = files.read_json(directory / "lm_eval_results.json")
+    except UserInputError:
+        return None
+    truncated = earlier.pop("truncated", None) if isinstance(earlier, dict) else None
+    if earlier != settings or not isinstance(truncated, dict) or not isinstance(results, dict):
+        return None
+    return results, truncated
 
 
 def model_labels(paths: list[str]) -> list[str]:
