@@ -417,7 +417,9 @@ def remove_stale_temporaries(path: str) -> list[str]:
 
 def atomic_directory(path: str, write: Callable[[str], None]):
     """Run ``write(tmp_dir)`` then move tmp_dir to ``path`` (which ``check_replaceable`` must
-    allow); on failure nothing is left at ``path``. Temporary directories of earlier writes to
+    allow); on failure nothing is left at ``path``. Everything written is synced to disk before
+    the rename, and the rename itself after it (``files.sync_tree``): a crash or power loss leaves
+    the old directory or the complete new one. Temporary directories of earlier writes to
     ``path`` that were killed are removed first (``remove_stale_temporaries``)."""
     path = os.path.abspath(path)
     check_replaceable(path)
@@ -427,6 +429,7 @@ def atomic_directory(path: str, write: Callable[[str], None]):
     os.makedirs(tmp)
     try:
         write(tmp)
+        files.sync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -437,6 +440,7 @@ def atomic_directory(path: str, write: Callable[[str], None]):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+    files.sync_directory(os.path.dirname(path))
 
 
 def save_hf(config: LlamaConfig, params, path: str, tokenizer=None, max_shard_size: int = 5 * 1024**3,

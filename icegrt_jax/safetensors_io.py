@@ -97,8 +97,7 @@ class SafetensorsFile:
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
-    """Write ``tensors`` (name -> numpy array) in safetensors layout, names sorted, and sync the
-    file to disk."""
+    """Write ``tensors`` (name -> numpy array) in safetensors layout, names sorted."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     names = sorted(tensors)
@@ -117,5 +116,3 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
         f.write(raw)
         for name in names:
             f.write(tensors[name].tobytes())
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the model directory is renamed into place

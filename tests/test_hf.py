@@ -157,17 +157,22 @@ def test_save_model_is_atomic_on_failure(hf_dir, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_every_weight_shard_is_on_disk_before_the_directory_is_renamed(hf_dir, tmp_path, monkeypatch):
-    """The write goes to a temporary directory renamed into place; each shard is fsynced first,
-    so a power loss cannot leave a complete-looking directory with truncated weights."""
+def test_a_written_model_is_on_disk_before_and_after_its_rename(hf_dir, tiny_tokenizer_dir, tmp_path,
+                                                                monkeypatch):
+    """The write goes to a temporary directory renamed into place: every file in it (weights,
+    configs, tokenizer) is fsynced first, and the parent directory after the rename, so a crash or
+    power loss leaves the old directory or the complete new one."""
+    from icegrt_jax.data.tokenize import load_tokenizer
+
     cfg, params = load_hf(str(hf_dir))
     synced, fsync = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
-    save_hf(cfg, params, str(tmp_path / "out"), max_shard_size=40_000)
-    shards = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors"))
-    synced_shards = sorted(os.path.basename(p) for p in synced if p.endswith(".safetensors"))
-    assert len(shards) > 1 and synced_shards == shards
-    assert all(os.path.dirname(p) != str(tmp_path / "out") for p in synced)  # synced before the rename
+    out = tmp_path / "out"
+    save_hf(cfg, params, str(out), tokenizer=load_tokenizer(tiny_tokenizer_dir), max_shard_size=40_000)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    in_temporary = {p.split(".tmp-", 1)[1].partition("/")[2] for p in synced if p.startswith(f"{out}.tmp-")}
+    assert len(written) > 12 and set(written) <= in_temporary  # synced where they were written
+    assert synced[-1] == str(tmp_path)  # then the rename itself
 
 
 def test_convert_removes_what_a_killed_convert_left(hf_dir, tmp_path, caplog):
