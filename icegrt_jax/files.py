@@ -86,8 +86,9 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def sync_directory(path: str | os.PathLike) -> None:
-    """fsync a directory: the names created in it, renamed into or out of it, are on disk."""
+def sync_path(path: str | os.PathLike) -> None:
+    """fsync a file (its contents) or a directory (the names created in it or renamed into or out
+    of it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -99,12 +100,8 @@ def sync_tree(path: str | os.PathLike) -> None:
     """fsync every file and directory under ``path`` (before the tree is renamed into place)."""
     for root, _, names in os.walk(path):
         for name in names:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        sync_directory(root)
+            sync_path(os.path.join(root, name))
+        sync_path(root)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -440,7 +440,7 @@ def atomic_directory(path: str, write: Callable[[str], None]):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
-    files.sync_directory(os.path.dirname(path))
+    files.sync_path(os.path.dirname(path))
 
 
 def save_hf(config: LlamaConfig, params, path: str, tokenizer=None, max_shard_size: int = 5 * 1024**3,

@@ -244,7 +244,7 @@ class Partitioner:
         def place(value, sharding):
             host = np.asarray(jax.device_get(value))
             if float_dtype is not None and jax.dtypes.issubdtype(host.dtype, np.floating):  # bfloat16 too
-                host = host.astype(float_dtype)
+                host = host.astype(float_dtype, copy=False)  # no copy when it is already that dtype
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
         return jax.tree.map(place, tree, shardings)

@@ -132,8 +132,13 @@ def evaluate(args, names: list[str], benchmarks: dict, config_dir, out: Path) ->
 def eval_settings(path: str, names: list[str], model_args: dict, args, config_dir) -> dict:
     """What a model's results depend on, as JSON: the model's files (relative path, size, mtime),
     the benchmarks, the data, ``--limit`` and the backend's options."""
-    model_files = sorted([os.path.relpath(os.path.join(d, f), path), os.path.getsize(os.path.join(d, f)),
-                          os.stat(os.path.join(d, f)).st_mtime_ns] for d, _, fs in os.walk(path) for f in fs)
+    model_files = []
+    for directory, _, file_names in os.walk(path):
+        for file_name in file_names:
+            file = os.path.join(directory, file_name)
+            stat = os.stat(file)
+            model_files.append([os.path.relpath(file, path), stat.st_size, stat.st_mtime_ns])
+    model_files.sort()
     return {"model": os.path.abspath(path), "model_files": model_files, "tasks": names, "limit": args.limit,
             "data_dir": None if args.data_dir is None else os.path.abspath(args.data_dir),
             "config_dir": os.path.abspath(config_dir), "model_args": {k: v for k, v in model_args.items() if k != "pretrained"}}

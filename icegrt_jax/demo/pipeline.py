@@ -156,8 +156,6 @@ def read_json(path: str):
 
 # --- stage: data and tokenizer -----------------------------------------------------------------
 
-
-
 def generate_data(cfg: DemoConfig) -> dict[str, list[dict]]:
     """Every generated file's records (module ``data``); ad and arithmetic evaluation prompts are
     held out of all training data."""
