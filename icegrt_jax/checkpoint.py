@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from icegrt_jax import hf
 from icegrt_jax.models.llama import LlamaConfig
-from icegrt_jax.sharding import is_primary_process
+from icegrt_jax.sharding import Partitioner, is_primary_process
 
 PARAMS_SUBDIR = "params"
 
@@ -72,18 +72,24 @@ def write_directory(path: str, write):
     multihost_utils.sync_global_devices(f"{tmp}: moved")
 
 
-def load_model(path: str, sharding: jax.sharding.Sharding | None = None,
+def load_model(path: str, sharding: jax.sharding.Sharding | Partitioner | None = None,
                **config_overrides) -> tuple[LlamaConfig, nnx.State]:
     """Restore (config, params) written by ``save_model`` (a ``Llama`` or, for a saved score
-    model, a ``ScoreModel``), in the stored dtype unless ``param_dtype`` is overridden. Every
-    array is laid out by ``sharding`` (default: whole on this process's first device), whatever
-    mesh wrote the checkpoint."""
+    model, a ``ScoreModel``), in the stored dtype unless ``param_dtype`` is overridden, whatever
+    mesh wrote the checkpoint. ``sharding``: one for every array (default: whole on this
+    process's first device), or a ``Partitioner`` whose shardings lay the arrays out on its mesh
+    (each process reads only the slices its devices hold)."""
     cfg = hf.load_hf_config(path, **config_overrides)
     kind = hf.read_config_kind(path)
     _, abstract = hf.abstract_model(cfg, kind)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                          nnx.to_pure_dict(abstract))
+    pure_abstract = nnx.to_pure_dict(abstract)
+    if isinstance(sharding, Partitioner):
+        shardings = nnx.to_pure_dict(sharding.shardings(abstract))
+    else:
+        shardings = jax.tree.map(lambda _: sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+                                 pure_abstract)
+    target = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          pure_abstract, shardings)
     params_dir = os.path.abspath(os.path.join(path, PARAMS_SUBDIR))
     try:
         pure = ocp.StandardCheckpointer().restore(params_dir, target)
@@ -93,14 +99,17 @@ def load_model(path: str, sharding: jax.sharding.Sharding | None = None,
     return cfg, hf.params_from_pure_dict(cfg, pure, kind)
 
 
-def load_model_dir(path: str, progress: bool = False, kind: str = "causal_lm",
+def load_model_dir(path: str, progress: bool = False, kind: str = "causal_lm", partitioner: Partitioner | None = None,
                    **config_overrides) -> tuple[LlamaConfig, nnx.State]:
     """(config, params) from a project checkpoint or an HF safetensors directory holding a model
-    of ``kind`` (a ``CheckpointError`` names the mismatch otherwise)."""
+    of ``kind`` (a ``CheckpointError`` names the mismatch otherwise): whole on the first device,
+    or with a ``partitioner`` laid out on its mesh with no whole copy on any device (HF tensors
+    are read into host memory, a project checkpoint is restored slice by slice)."""
     hf.check_kind(path, kind)
     if is_project_checkpoint(path):
-        return load_model(path, **config_overrides)
-    return hf.load_hf(path, progress=progress, **config_overrides)
+        return load_model(path, sharding=partitioner, **config_overrides)
+    cfg, params = hf.load_hf(path, progress=progress, on_host=partitioner is not None, **config_overrides)
+    return cfg, params if partitioner is None else partitioner.put(params)
 
 
 class TrainCheckpointer:

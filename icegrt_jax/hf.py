@@ -253,12 +253,15 @@ def load_hf_config(path: str, **overrides) -> LlamaConfig:
     return cfg.replace(extra_eos_token_ids=cfg.extra_eos_token_ids + tuple(ids))
 
 
-def load_hf(path: str, progress: bool = False, **config_overrides) -> tuple[LlamaConfig, nnx.State]:
+def load_hf(path: str, progress: bool = False, on_host: bool = False,
+            **config_overrides) -> tuple[LlamaConfig, nnx.State]:
     """Load an HF LLaMA directory (config.json + safetensors, single or sharded) -> (config, params)
     of a ``Llama`` (LlamaForCausalLM) or a ``ScoreModel`` (LlamaForSequenceClassification).
 
-    Tensors are memory-mapped and copied one at a time into the stacked layout. Parameters keep
-    the checkpoint's ``torch_dtype`` unless ``param_dtype`` is overridden.
+    Tensors are memory-mapped and copied one at a time into the stacked layout in host memory,
+    then onto the default device (``on_host``: left on the host as numpy arrays, for
+    ``Partitioner.put`` to hand each device its shards). Parameters keep the checkpoint's
+    ``torch_dtype`` unless ``param_dtype`` is overridden.
     """
     cfg = load_hf_config(path, **config_overrides)
     kind = read_config_kind(path)
@@ -276,7 +279,7 @@ def load_hf(path: str, progress: bool = False, **config_overrides) -> tuple[Llam
             target[...] = value
         else:
             target[layer] = value
-    return cfg, params_from_pure_dict(cfg, jax.tree.map(jnp.asarray, pure), kind)
+    return cfg, params_from_pure_dict(cfg, pure if on_host else jax.tree.map(jnp.asarray, pure), kind)
 
 
 # --- save ----------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -236,15 +237,24 @@ class Partitioner:
 
     # placing data
     def put(self, tree, shardings=None, float_dtype=None):
-        """Host or single-device arrays -> global arrays on the mesh (every process passes the
-        same values; each copies only its own shards). Default shardings: ``self.shardings``.
-        ``float_dtype``: floating-point leaves are cast to it on the host, one leaf at a time."""
+        """Arrays -> global arrays on the mesh. Default shardings: ``self.shardings``;
+        ``float_dtype``: floating-point leaves are cast to it. Host and single-device arrays are
+        copied in from the host, one leaf at a time (every process passes the same values; each
+        copies only its own shards). Arrays already on the mesh are resharded and cast there (a
+        multi-process global array never passes through one host), and returned as they are when
+        they already have the sharding and dtype asked for."""
         shardings = self.shardings(tree) if shardings is None else shardings
 
         def place(value, sharding):
-            host = np.asarray(jax.device_get(value))
-            if float_dtype is not None and jax.dtypes.issubdtype(host.dtype, np.floating):  # bfloat16 too
-                host = host.astype(float_dtype, copy=False)  # no copy when it is already that dtype
+            value = value if hasattr(value, "dtype") else np.asarray(value)  # Python scalars
+            dtype = np.dtype(value.dtype)
+            if float_dtype is not None and jax.dtypes.issubdtype(dtype, np.floating):  # bfloat16 too
+                dtype = np.dtype(float_dtype)
+            if isinstance(value, jax.Array) and value.sharding.device_set == sharding.device_set:
+                if value.dtype == dtype and value.sharding.is_equivalent_to(sharding, value.ndim):
+                    return value
+                return _reshard_cast(value, sharding, dtype)
+            host = np.asarray(jax.device_get(value)).astype(dtype, copy=False)  # no copy when no cast
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
         return jax.tree.map(place, tree, shardings)
@@ -262,7 +272,8 @@ class Partitioner:
 
     def init_state(self, init_fn: Callable, *args):
         """``init_fn(*args)`` computed directly into its sharded layout (no full copy on one device);
-        ``args`` are placed with ``put`` first."""
+        ``args`` are placed with ``put`` first. The result's arrays are new (an argument returned
+        as it is comes back copied), so the train steps may donate them."""
         args = self.put(args)
         abstract = jax.eval_shape(init_fn, *args)
         return self.jit(init_fn, in_shardings=self.shardings(args),
@@ -306,6 +317,12 @@ class ShardedFunction:
     def lower(self, *args, **kwargs):
         with self.partitioner.activate():
             return self.jitted.lower(*args, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("sharding", "dtype"))
+def _reshard_cast(value, sharding, dtype):
+    """``value`` in ``dtype`` laid out by ``sharding`` (on the devices that hold it)."""
+    return jax.lax.with_sharding_constraint(value.astype(dtype), sharding)
 
 
 def local_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> np.ndarray:

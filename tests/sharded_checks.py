@@ -31,7 +31,12 @@ import numpy as np
 from flax import nnx
 
 from icegrt_jax import cli
-from icegrt_jax.checkpoint import TrainCheckpointer, load_model
+from icegrt_jax.checkpoint import (
+    TrainCheckpointer,
+    load_model,
+    load_model_dir,
+    save_model,
+)
 from icegrt_jax.config import (
     MeshConfig,
     OptimizerConfig,
@@ -40,12 +45,13 @@ from icegrt_jax.config import (
     SFTConfig,
     load_config,
 )
+from icegrt_jax.hf import load_hf, save_hf
 from icegrt_jax.models.heads import ScoreModel
-from icegrt_jax.models.llama import Llama, LlamaConfig
+from icegrt_jax.models.llama import Llama, LlamaConfig, preset
 from icegrt_jax.sampling import SamplingParams, _inference_weights, _prefill, generate
 from icegrt_jax.sharding import Partitioner, ShardingError
 from icegrt_jax.train import ppo, ppo_updates, reward, sft
-from icegrt_jax.train.model_init import init_model
+from icegrt_jax.train.model_init import init_model, model_config, place_frozen
 from icegrt_jax.train.state import (
     init_train_state,
     learning_rate_schedule,
@@ -213,7 +219,8 @@ def check_ppo_updates() -> dict:
 
 def check_sft_steps() -> tuple[dict, dict]:
     """Differences from one device per mesh, and the final state of each mesh."""
-    results, states = compare_steps(lambda shape: run_sft_steps(MODEL, shape), ("loss", "grad_norm"))
+    initial = nnx.split(Llama(MODEL, nnx.Rngs(0)))[1]  # run_sft_steps' model
+    results, states = compare_steps(lambda shape: run_sft_steps(MODEL, shape), ("loss", "grad_norm"), initial)
     for name, state in states.items():
         wq = state.params["layers"]["wq"].get_value()
         results[name].update(wq_spec=str(wq.sharding.spec), wq_shard_shape=list(wq.addressable_shards[0].data.shape))
@@ -273,6 +280,56 @@ def check_tensor_parallel_sampling() -> dict:
                          "wq_shard": list(sharded_params["layers"]["wq"].get_value().addressable_shards[0].data.shape),
                          "copy_wqkv_shard": list(weights["layers"][0]["wqkv"].addressable_shards[0].data.shape),
                          "copy_gate_up_shard": list(weights["layers"][0]["w_gate_up"].addressable_shards[0].data.shape)}
+    return results
+
+
+@contextlib.contextmanager
+def global_arrays_stay_on_devices():
+    """Within: ``jax.device_get`` of an array spread over several devices raises (in a
+    multi-process run such an array cannot be fetched to one host)."""
+    real = jax.device_get
+
+    def device_get(x):
+        if any(isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1 for leaf in jax.tree.leaves(x)):
+            raise AssertionError("a global array was fetched to the host")
+        return real(x)
+
+    jax.device_get = device_get
+    try:
+        yield
+    finally:
+        jax.device_get = real
+
+
+def check_placed_loading(directory: str) -> dict:
+    """Models loaded onto (2,2,2) with a partitioner, against the plain single-device load: an
+    HF directory, a project checkpoint, a random preset; frozen copies cast where they lie."""
+    _, params = nnx.split(Llama(MODEL, nnx.Rngs(5)))
+    save_hf(MODEL, params, os.path.join(directory, "load-hf"))
+    save_model(MODEL, params, os.path.join(directory, "load-project"))
+    p = partitioner((2, 2, 2))
+
+    def compare(placed, reference) -> dict:
+        target = jax.tree.leaves(p.shardings(placed))
+        return {"layout": all(a.sharding == t for a, t in zip(jax.tree.leaves(placed), target, strict=True)),
+                "max_abs": max_difference(placed, reference)}
+
+    host = load_hf(os.path.join(directory, "load-hf"), on_host=True)[1]
+    results = {"host_leaf_types": sorted({type(x).__name__ for x in jax.tree.leaves(host)})}
+    for name in ("load-hf", "load-project"):
+        single = load_model_dir(os.path.join(directory, name))[1]
+        with global_arrays_stay_on_devices():
+            placed = load_model_dir(os.path.join(directory, name), partitioner=p)[1]
+            half = place_frozen(p, placed, MODEL.replace(dtype="bfloat16"))
+            unchanged = place_frozen(p, placed, MODEL)
+        results[name] = {**compare(placed, single), "frozen_layout": compare(half, single)["layout"],
+                         "frozen_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(half)}),
+                         "frozen_max_abs": max_difference(half, jax.tree.map(lambda x: x.astype("bfloat16"), single)),
+                         "unchanged_shared": all(a is b for a, b in zip(jax.tree.leaves(unchanged),
+                                                                        jax.tree.leaves(placed), strict=True))}
+    model = dataclasses.replace(SFTConfig().model, preset="tiny")
+    eager = nnx.split(Llama(model_config(model, preset("tiny")), nnx.Rngs(7)))[1]
+    results["random"] = compare(init_model(model, 7, p)[1], eager)
     return results
 
 
@@ -397,7 +454,7 @@ def check_fused_critic_run(directory: str, tokenizer_dir: str) -> dict:
                         for role in ("final", "final-critic")]
     largest = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b, strict=True))
     cfg = load_config(PPOConfig, path)
-    initial = jax.tree.leaves(init_model(cfg.model, cfg.training.seed)[1])
+    initial = jax.tree.leaves(init_model(cfg.model, cfg.training.seed, Partitioner.from_config(cfg.mesh))[1])
     runs["params_difference"] = max(largest(a, b) for a, b in zip(*params.values(), strict=True))
     runs["actor_change"] = largest(params["one_device"][0], initial)
     return runs
@@ -441,6 +498,7 @@ def main(directory: str, tokenizer_dir: str):
         "restore": check_resharding_restore(states["2x2x2"], os.path.join(directory, "checkpoints")),
         "sampling": check_tensor_parallel_sampling(),
         "plan": check_plan(directory),
+        "placed_loading": check_placed_loading(directory),
     }
     print(json.dumps(results))
 

@@ -217,7 +217,7 @@ def test_experience_steps_the_adaptive_kl_controller_with_the_mean_sequence_kl()
 
 def _initial_params(config):
     cfg = load_config(PPOConfig, config, [])
-    return init_model(cfg.model, cfg.training.seed)[1]
+    return init_model(cfg.model, cfg.training.seed, Partitioner.from_config(cfg.mesh))[1]
 
 
 def _changed(a, b):

@@ -1,5 +1,6 @@
 """ICE-Instruct SFT: learning, exact resume after SIGKILL, preemption, guards and bad input."""
 
+import gc
 import json
 import os
 import signal
@@ -75,6 +76,25 @@ def test_tiny_model_overfits_small_batch(sft_setup):
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert os.path.isdir(tmp_path / "run" / "final" / "params")
     assert (tmp_path / "run" / "data_report.txt").read_text().startswith("train data: ")  # the counts, kept
+
+
+def test_training_holds_no_second_copy_of_the_model(sft_setup, monkeypatch):
+    """While the loop runs, the only parameter-sized arrays alive are the state's: the initial
+    params it was built from are gone (they would hold a model's worth of device memory)."""
+    from icegrt_jax.train import sft
+
+    seen = {}
+
+    def spy(*, state, **kwargs):
+        gc.collect()
+        shapes = {x.shape for x in jax.tree.leaves(state.params) if x.size > 1}
+        held = {id(x) for x in jax.tree.leaves(state)}
+        seen["others"] = [x.shape for x in jax.live_arrays() if x.shape in shapes and id(x) not in held]
+        return train_loop(state=state, **kwargs)
+
+    monkeypatch.setattr(sft, "train_loop", spy)
+    run_sft(load_config(SFTConfig, sft_setup[1], ["training.steps=1"]))
+    assert seen["others"] == []
 
 
 def run_killed(config, output_dir, kill_at, sig):

@@ -7,9 +7,10 @@ subprocess (``sharded_checks.py``) that reports measured differences; the tolera
 - fp32 SFT steps (2 AdamW steps, grad accumulation 2, lr 1e-3) on meshes (8,1,1), (2,4,1),
   (2,2,2) against one device: loss and gradient norm within 1e-5 relative and Adam's moments
   (linear in the gradients) within 1e-4 of each leaf's largest entry — only the order of
-  floating-point sums differs (~1e-7 measured). Parameters within 1e-4 absolute (= 5% of the
-  total step lr x steps): Adam divides each coordinate by its own RMS, so rounding noise on a
-  near-zero gradient can move that coordinate by up to ~lr (measured 2e-5).
+  floating-point sums differs (~1e-7 measured). Parameters: Adam divides each coordinate by its
+  own RMS, so rounding noise on a near-zero gradient can move that coordinate by up to ~lr: each
+  within lr = 1e-3 absolute (measured 1.9e-5 to 1.0e-4, the most on (2,2,2) on an Intel AVX-512
+  VM), and as a norm, as for the reward and PPO steps below, within 1e-2 of the update's.
 - bf16 compute on (2,2,2): loss within 2e-3 relative (bf16's 8-bit mantissa; measured 1.4e-4).
 - fp32 reward steps (Bradley-Terry) and PPO actor and critic updates (2 AdamW steps each, grad
   accumulation 2, lr 1e-3, the same experience minibatches) on (2,4,1) and (2,2,2), which shard
@@ -35,6 +36,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -80,7 +82,9 @@ def test_sharded_sft_step_matches_one_device(sharded, mesh):
     assert result["loss_rel"] < 1e-5
     assert result["grad_norm_rel"] < 1e-5
     assert result["adam_moments_rel"] < 1e-4
-    assert result["params_abs"] < 1e-4
+    assert result["params_abs"] < 1e-3
+    assert result["update_rel"] < 1e-2
+    assert result["moments_rel"] < 1e-3
     _, fsdp, tensor = map(int, mesh.split("x"))
     assert result["wq_spec"] == "P(None, 'fsdp', 'tensor', None)"  # [layers, embed, heads, head_dim]
     assert result["wq_shard_shape"] == [2, 64 // fsdp, 4 // tensor, 16]
@@ -158,6 +162,27 @@ def test_tensor_parallel_greedy_sampling_matches_one_device(sharded, mesh):
     assert result["cache_spec"] == "P('data', 'tensor')"
 
 
+@pytest.mark.parametrize("source", ["load-hf", "load-project"])
+def test_a_checkpoint_loads_straight_into_its_shards(sharded, source):
+    """Loaded with a partitioner on (2,2,2): the same values as the single-device load, each array
+    laid out by the partitioner's shardings, with no global array fetched to the host (an HF
+    checkpoint is read into host memory, a project checkpoint restored into the shardings); a
+    frozen role's bf16 copy is cast where the arrays lie, an unchanged one shares them."""
+    result = sharded["placed_loading"][source]
+    assert result["layout"] and result["max_abs"] == 0.0
+    assert result["frozen_layout"] and result["frozen_dtypes"] == ["bfloat16"] and result["frozen_max_abs"] == 0.0
+    assert result["unchanged_shared"]
+    assert sharded["placed_loading"]["host_leaf_types"] == ["ndarray"]  # load_hf(on_host=True)
+
+
+def test_a_random_model_is_initialised_into_its_shards(sharded):
+    result = sharded["placed_loading"]["random"]
+    assert result["layout"]
+    # The jitted initialiser fuses what eager mode runs op by op: the values agree to fp32
+    # rounding of the initialisers' arithmetic (measured 3e-8 on weights of size ~0.1).
+    assert result["max_abs"] < 1e-6
+
+
 @pytest.mark.parametrize("case, message", [
     ("mesh_not_dividing", "8 devices do not divide by 3"),
     ("unknown_logical_axis", "unknown logical axis 'mpl'"),
@@ -218,8 +243,21 @@ def test_state_shardings_keep_the_tree_and_follow_the_logical_names():
     assert shardings["step"].spec == jax.sharding.PartitionSpec()
     placed = partitioner.put({"w": np.arange(6.0).reshape(2, 3)})
     np.testing.assert_array_equal(placed["w"], np.arange(6.0).reshape(2, 3))
+    assert partitioner.put(placed)["w"] is placed["w"]  # already laid out as asked
+    half = partitioner.put(placed, float_dtype=jnp.bfloat16)["w"]
+    assert half.dtype == jnp.bfloat16 and half.sharding == placed["w"].sharding
     batch = partitioner.shard_batch({"input_ids": np.arange(8).reshape(2, 4)})
     assert batch["input_ids"].sharding == partitioner.batch_sharding
+
+
+def test_init_state_never_returns_an_argument_s_buffers():
+    """The train steps donate the state: none of its arrays may be a caller's (PPO's reference
+    model shares the initial actor's arrays)."""
+    partitioner = Partitioner.from_config(MeshConfig())
+    params = partitioner.put({"w": np.arange(6.0).reshape(2, 3)})
+    state = partitioner.init_state(lambda p: {"params": p, "step": jnp.zeros((), jnp.int32)}, params)
+    assert state["params"]["w"].unsafe_buffer_pointer() != params["w"].unsafe_buffer_pointer()
+    np.testing.assert_array_equal(state["params"]["w"], params["w"])
 
 
 def test_distributed_start_is_recognised_from_the_environment():

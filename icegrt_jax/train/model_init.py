@@ -41,9 +41,12 @@ def model_config(cfg: ModelConfig, base: LlamaConfig) -> LlamaConfig:
     return with_numerics(base, cfg).replace(**cfg.architecture_overrides())
 
 
-def init_model(cfg: ModelConfig, seed: int, min_vocab: int | None = None,
+def init_model(cfg: ModelConfig, seed: int, partitioner: Partitioner, min_vocab: int | None = None,
                progress: bool = False) -> tuple[LlamaConfig, nnx.State]:
-    """(config, params) from ``hf_path`` (HF or project checkpoint) or a random ``preset``.
+    """(config, params) from ``hf_path`` (HF or project checkpoint) or a random ``preset``, laid
+    out on ``partitioner``'s mesh: no device ever holds a whole copy that the mesh splits (a
+    checkpoint is read through host memory or slice by slice; a random model is initialised
+    straight into its shards).
 
     ``min_vocab`` (the tokenizer's size) must fit in the model's vocabulary; ``progress`` shows
     a bar while a checkpoint loads.
@@ -51,7 +54,8 @@ def init_model(cfg: ModelConfig, seed: int, min_vocab: int | None = None,
     if cfg.hf_path is not None:
         if overrides := cfg.architecture_overrides():
             raise ConfigError(f"model.{next(iter(overrides))}: architecture overrides apply only with model.preset")
-        loaded, params = load_model_dir(cfg.hf_path, progress=progress, param_dtype=cfg.param_dtype)
+        loaded, params = load_model_dir(cfg.hf_path, progress=progress, partitioner=partitioner,
+                                        param_dtype=cfg.param_dtype)
         llama = model_config(cfg, loaded)
     else:
         llama = model_config(cfg, preset(cfg.preset))
@@ -59,7 +63,7 @@ def init_model(cfg: ModelConfig, seed: int, min_vocab: int | None = None,
     if min_vocab is not None and llama.vocab_size < min_vocab:
         raise ConfigError(f"model.vocab_size: {llama.vocab_size} is smaller than the tokenizer's {min_vocab} tokens")
     if params is None:
-        _, params = nnx.split(Llama(llama, nnx.Rngs(seed)))
+        params = partitioner.init_state(lambda: nnx.split(Llama(llama, nnx.Rngs(seed)))[1])
     return llama, params
 
 
@@ -74,5 +78,6 @@ def frozen_config(llama: LlamaConfig) -> LlamaConfig:
 
 
 def place_frozen(partitioner: Partitioner, params, llama: LlamaConfig):
-    """A frozen role's ``params`` on the mesh in ``frozen_config(llama)``'s dtype (cast on the host)."""
+    """A frozen role's ``params`` on the mesh in ``frozen_config(llama)``'s dtype (``put``: cast
+    where they already are; the same arrays when nothing changes)."""
     return partitioner.put(params, float_dtype=jnp.dtype(frozen_config(llama).param_dtype))

@@ -337,15 +337,14 @@ def _iteration_metrics(result, raw_scores, scores, sequence_kl, kl_controller, a
 
 
 def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
-    """Actor and critic initial params (not placed: ``init_ppo_state`` places them), and the
-    roles, with the frozen reference (ICE-Instruct) and reward model placed on the mesh in their
-    compute dtype where it is narrower (``frozen_config``). The reward model runs with the run's
-    numerics (``model.*``). A checkpoint is read whole onto the first device before it is placed,
-    so the reward model is placed (and its copy dropped) before the actor is read: one model at a
-    time there (with ``critic_init: reward`` the reward model's copy stays, the critic's start)."""
+    """Actor and critic initial params (on the mesh: ``init_ppo_state`` copies them into the
+    state), and the roles, with the frozen reference (ICE-Instruct) and reward model on the mesh
+    in their compute dtype where it is narrower (``frozen_config``; otherwise they share the
+    loaded arrays). The reward model runs with the run's numerics (``model.*``)."""
     reward_graphdef = reward_params = reward_stats = reward_tokenizer = loaded_reward = None
     if cfg.reward.path is not None:
-        reward_cfg, loaded_reward = load_model_dir(cfg.reward.path, kind="score", param_dtype=cfg.model.param_dtype)
+        reward_cfg, loaded_reward = load_model_dir(cfg.reward.path, progress=shows_progress(cfg.logging), kind="score",
+                                                   partitioner=partitioner, param_dtype=cfg.model.param_dtype)
         reward_cfg = with_numerics(reward_cfg, cfg.model)
         reward_graphdef, _ = abstract_model(reward_cfg, "score")
         reward_tokenizer = load_tokenizer(cfg.reward.path)
@@ -357,7 +356,7 @@ def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
         reward_params = place_frozen(partitioner, loaded_reward, reward_cfg)
         if cfg.ppo.critic_init != "reward":
             loaded_reward = None
-    llama, actor_params = init_model(cfg.model, cfg.training.seed, min_vocab=len(tokenizer),
+    llama, actor_params = init_model(cfg.model, cfg.training.seed, partitioner, min_vocab=len(tokenizer),
                                      progress=shows_progress(cfg.logging))
     if cfg.ppo.critic_init == "reward":
         critic_cfg, critic_params = reward_cfg, loaded_reward
@@ -400,11 +399,12 @@ def run_ppo(cfg: PPOConfig) -> dict:
     updates_per_iteration = cfg.ppo.epochs * cfg.ppo.minibatches
     actor_tx = make_optimizer(cfg.actor_optimizer, total * updates_per_iteration)
     critic_tx = make_optimizer(cfg.critic_optimizer, total * updates_per_iteration)
-    # init_state places copies on the mesh (the updates donate them; the reference and critic share
-    # the actor's arrays); their shardings are every later call's, so nothing recompiles.
+    # init_state copies the initial params into the state (the updates donate its arrays; the
+    # reference may share the initial actor's, the critic the actor's backbone); the state's
+    # shardings are every later call's, so nothing recompiles.
     state = partitioner.init_state(functools.partial(init_ppo_state, cfg, actor_tx, critic_tx),
                                    actor_params, critic_params)
-    del actor_params, critic_params  # the unplaced copies
+    del actor_params, critic_params  # what the roles do not share is freed
     state_shardings = partitioner.shardings(state)
 
     state, checkpointer = open_run(cfg, "ppo", state, state_shardings, batches, [

@@ -196,16 +196,17 @@ def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id, partitioner: P
     return evaluate
 
 
-def init_score_params(cfg: RewardConfig, min_vocab: int):
-    """A ScoreModel: resumed from a saved score model (project or HF LlamaForSequenceClassification
-    checkpoint), or a Llama backbone (SFT / HF checkpoint, or a preset initialised at random)
-    with a fresh score head."""
+def init_score_params(cfg: RewardConfig, min_vocab: int, partitioner: Partitioner):
+    """A ScoreModel on ``partitioner``'s mesh: resumed from a saved score model (project or HF
+    LlamaForSequenceClassification checkpoint), or a Llama backbone (SFT / HF checkpoint, or a
+    preset initialised at random) with a fresh score head."""
     path = cfg.model.hf_path
     if path is not None and read_config_kind(path) == "score":
-        loaded, params = load_model_dir(path, kind="score", param_dtype=cfg.model.param_dtype)
+        loaded, params = load_model_dir(path, progress=shows_progress(cfg.logging), kind="score",
+                                        partitioner=partitioner, param_dtype=cfg.model.param_dtype)
         llama = model_config(cfg.model, loaded)
     else:
-        llama, llama_params = init_model(cfg.model, cfg.training.seed, min_vocab=min_vocab,
+        llama, llama_params = init_model(cfg.model, cfg.training.seed, partitioner, min_vocab=min_vocab,
                                          progress=shows_progress(cfg.logging))
         params = score_params_from_llama(llama_params, cfg.training.seed + 1, llama)
     if llama.vocab_size < min_vocab:
@@ -235,7 +236,7 @@ def run_reward(cfg: RewardConfig) -> dict:
                                                   shows_progress(cfg.logging))
     if not train:
         raise DataError(f"every training pair is longer than data.max_length={cfg.data.max_length}")
-    llama, params = init_score_params(cfg, len(tokenizer))
+    llama, params = init_score_params(cfg, len(tokenizer), partitioner)
     buckets = bucket_lengths(cfg.data.bucket_boundaries, cfg.data.max_length)
     pad_id = pad_token_id(tokenizer)
     batches = BatchIterator(train, batch_size=cfg.data.batch_size, buckets=buckets, pad_id=pad_id,

@@ -145,7 +145,7 @@ def run_sft(cfg: SFTConfig) -> dict:
                if report is not None and report.examples else "the files are empty")
         raise DataError(f"data.train_files {', '.join(cfg.data.train_files) or '(none given)'}: no training examples "
                         f"({why})")
-    llama, params = init_model(cfg.model, cfg.training.seed, min_vocab=len(data.tokenizer),
+    llama, params = init_model(cfg.model, cfg.training.seed, partitioner, min_vocab=len(data.tokenizer),
                                progress=shows_progress(cfg.logging))
     buckets = bucket_lengths(cfg.data.bucket_boundaries, cfg.data.max_length)
     pad_id = pad_token_id(data.tokenizer)
@@ -154,6 +154,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     total_steps = cfg.training.steps or cfg.training.epochs * batches.batches_per_epoch
     tx = make_optimizer(cfg.optimizer, total_steps)
     state = partitioner.init_state(lambda p: init_train_state(p, tx, cfg.training.seed), params)
+    del params  # the state holds its own copy: this one would stay on the devices for the whole run
     state_shardings = partitioner.shardings(state)
 
     state, checkpointer = open_run(cfg, "sft", state, state_shardings, batches,
