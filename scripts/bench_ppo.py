@@ -54,7 +54,8 @@ def run_ours(tmp: str, iters: int, warmup: int, old_logprobs: str = "recompute",
     from flax import nnx
 
     from icegrt_jax.checkpoint import save_model
-    from icegrt_jax.config import PPOConfig, load_config
+    from icegrt_jax.config import PPOConfig
+    from icegrt_jax.config_loader import load_config
     from icegrt_jax.data.tokenize import load_tokenizer
     from icegrt_jax.models.heads import ScoreModel
     from icegrt_jax.models.llama import preset

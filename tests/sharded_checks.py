@@ -43,8 +43,8 @@ from icegrt_jax.config import (
     PPOConfig,
     RolloutConfig,
     SFTConfig,
-    load_config,
 )
+from icegrt_jax.config_loader import load_config
 from icegrt_jax.hf import load_hf, save_hf
 from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import Llama, LlamaConfig, preset

@@ -6,14 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from icegrt_jax.config import (
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    SFTConfig,
-    config_to_yaml,
-    load_config,
-)
+from icegrt_jax.config import ConfigError, DataConfig, ModelConfig, SFTConfig
+from icegrt_jax.config_loader import config_to_yaml, load_config
 from icegrt_jax.data.templates import TEMPLATES
 from icegrt_jax.data.tokenize import TRUNCATION_POLICIES
 

@@ -15,13 +15,8 @@ from helpers import run_cli_killed_at
 
 from icegrt_jax import cli, rl
 from icegrt_jax.checkpoint import load_model, save_model
-from icegrt_jax.config import (
-    ConfigError,
-    PPOConfig,
-    PPOLossConfig,
-    RewardModelConfig,
-    load_config,
-)
+from icegrt_jax.config import ConfigError, PPOConfig, PPOLossConfig, RewardModelConfig
+from icegrt_jax.config_loader import load_config
 from icegrt_jax.data.tokenize import load_tokenizer
 from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import preset

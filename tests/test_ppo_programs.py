@@ -141,7 +141,7 @@ def test_joint_update_returns_the_separate_paths_states(setup, old_logprobs):
 def test_plan_counts_the_joint_updates_transients_together():
     """One epoch, one minibatch, no accumulation: the plan's update transient is the joint
     program's, both updates' gradients and activations at once."""
-    from icegrt_jax.config import load_config
+    from icegrt_jax.config_loader import load_config
     from icegrt_jax.plan import plan_ppo
 
     cfg = load_config(PPOConfig, None, [
@@ -155,7 +155,7 @@ def test_plan_counts_the_joint_updates_transients_together():
 def test_plan_counts_the_frozen_roles_in_the_compute_dtype():
     """bf16 compute over fp32 master weights: the trained roles' params count 4 bytes each, the
     frozen reference's and reward model's 2, as ``ppo.build_roles`` places them."""
-    from icegrt_jax.config import load_config
+    from icegrt_jax.config_loader import load_config
     from icegrt_jax.plan import plan_ppo
 
     cfg = load_config(PPOConfig, None, [

@@ -11,7 +11,8 @@ from helpers import run_cli_killed_at
 
 from icegrt_jax import cli
 from icegrt_jax.checkpoint import TrainCheckpointer, load_model
-from icegrt_jax.config import RewardConfig, load_config
+from icegrt_jax.config import RewardConfig
+from icegrt_jax.config_loader import load_config
 from icegrt_jax.data.preferences import load_preferences
 from icegrt_jax.data.sources import DataError
 from icegrt_jax.hf import read_config_kind

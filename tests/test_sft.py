@@ -14,12 +14,8 @@ from helpers import run_cli_killed_at
 
 from icegrt_jax import cli
 from icegrt_jax.checkpoint import TrainCheckpointer, load_model
-from icegrt_jax.config import (
-    LoggingConfig,
-    SFTConfig,
-    TrainingConfig,
-    load_config,
-)
+from icegrt_jax.config import LoggingConfig, SFTConfig, TrainingConfig
+from icegrt_jax.config_loader import load_config
 from icegrt_jax.train.loop import NonFiniteError, drop_rows_after, train_loop
 from icegrt_jax.train.sft import run_sft
 from icegrt_jax.train.state import (

@@ -47,8 +47,8 @@ def run(args) -> int:
     if not 0 < args.device_memory < float("inf"):
         raise UserInputError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
     use_stand_in_devices(args.devices)
-    from icegrt_jax.config import (
-        PPOConfig,
+    from icegrt_jax.config import PPOConfig
+    from icegrt_jax.config_loader import (
         holds_several_runs,
         load_config,
         read_yaml_mapping,

@@ -28,10 +28,11 @@ def register(subparsers):
 
 def run(args) -> int:
     from icegrt_jax import config
+    from icegrt_jax.config_loader import load_config
 
     _, schema, target, shown = TRAINERS[args.command]
     module, function = target.split(":")
-    cfg = config.load_config(getattr(config, schema), args.config, args.overrides, section=args.command)
+    cfg = load_config(getattr(config, schema), args.config, args.overrides, section=args.command)
     metrics = getattr(importlib.import_module(module), function)(cfg)
     summary = ", ".join(f"{key} {metrics[key]:.4f}" for key in shown if key in metrics)
     print(f"[{args.command}] done: {summary or 'no step left to run (training.steps reached); see metrics.jsonl'}")

@@ -29,9 +29,8 @@ from icegrt_jax.config import (
     PPOConfig,
     RewardConfig,
     SFTConfig,
-    load_config,
-    read_yaml_mapping,
 )
+from icegrt_jax.config_loader import load_config, read_yaml_mapping
 from icegrt_jax.data.sources import DataError, jsonl_records
 from icegrt_jax.demo import annotator, data
 from icegrt_jax.demo.tokenizer import train_tokenizer
@@ -66,7 +65,7 @@ class DemoConfig:
     export_check_prompts: int = 8
 
     def problems(self):
-        """Checked when the config loads, before any stage runs (``config.load_config``)."""
+        """Checked when the config loads, before any stage runs (``config_loader.load_config``)."""
         counts = [f.name for f in dataclasses.fields(self) if f.type in ("int", int) and f.name != "seed"]
         yield from ((name, f"must be >= 1, got {getattr(self, name)}") for name in counts if getattr(self, name) < 1)
         yield from ((name, f"must be in (0, 1), got {getattr(self, name)}")

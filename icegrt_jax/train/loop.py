@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from icegrt_jax import files
 from icegrt_jax.checkpoint import TrainCheckpointer
-from icegrt_jax.config import LoggingConfig, TrainingConfig, config_to_yaml
+from icegrt_jax.config import LoggingConfig, TrainingConfig
+from icegrt_jax.config_loader import config_to_yaml
 from icegrt_jax.data.batching import DataPosition
 from icegrt_jax.errors import NonFiniteError, TrainingStopped
 from icegrt_jax.hf import CheckpointError, check_replaceable
