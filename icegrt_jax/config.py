@@ -295,7 +295,10 @@ class RolloutConfig:
     take the ``sampler``'s (as TRL; one forward fewer; needs top_k 0 and top_p 1, where both are
     log_softmax(logits / T); they differ only by rounding, the decode path's attention runs over
     the KV cache, so the first update's ratio is 1 up to rounding and the KL to a reference equal
-    to the actor is that rounding, not exactly 0: larger in bf16)."""
+    to the actor is that rounding, not exactly 0: larger in bf16). ``micro_batch_size``: prompts
+    generated, and rollout rows scored by each frozen or scoring forward, at a time (OpenRLHF's
+    micro rollout batch): it bounds the KV cache and the scoring activations; null: all of an
+    iteration's at once."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -303,6 +306,7 @@ class RolloutConfig:
     max_new_tokens: int = 256
     stop_token_ids: list[int] | None = None  # null: the tokenizer's EOS; []: always max_new_tokens
     old_logprobs: str = choice("recompute", "recompute", "sampler")
+    micro_batch_size: int | None = None
 
     def problems(self) -> Problems:
         if not self.temperature >= MIN_TEMPERATURE:
@@ -314,6 +318,8 @@ class RolloutConfig:
                                    "are of the filtered distribution, not the one PPO's ratio uses)")
         yield from _at_least(self, 0, "top_k")
         yield from _at_least(self, 1, "max_new_tokens")
+        if self.micro_batch_size is not None:
+            yield from _at_least(self, 1, "micro_batch_size")
 
 
 @dataclass
@@ -412,6 +418,8 @@ class PPOConfig:
         if rows % step_rows:
             yield "data.prompts_per_iteration", (f"{rows} is not divisible by ppo.minibatches x "
                                                  f"grad_accum_steps = {step_rows}")
+        if (micro := self.rollout.micro_batch_size) and micro > 0 and rows % micro:
+            yield "rollout.micro_batch_size", f"{micro} does not divide data.prompts_per_iteration {rows}"
 
 
 def _at_least(cfg: Any, minimum: int, *names: str) -> Problems:

@@ -9,13 +9,13 @@ Per device and per role:
 - params, optimizer state (AdamW moments in the param dtype), gradients (one param-shaped copy)
   and KV cache: exact, ``sum over leaves of prod(shard shape) x itemsize`` with the shard shapes
   the mesh rules give (the cache is the sampler's, ``init_cache(per_layer=True)``: per layer k
-  [rows, kv_heads, P + N, D] and v [rows, kv_heads, D, P + N], rows split by ``batch``, kv heads
-  by ``kv_heads``);
+  [rows, kv_heads, P + N, D] and v [rows, kv_heads, D, P + N] for the rows generated at a time
+  (``rollout.micro_batch_size``, default all), rows split by ``batch``, kv heads by ``kv_heads``);
 - activations: the compiled program's ``memory_analysis().temp_size_in_bytes`` (everything that
   is neither an argument nor an output), minus the gradients for the update steps. The programs
   are the trainer's own: ``ppo_updates.make_actor_update`` / ``make_critic_update`` on a minibatch and
   ``rollout.sequence_logprobs`` (``_without_entropy`` for the reference) / ``critic_values`` /
-  ``reward_model_scores`` on a rollout batch. With one epoch, one minibatch and no critic
+  ``reward_model_scores`` on a rollout batch (``rollout.micro_batch_size`` rows at a time). With one epoch, one minibatch and no critic
   accumulation, in critic warm-up iterations or with actor accumulation, the trainer runs
   ``make_critic_update_with_values`` instead of ``critic_values`` + ``make_critic_update``: the
   same critic forward and backward plus the experience arrays ([rows, length] each), sized here
@@ -36,7 +36,6 @@ workspaces, collective buffers) differs by a few percent, so leave that much hea
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 
@@ -153,11 +152,12 @@ def ppo_models(cfg: PPOConfig, reward_preset: str | None) -> dict[str, tuple[Lla
 
 def rollout_shapes(cfg: PPOConfig) -> dict[str, int]:
     """Worst-case shapes: prompts of ``max_prompt_length`` tokens, responses of
-    ``max_new_tokens``; one response per prompt (rows = prompts per iteration)."""
+    ``max_new_tokens``; one response per prompt (rows = prompts per iteration), generated
+    ``rollout.micro_batch_size`` at a time."""
     prompt_slots = bucket(cfg.data.max_prompt_length, PROMPT_BUCKETS)
     rows = cfg.data.prompts_per_iteration
     return {"rows": rows, "length": prompt_slots + cfg.rollout.max_new_tokens,
-            "generation_rows": batch_bucket(rows),
+            "generation_rows": batch_bucket(cfg.rollout.micro_batch_size or rows),
             "cache_slots": prompt_slots + bucket(cfg.rollout.max_new_tokens, NEW_TOKEN_BUCKETS),
             "minibatch_rows": rows // cfg.ppo.minibatches}
 
@@ -181,16 +181,18 @@ FORWARDS = {"actor": rollout.sequence_logprobs, "reference": rollout.sequence_lo
 
 def forward_temp_bytes(partitioner: Partitioner, role: str, llama: LlamaConfig, kind: str, cfg: PPOConfig,
                        shapes: dict[str, int]) -> int:
-    """Compiled temporaries of the role's scoring forward over the whole rollout batch."""
+    """Compiled temporaries of the role's scoring forward over the rollout batch (in
+    ``rollout.micro_batch_size`` pieces, as the trainer runs it)."""
     graphdef, params = abstract_model(llama, kind)
     params_in = with_shardings(params, partitioner.shardings(params))
     experience = rollout_batch(partitioner, shapes["rows"], shapes["length"])
     args = (params_in, experience["tokens"], experience["attention_mask"])
+    forward = ppo.scoring_forward(FORWARDS[role], graphdef, cfg, partitioner.data_parallel_size)
     if kind == "causal_lm":
-        forward = jax.jit(functools.partial(FORWARDS[role], graphdef), static_argnums=(3, 4))
+        forward = jax.jit(forward, static_argnums=(3, 4))
         args += (cfg.rollout.temperature, cfg.rollout.max_new_tokens)
     else:
-        forward = jax.jit(functools.partial(FORWARDS[role], graphdef))
+        forward = jax.jit(forward)
     return compiled_temp_bytes(partitioner, forward, *args)
 
 

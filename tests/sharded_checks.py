@@ -50,7 +50,7 @@ from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import Llama, LlamaConfig, preset
 from icegrt_jax.sampling import SamplingParams, _inference_weights, _prefill, generate
 from icegrt_jax.sharding import Partitioner, ShardingError
-from icegrt_jax.train import ppo, ppo_updates, reward, sft
+from icegrt_jax.train import ppo, ppo_updates, reward, rollout, sft
 from icegrt_jax.train.model_init import init_model, model_config, place_frozen
 from icegrt_jax.train.state import (
     init_train_state,
@@ -376,6 +376,8 @@ def check_bad_input(directory: str) -> dict:
         "ppo_minibatch_not_divisible": error_before_compiling(bad_ppo("mesh.data=8", "ppo.minibatches=4")),
         "ppo_micro_batch_not_divisible": error_before_compiling(
             bad_ppo("mesh.data=4", "ppo.minibatches=2", "critic_optimizer.grad_accum_steps=4")),
+        "rollout_micro_batch_not_divisible": error_before_compiling(
+            bad_ppo("mesh.data=8", "rollout.micro_batch_size=4")),
     }
     results["run_dir_created"] = os.path.exists(run_dir)
     no_mlp_rule = MeshConfig(data=8, rules=[r for r in MeshConfig().rules if r[0] != "mlp"])
@@ -481,8 +483,35 @@ def check_plan(directory: str) -> dict:
         code = cli.main([*args, "--json"])
     with contextlib.redirect_stderr(stderr):
         bad_code = cli.main([*args, "data.prompts_per_iteration=12"])
+    micro = io.StringIO()
+    with contextlib.redirect_stdout(micro), contextlib.redirect_stderr(io.StringIO()):
+        cli.main([*args, "--json", "rollout.micro_batch_size=4"])
     return {"code": code, "plan": json.loads(stdout.getvalue()), "progress": progress.getvalue(), "bad_code": bad_code,
-            "bad_error": stderr.getvalue()}
+            "bad_error": stderr.getvalue(), "micro_plan": json.loads(micro.getvalue())}
+
+
+def check_chunked_scoring() -> dict:
+    """The trainer's scoring forwards on (2,2,2) over 16 rows, 4 at a time (each piece: one row
+    of each of the 4 data-parallel blocks), against all rows at once on one device."""
+    graphdef, params = nnx.split(Llama(MODEL, nnx.Rngs(4)))
+    critic_graphdef, critic_params = nnx.split(ScoreModel(MODEL, nnx.Rngs(5)))
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(3, MODEL.vocab_size, (16, 24)).astype(np.int32)
+    mask = (np.arange(24)[None] >= rng.integers(0, 12, 16)[:, None]).astype(np.int32)  # left padding
+    cfg = dataclasses.replace(PPO, rollout=RolloutConfig(micro_batch_size=4))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompts_per_iteration=16))
+    p = partitioner((2, 2, 2))
+    results = {}
+    for name, fn, g, prm, static in (("logprobs", rollout.sequence_logprobs_without_entropy, graphdef, params, (0.9, 12)),
+                                     ("values", rollout.critic_values, critic_graphdef, critic_params, ())):
+        single = fn(g, prm, tokens, mask, *static)
+        chunked = p.jit(ppo.scoring_forward(fn, g, cfg, p.data_parallel_size), in_shardings=(
+            p.shardings(prm), p.batch_sharding, p.batch_sharding), out_shardings=p.batch_sharding,
+            static_argnums=tuple(range(3, 3 + len(static))))
+        with p.activate():
+            out = chunked(p.put(prm), *p.shard_batch((tokens, mask)), *static)
+        results[name] = max_difference(out, single)
+    return results
 
 
 def main(directory: str, tokenizer_dir: str):
@@ -499,6 +528,7 @@ def main(directory: str, tokenizer_dir: str):
         "sampling": check_tensor_parallel_sampling(),
         "plan": check_plan(directory),
         "placed_loading": check_placed_loading(directory),
+        "chunked_scoring": check_chunked_scoring(),
     }
     print(json.dumps(results))
 

@@ -195,6 +195,7 @@ def test_a_random_model_is_initialised_into_its_shards(sharded):
     ("ppo_micro_batch_not_divisible",
      ("the critic's minibatch (data.prompts_per_iteration / ppo.minibatches) 8 / grad_accum_steps 4 = 2 rows a "
      "micro-batch, which is not divisible by the data-parallel size 4")),
+    ("rollout_micro_batch_not_divisible", "rollout.micro_batch_size 4 is not divisible by the data-parallel size 8"),
 ])
 def test_bad_input_fails_before_compiling(sharded, case, message):
     result = sharded["bad_input"][case]
@@ -311,6 +312,25 @@ def test_plan_counts_params_optimizer_gradients_and_kv_cache_exactly(sharded):
     assert plan["peak"] == plan["resident"] + max(plan["transients"].values())
     assert plan["resident"] == sum(r["params"] + r["optimizer"] for r in roles.values())
     assert plan["fits"] and plan["mesh"] == sizes
+
+
+def test_plan_of_micro_batched_rollouts_holds_a_quarter_of_the_kv_cache(sharded):
+    """``rollout.micro_batch_size=4`` of 16 rows: the KV cache is the cache of 4 rows (a quarter),
+    and every scoring forward's compiled temporaries shrink (they are the same programs the
+    trainer runs, in pieces)."""
+    whole, micro = sharded["plan"]["plan"], sharded["plan"]["micro_plan"]
+    assert micro["shapes"]["generation_rows"] == 4 and whole["shapes"]["generation_rows"] == 16
+    assert micro["roles"][0]["kv_cache"] * 4 == whole["roles"][0]["kv_cache"]
+    for role in ("actor", "critic", "reference", "reward"):
+        assert micro["transients"][f"score: {role}"] < 0.75 * whole["transients"][f"score: {role}"], role
+    assert micro["transients"]["update: actor"] == whole["transients"]["update: actor"]
+
+
+def test_micro_batched_scoring_matches_one_device(sharded):
+    """The trainer's scoring forwards on (2,2,2), 4 of 16 rows at a time, against all rows at once
+    on one device: fp32 summation order only (log-probs of size ~5: measured 1.9e-6)."""
+    assert sharded["chunked_scoring"]["logprobs"] < 1e-5
+    assert sharded["chunked_scoring"]["values"] < 1e-5
 
 
 def test_plan_rejects_a_rollout_batch_the_mesh_cannot_split(sharded):

@@ -1,10 +1,11 @@
 """ICE-GRT: PPO with actor, critic, frozen reference and frozen reward model (paper section 3.3).
 
 One iteration (``make_train_step``'s function): sample responses to a batch of prompts with the
-actor; score them (old log-probs, recomputed or the sampler's per ``rollout.old_logprobs``;
-reference log-probs; values; reward-model scores; the LM head runs on the response block only); shape
-per-token rewards with the KL penalty and compute GAE advantages (whitened by default, the
-paper's advantage normalisation), and step the KL controller with the rollout's KL (the new
+actor (``rollout.micro_batch_size`` prompts at a time, default all); score them, each forward
+over as many rows at a time (``scoring_forward``): old log-probs (recomputed or the sampler's per
+``rollout.old_logprobs``), reference log-probs, values, reward-model scores (the LM head runs on
+the response block only); shape per-token rewards with the KL penalty and compute GAE advantages
+(whitened by default, the paper's advantage normalisation), and step the KL controller with the rollout's KL (the new
 coefficient applies from the next iteration); then ``ppo.epochs`` passes of shuffled minibatches
 update the actor (clipped surrogate, eq. 3, optional entropy bonus) and the critic (clipped
 value loss), each with its own optimizer and learning rate. With one epoch, one minibatch and no
@@ -143,6 +144,8 @@ def check_rollout_batch(partitioner: Partitioner, cfg: PPOConfig):
     minibatch, split evenly over the data-parallel shards."""
     rows = cfg.data.prompts_per_iteration
     partitioner.check_batch_size(rows, what="data.prompts_per_iteration")
+    if cfg.rollout.micro_batch_size is not None:
+        partitioner.check_batch_size(cfg.rollout.micro_batch_size, what="rollout.micro_batch_size")
     for name, opt in (("actor", cfg.actor_optimizer), ("critic", cfg.critic_optimizer)):
         partitioner.check_batch_size(rows // cfg.ppo.minibatches, opt.grad_accum_steps,
                                      f"the {name}'s minibatch (data.prompts_per_iteration / ppo.minibatches)")
@@ -162,6 +165,14 @@ class Roles:
     reward_stats: dict | None
 
 
+def scoring_forward(fn, graphdef, cfg: PPOConfig, data_parallel_size: int):
+    """A rollout forward ``fn(graphdef, params, tokens, attention_mask, *static)`` over the
+    iteration's rows ``rollout.micro_batch_size`` at a time (``rollout.in_row_chunks``)."""
+    rows = cfg.data.prompts_per_iteration
+    chunks = rows // (cfg.rollout.micro_batch_size or rows)
+    return rollout.in_row_chunks(functools.partial(fn, graphdef), chunks, data_parallel_size)
+
+
 def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,
                     *, partitioner: Partitioner, state_shardings):
     """The PPO iteration ``(PPOState, prompt_batch) -> (PPOState, metrics)`` (host orchestration
@@ -171,8 +182,8 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
     rows_sh, replicated = partitioner.batch_sharding, partitioner.replicated
 
     def forward(fn, graphdef, param_shardings, **static):
-        return partitioner.jit(functools.partial(fn, graphdef), in_shardings=(param_shardings, rows_sh, rows_sh),
-                               out_shardings=rows_sh, **static)
+        chunked = scoring_forward(fn, graphdef, cfg, partitioner.data_parallel_size)
+        return partitioner.jit(chunked, in_shardings=(param_shardings, rows_sh, rows_sh), out_shardings=rows_sh, **static)
 
     logprob_fn = forward(rollout.sequence_logprobs, roles.actor_graphdef, state_shardings.actor.params,
                          static_argnums=(3, 4))
@@ -245,7 +256,7 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                                   pad_id=pad_token_id(tokenizer))
         with partitioner.activate():
             result = generate((roles.actor_graphdef, state.actor.params), [e.input_ids for e in prompt_batch],
-                              sampling)
+                              sampling, batch_size=cfg.rollout.micro_batch_size)
         generated = time.perf_counter()
 
         rollout_rows = partitioner.shard_batch({"tokens": result.tokens, "attention_mask": result.attention_mask,
