@@ -11,9 +11,11 @@ rounding noise on near-zero gradients into at most ~lr per step), losses within 
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -109,6 +111,34 @@ def test_two_processes_train_like_one(tmp_path, tiny_tokenizer_dir):
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                          multi_params, single_params)
     assert max(jax.tree.leaves(diffs)) < 1e-4
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, tiny_tokenizer_dir):
+    """SIGTERM to process 1 alone (as when one node is preempted): both processes stop after the
+    same step, with one checkpoint of it, and exit 128 + SIGTERM (no process waits forever in the
+    collective checkpoint save); the rerun resumes from that step."""
+    config = sft_config(tmp_path, tiny_tokenizer_dir, "preempted")
+    procs = launch(config, steps=100_000, num_processes=2)
+    log = tmp_path / "preempted" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)  # until both processes are inside the loop
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=240))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("a process did not stop: the signal reached one process only")
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outputs[0][1][-2000:]
+    steps = {int(m.group(1)) for _, err in outputs for m in re.finditer(r"stopped by SIGTERM at step (\d+)", err)}
+    assert len(steps) == 1, steps  # the same step on both
+    step = steps.pop()
+    assert (tmp_path / "preempted" / "checkpoints" / str(step)).is_dir()
+    resumed = finish(launch(config, steps=step + 1, num_processes=2))
+    assert f"resumed from step {step}" in resumed[0][0]  # process 0 reports it
 
 
 def ppo_config(tmp_path, tokenizer_dir, name: str) -> str:

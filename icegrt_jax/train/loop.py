@@ -6,6 +6,9 @@ steps, checkpoints every ``save_every`` steps and at the end, stops with ``NonFi
 a step reports a non-finite loss or gradient (that update is never applied, and the last good
 checkpoint stays the newest), and on SIGTERM/SIGINT saves a checkpoint and returns; the trainer
 then raises ``TrainingStopped`` (``LoopResult.raise_if_stopped``) instead of writing its final model.
+In a multi-process run the processes agree after every step whether any of them was signalled,
+so a signal to one process stops all of them after the same step, with one checkpoint (a
+checkpoint save is collective: a process saving alone would wait for the others forever).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
@@ -180,7 +184,7 @@ def drop_rows_after(path: str, step: int):
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set ``signum`` (and ``requested``) instead of killing the process (preemption)."""
+    """SIGTERM/SIGINT set ``signum`` instead of killing the process (preemption)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -188,9 +192,15 @@ class StopRequest:
         self.signum: int | None = None
         self._previous = {}
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
+    def agreed(self) -> int | None:
+        """The signal received so far, the same on every process: in a multi-process run, the
+        first process's (in process order) that got one. A collective: every process calls it at
+        the same point. A signal arriving after the call counts at the next call."""
+        signum = self.signum
+        if jax.process_count() == 1:
+            return signum
+        signals = np.ravel(multihost_utils.process_allgather(np.int32(signum or 0)))
+        return next((int(s) for s in signals if s), None)
 
     def __enter__(self):
         for sig in self.SIGNALS:
@@ -260,10 +270,10 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
                 bar.update(1)
                 if eval_fn is not None and (step % training.eval_every == 0 or step == total_steps):
                     logger.log(step, {f"eval/{k}": v for k, v in eval_fn(state).items()})
-                if step % training.save_every == 0 or step == total_steps or stop.requested:
+                stopped = stop.agreed()
+                if step % training.save_every == 0 or step == total_steps or stopped is not None:
                     checkpointer.save(step, state, meta_fn(), force=True)
-                if stop.requested:
-                    stopped = stop.signum
+                if stopped is not None:
                     break
     finally:
         checkpointer.wait()
