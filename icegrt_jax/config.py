@@ -296,9 +296,10 @@ class RolloutConfig:
     log_softmax(logits / T); they differ only by rounding, the decode path's attention runs over
     the KV cache, so the first update's ratio is 1 up to rounding and the KL to a reference equal
     to the actor is that rounding, not exactly 0: larger in bf16). ``micro_batch_size``: prompts
-    generated, and rollout rows scored by each frozen or scoring forward, at a time (OpenRLHF's
-    micro rollout batch): it bounds the KV cache and the scoring activations; null: all of an
-    iteration's at once."""
+    generated, and rollout rows scored by each scoring forward, at a time (OpenRLHF's micro
+    rollout batch): it bounds the KV cache and the scoring activations (not the fused update
+    programs', whose forwards run over their minibatch); with FSDP each piece gathers the weights
+    again. null: all of an iteration's at once."""
 
     temperature: float = 1.0
     top_k: int = 0

@@ -401,7 +401,6 @@ def _decode(graphdef, params, weights, cache, logits, prompt_mask, prompt_index,
 
 _DECODE_STATIC = ("graphdef", "static", "num_samples")
 _DECODE_DONATED = ("cache",)
-_decode_jit = jax.jit(_decode, static_argnames=_DECODE_STATIC, donate_argnames=_DECODE_DONATED)
 # A decode step is ~80 small ops (batch-row matmuls, norms, one query's attention). XLA:CPU's
 # YNNPACK fusions cost a fixed ~0.1 ms each, which dominates at these sizes, so on CPU the decode
 # loop compiles without them (its own dot and loop emitters): 1.3x faster decode on bench-small.
@@ -412,24 +411,26 @@ _decode_jit = jax.jit(_decode, static_argnames=_DECODE_STATIC, donate_argnames=_
 # decode on an Intel Xeon with AVX-512 (LLVM's default there is 256; CPUs without AVX-512 ignore it).
 _CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_disable_hlo_passes": "tree_reduction_rewriter",
                        "xla_cpu_prefer_vector_width": 512}
-_decode_jit_cpu = jax.jit(_decode, static_argnames=_DECODE_STATIC, donate_argnames=_DECODE_DONATED,
-                          compiler_options=_CPU_DECODE_OPTIONS)
 
 
 @functools.cache
-def _cpu_decode_options_supported() -> bool:
-    """Whether this XLA knows the option (it is experimental: a later jax may drop it)."""
+def _decode_program():
+    """The jitted decode loop for the default backend: on CPU with those of
+    ``_CPU_DECODE_OPTIONS`` this XLA accepts (each is experimental: a later jax may drop one)."""
+    options = {}
+    if jax.default_backend() == "cpu":
+        options = {name: value for name, value in _CPU_DECODE_OPTIONS.items() if _accepted({name: value})}
+    return jax.jit(_decode, static_argnames=_DECODE_STATIC, donate_argnames=_DECODE_DONATED,
+                   compiler_options=options or None)
+
+
+def _accepted(options: dict) -> bool:
+    """Whether XLA compiles a trivial program with ``options``."""
     try:
-        jax.jit(lambda x: x + 1, compiler_options=_CPU_DECODE_OPTIONS).lower(np.float32(0)).compile()
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
     except Exception:  # noqa: BLE001 - any refusal means: compile without it
         return False
     return True
-
-
-def _decode_program():
-    """The jitted decode loop for the default backend (see ``_CPU_DECODE_OPTIONS``)."""
-    on_cpu = jax.default_backend() == "cpu"
-    return _decode_jit_cpu if on_cpu and _cpu_decode_options_supported() else _decode_jit
 
 
 # --- host side ---------------------------------------------------------------------------------

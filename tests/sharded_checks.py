@@ -20,6 +20,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import collections
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -492,7 +493,9 @@ def check_plan(directory: str) -> dict:
 
 def check_chunked_scoring() -> dict:
     """The trainer's scoring forwards on (2,2,2) over 16 rows, 4 at a time (each piece: one row
-    of each of the 4 data-parallel blocks), against all rows at once on one device."""
+    of each of the 4 data-parallel blocks), against all rows at once on one device; and how many
+    all-to-alls and collective-permutes the critic forward compiles to: over all rows, in pieces
+    taken per data-parallel block, and (a control) in pieces cut from one block of all rows."""
     graphdef, params = nnx.split(Llama(MODEL, nnx.Rngs(4)))
     critic_graphdef, critic_params = nnx.split(ScoreModel(MODEL, nnx.Rngs(5)))
     rng = np.random.default_rng(6)
@@ -511,6 +514,14 @@ def check_chunked_scoring() -> dict:
         with p.activate():
             out = chunked(p.put(prm), *p.shard_batch((tokens, mask)), *static)
         results[name] = max_difference(out, single)
+    for name, chunks, shards in (("permutes_whole", 1, 1), ("permutes_chunked", 4, p.data_parallel_size),
+                                 ("permutes_one_block", 4, 1)):  # the last a control
+        forward = rollout.in_row_chunks(functools.partial(rollout.critic_values, critic_graphdef), chunks, shards)
+        program = p.jit(forward, in_shardings=(p.shardings(critic_params), p.batch_sharding, p.batch_sharding),
+                        out_shardings=p.batch_sharding)
+        with p.activate():
+            hlo = program.lower(p.put(critic_params), *p.shard_batch((tokens, mask))).compile().as_text()
+        results[name] = len(re.findall(r"\b(all-to-all|collective-permute)(-start)?\(", hlo))
     return results
 
 

@@ -420,15 +420,25 @@ def test_scoring_in_row_chunks_equals_all_rows_at_once_in_less_memory():
         assert temp[0] < 0.6 * temp[1], (forward.__name__, temp)
 
 
-def test_micro_batched_rollouts_train_as_the_whole_batch(ppo_setup):
-    """``rollout.micro_batch_size=4`` of 16 prompts: the sampler runs 4 batches, each scoring
-    forward 4 pieces; a row's sample depends on (seed, prompt, step) only, so the rollouts, and the
-    two iterations trained on them, agree with the whole batch's to fp32 rounding."""
+def test_micro_batched_rollouts_train_as_the_whole_batch(ppo_setup, monkeypatch):
+    """``rollout.micro_batch_size=4`` of 16 prompts: the sampler runs 4 batches of 4, each of the 3
+    scoring forwards 4 pieces; a row's sample depends on (seed, prompt, step) only, so the
+    rollouts, and the two iterations trained on them, agree with the whole batch's to fp32
+    rounding (and exactly in lengths and scores on this machine)."""
+    from icegrt_jax import sampling
+
     tmp_path, config = ppo_setup
+    batches, pieces = [], []
+    real_batch, real_chunks = sampling._generate_batch, rollout.in_row_chunks
+    monkeypatch.setattr(sampling, "_generate_batch", lambda *a, **k: batches.append(len(a[4])) or real_batch(*a, **k))
+    monkeypatch.setattr(rollout, "in_row_chunks", lambda f, chunks, *a: pieces.append(chunks) or real_chunks(f, chunks, *a))
     separate = ("training.steps=2", "ppo.epochs=1", "actor_optimizer.grad_accum_steps=2",
                 "critic_optimizer.grad_accum_steps=2")  # every scoring forward runs (no fused update)
     whole = _run(config, tmp_path / "whole", *separate)
+    assert batches == [16, 16] and pieces == [1, 1, 1]
+    batches.clear(), pieces.clear()
     micro = _run(config, tmp_path / "micro", *separate, "rollout.micro_batch_size=4")
+    assert batches == [4] * 8 and pieces == [4, 4, 4]  # 2 iterations x 4 batches; old and reference log-probs, values
     for a, b in zip(micro, whole, strict=True):
         assert a["response_length"] == b["response_length"] and a["score_raw_mean"] == b["score_raw_mean"]
         for key in ("kl", "policy_loss", "value_loss", "advantage_mean", "return_mean", "rollout_entropy"):

@@ -388,6 +388,15 @@ def test_the_decode_loop_updates_the_prefilled_cache_in_place(tiny, options):
     assert memory.temp_size_in_bytes < cache_bytes
 
 
+def test_each_cpu_decode_option_is_probed_on_its_own():
+    """The CPU decode options are experimental XLA flags, probed one at a time (``_decode_program``
+    keeps those accepted): an unknown flag is refused, a known one accepted."""
+    from icegrt_jax import sampling
+
+    assert not sampling._accepted({"xla_cpu_no_such_option": 1})
+    assert sampling._accepted({"xla_disable_hlo_passes": "tree_reduction_rewriter"})
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: SamplingParams(max_new_tokens=0), "max_new_tokens"),
     (lambda: SamplingParams(max_new_tokens=-3), "max_new_tokens"),

@@ -1,8 +1,8 @@
 """ICE-GRT: PPO with actor, critic, frozen reference and frozen reward model (paper section 3.3).
 
 One iteration (``make_train_step``'s function): sample responses to a batch of prompts with the
-actor (``rollout.micro_batch_size`` prompts at a time, default all); score them, each forward
-over as many rows at a time (``scoring_forward``): old log-probs (recomputed or the sampler's per
+actor (``rollout.micro_batch_size`` prompts at a time, default all); score them, each scoring
+forward over as many rows at a time (``scoring_forward``): old log-probs (recomputed or the sampler's per
 ``rollout.old_logprobs``), reference log-probs, values, reward-model scores (the LM head runs on
 the response block only); shape per-token rewards with the KL penalty and compute GAE advantages
 (whitened by default, the paper's advantage normalisation), and step the KL controller with the rollout's KL (the new

@@ -245,7 +245,7 @@ def run_reward(cfg: RewardConfig) -> dict:
     total_steps = cfg.training.steps or cfg.training.epochs * batches.batches_per_epoch
     tx = make_optimizer(cfg.optimizer, total_steps)
     state = partitioner.init_state(lambda p: init_train_state(p, tx, cfg.training.seed), params)
-    del params  # the unplaced copy
+    del params  # the state holds its own copy: this one would stay on the devices for the whole run
     state_shardings = partitioner.shardings(state)
 
     report = [f"train: {train_report.summary()}; {train_dropped} pairs longer than max_length dropped"]
