@@ -16,7 +16,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from icegrt_jax import hf
+from icegrt_jax import files, hf
 from icegrt_jax.models.llama import LlamaConfig
 from icegrt_jax.sharding import Partitioner, is_primary_process
 
@@ -49,8 +49,9 @@ def save_model(cfg: LlamaConfig, params: nnx.State, path: str, tokenizer=None, k
 
 def write_directory(path: str, write):
     """``hf.atomic_directory`` for one process. With several, all of them ``write`` into one
-    shared temporary directory (Orbax coordinates the array shards) and process 0 moves it into
-    place; barriers keep the processes in step."""
+    shared temporary directory (Orbax coordinates the array shards), each syncs the tree to disk
+    (on a shared filesystem only a file's writer can flush it), and process 0 moves it into place
+    and syncs the rename; barriers keep the processes in step."""
     if jax.process_count() == 1:
         return hf.atomic_directory(path, write)
     path = os.path.abspath(path)
@@ -63,12 +64,14 @@ def write_directory(path: str, write):
         os.makedirs(tmp)
     multihost_utils.sync_global_devices(f"{tmp}: created")
     write(tmp)
+    files.sync_tree(tmp)
     multihost_utils.sync_global_devices(f"{tmp}: written")
     if primary:
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+        files.sync_path(os.path.dirname(path))
     multihost_utils.sync_global_devices(f"{tmp}: moved")
 
 

@@ -175,6 +175,33 @@ def test_a_written_model_is_on_disk_before_and_after_its_rename(hf_dir, tiny_tok
     assert synced[-1] == str(tmp_path)  # then the rename itself
 
 
+def test_a_multi_process_write_is_on_disk_before_and_after_its_rename(tmp_path, monkeypatch):
+    """The multi-process write (every process into one shared temporary directory): each process
+    fsyncs the tree it wrote into before the barrier, process 0 the parent after the rename.
+    Simulated in one process: process_count 2, barriers that pass."""
+    from jax.experimental import multihost_utils
+
+    from icegrt_jax import checkpoint
+
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    monkeypatch.setattr(checkpoint.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: synced.append(f"barrier {name}"))
+    out = tmp_path / "model"
+
+    def write(directory):
+        os.makedirs(os.path.join(directory, "params"))
+        for name in ("config.json", "params/shard-0"):
+            with open(os.path.join(directory, name), "w") as f:
+                f.write("x")
+
+    checkpoint.write_directory(str(out), write)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["config.json", "params", "params/shard-0"]
+    written = synced.index(f"barrier {out}.tmp-shared: written")
+    assert {f"{out}.tmp-shared/config.json", f"{out}.tmp-shared/params/shard-0"} <= set(synced[:written])
+    assert synced[written + 1:] == [str(tmp_path), f"barrier {out}.tmp-shared: moved"]
+
+
 def test_convert_removes_what_a_killed_convert_left(hf_dir, tmp_path, caplog):
     """A convert killed mid-write leaves OUT.tmp-<host>-<pid>; the next write to OUT removes it
     when that pid is gone on this host, and keeps a live process's or another host's."""
