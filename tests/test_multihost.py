@@ -58,7 +58,8 @@ def sft_config(tmp_path, tokenizer_dir, name: str) -> str:
     return str(path)
 
 
-def launch(config: str, steps: int, num_processes: int, command: str = "sft") -> list[subprocess.Popen]:
+def launch(config: str, steps: int, num_processes: int, command: str = "sft",
+           overrides: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """``icegrt COMMAND`` in ``num_processes`` processes (JAX_* variables name the coordinator)."""
     port = free_port()
     procs = []
@@ -68,7 +69,8 @@ def launch(config: str, steps: int, num_processes: int, command: str = "sft") ->
         if num_processes > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
                        JAX_PROCESS_ID=str(rank))
-        cmd = [sys.executable, "-m", "icegrt_jax.cli", command, "--config", config, f"training.steps={steps}"]
+        cmd = [sys.executable, "-m", "icegrt_jax.cli", command, "--config", config, f"training.steps={steps}",
+               *overrides]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -184,3 +186,23 @@ def test_two_processes_run_ppo_like_one(tmp_path, tiny_tokenizer_dir):
         diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                              multi_params, single_params)
         assert max(jax.tree.leaves(diffs)) < 1e-4, final
+
+
+def test_a_scorer_failing_on_process_0_stops_both_processes(tmp_path, tiny_tokenizer_dir):
+    """Process 0 scores for everyone; when its scorer's output is wrong, both processes exit 2
+    (process 0 naming the problem, process 1 pointing to it) instead of one waiting forever in the
+    broadcast of the scores."""
+    config = ppo_config(tmp_path, tiny_tokenizer_dir, "bad-scorer")
+    procs = launch(config, steps=1, num_processes=2, command="ppo",
+                   overrides=("reward.function=ppo_scorers:short_on_process_0",))
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=240))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("a process hung after the scorer failed on process 0")
+    assert [p.returncode for p in procs] == [2, 2], outputs[1][1][-2000:]
+    assert "returned shape (3,) for 4 responses" in outputs[0][1]
+    assert "the scorer failed on process 0" in outputs[1][1]

@@ -28,10 +28,10 @@ by the data-parallel size (``check_rollout_batch``, before anything compiles).
 
 Multi-process (``jax.distributed``): every process runs this same host loop on the global mesh.
 Each holds the whole prompt list and draws the same batch; the sampler gathers its outputs to
-every process (``sampling.to_host``), so decoding, re-tokenising and programmatic scoring see the
-whole rollout everywhere (a ``reward.function`` runs on every process; process 0's scores are
-broadcast), and ``Partitioner.shard_batch`` hands each process's devices their rows. Only
-process 0 logs; every process writes its shards of the checkpoints.
+every process (``sampling.to_host``), so decoding and re-tokenising see the whole rollout
+everywhere (a ``reward.function`` runs on process 0, which broadcasts its scores:
+``rollout.primary_scores``), and ``Partitioner.shard_batch`` hands each process's devices their
+rows. Only process 0 logs; every process writes its shards of the checkpoints.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from icegrt_jax import rl
 from icegrt_jax.checkpoint import load_model_dir, save_model
@@ -228,12 +227,8 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
             responses = [template.response_text(tokenizer.decode(result.response_tokens(r), skip_special_tokens=True))
                          for r in range(len(prompts))]
         if score_function is not None:
-            scores = score_function(prompts, responses)
-            if jax.process_count() > 1:  # process 0's scores for everyone: a scorer need not be deterministic
-                scores = rollout.checked_scores(scores, len(prompts), cfg.reward.function, finite=False)
-                scores = np.asarray(multihost_utils.broadcast_one_to_all(scores))
-            scores = rollout.checked_scores(scores, len(prompts), cfg.reward.function)  # alike on every process
-            return partitioner.shard_batch(scores)
+            return partitioner.shard_batch(rollout.primary_scores(lambda: score_function(prompts, responses),
+                                                                  len(prompts), cfg.reward.function))
         if not pass_through:
             tokens, attention_mask = partitioner.shard_batch(rollout.retokenize_for_reward(
                 reward_tokenizer, template, prompts, responses, result.finished_by_eos,

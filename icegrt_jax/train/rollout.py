@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from icegrt_jax import rl
 from icegrt_jax.config import ConfigError, PPOLossConfig, RewardModelConfig
@@ -120,6 +121,27 @@ def load_score_function(spec: str) -> Callable:
     if not callable(function):
         raise ConfigError(f"reward.function: {spec!r} is not callable")
     return function
+
+
+def primary_scores(score: Callable[[], object], count: int, spec: str) -> np.ndarray:
+    """``score()``'s checked scores [count], alike on every process: in a multi-process run only
+    process 0 calls the scorer (it need not be deterministic) and broadcasts what it returned.
+    When that fails (the scorer raises, or returns the wrong shape), every process raises, after
+    agreeing so (process 0 its own error, the others a ``ConfigError`` pointing to it): no
+    process is left waiting in the broadcast."""
+    if jax.process_count() == 1:
+        return checked_scores(score(), count, spec)
+    scores, error = np.zeros(count, np.float32), None
+    if jax.process_index() == 0:
+        try:
+            scores = checked_scores(score(), count, spec, finite=False)
+        except Exception as e:  # noqa: BLE001 - re-raised below, once every process knows
+            error = e
+    if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))):
+        if error is not None:
+            raise error
+        raise ConfigError(f"reward.function {spec}: the scorer failed on process 0 (its error says why)")
+    return checked_scores(np.asarray(multihost_utils.broadcast_one_to_all(scores)), count, spec)  # alike everywhere
 
 
 def checked_scores(scores, count: int, spec: str, finite: bool = True) -> np.ndarray:
