@@ -75,17 +75,23 @@ def launch(config: str, steps: int, num_processes: int, command: str = "sft",
     return procs
 
 
-def finish(procs) -> list[tuple[str, str]]:
+def wait_all(procs, hung: str = "a training process hung") -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr); the test fails with ``hung`` (all killed) if one does not end."""
     outputs = []
     for proc in procs:
         try:
-            out, err = proc.communicate(timeout=300)
+            outputs.append(proc.communicate(timeout=300))
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
-            pytest.fail("a training process hung")
+            pytest.fail(hung)
+    return outputs
+
+
+def finish(procs) -> list[tuple[str, str]]:
+    outputs = wait_all(procs)
+    for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
-        outputs.append((out, err))
     return outputs
 
 
@@ -126,14 +132,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, tiny_toke
     while not (log.exists() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.2)  # until both processes are inside the loop
     procs[1].send_signal(signal.SIGTERM)
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=240))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("a process did not stop: the signal reached one process only")
+    outputs = wait_all(procs, "a process did not stop: the signal reached one process only")
     assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outputs[0][1][-2000:]
     steps = {int(m.group(1)) for _, err in outputs for m in re.finditer(r"stopped by SIGTERM at step (\d+)", err)}
     assert len(steps) == 1, steps  # the same step on both
@@ -195,14 +194,7 @@ def test_a_scorer_failing_on_process_0_stops_both_processes(tmp_path, tiny_token
     config = ppo_config(tmp_path, tiny_tokenizer_dir, "bad-scorer")
     procs = launch(config, steps=1, num_processes=2, command="ppo",
                    overrides=("reward.function=ppo_scorers:short_on_process_0",))
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=240))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("a process hung after the scorer failed on process 0")
+    outputs = wait_all(procs, "a process hung after the scorer failed on process 0")
     assert [p.returncode for p in procs] == [2, 2], outputs[1][1][-2000:]
     assert "returned shape (3,) for 4 responses" in outputs[0][1]
     assert "the scorer failed on process 0" in outputs[1][1]
