@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench_timing import best_time
+from bench_timing import best_time, cpu_description
 
 SHARED_BASELINE = "/work/shared/bench/torch_sft_generate_baseline.py"
 BATCH, PROMPT, NEW = 16, 32, 64
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
         "ratio": theirs / ours,
         "round_ratios": [r["torch"]["seconds"] / r["jax"]["seconds"] for r in rounds],
         "torch_threads": args.threads,
+        "cpu": cpu_description(),
         "load_average_1min": os.getloadavg()[0],
     }
     if args.profile:
