@@ -41,6 +41,8 @@ import functools
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -200,23 +202,8 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
         in_shardings=(rows_sh,) * 6 + (replicated, replicated),
         out_shardings=(rows_sh, rows_sh, rows_sh, replicated, replicated))
     minibatch_fn = partitioner.jit(take_rows, in_shardings=(rows_sh, replicated), out_shardings=rows_sh)
-    # The update programs (built where used): with fuses_rollout_forwards the joint program (in the
-    # critic warm-up the critic's step with the values); else with fused the critic's step with the
-    # values and the actor's per minibatch; else the actor's and the critic's per minibatch.
-    joint_update = actor_update = None
-    if fuses_rollout_forwards(cfg):
-        joint_update = make_joint_update(roles.actor_graphdef, roles.critic_graphdef, actor_tx, critic_tx, cfg,
-                                         experience, partitioner=partitioner, state_shardings=state_shardings)
-    else:
-        actor_update = make_actor_update(roles.actor_graphdef, actor_tx, cfg, partitioner=partitioner,
-                                         state_shardings=state_shardings.actor)
-    if fused and (joint_update is None or p.critic_warmup_iterations):
-        critic_update_with_values = make_critic_update_with_values(
-            roles.critic_graphdef, critic_tx, cfg, experience, partitioner=partitioner,
-            state_shardings=state_shardings.critic)
-    elif not fused:
-        critic_update = make_critic_update(roles.critic_graphdef, critic_tx, cfg, partitioner=partitioner,
-                                           state_shardings=state_shardings.critic)
+    updates = update_programs(cfg, roles, actor_tx, critic_tx, experience, partitioner, state_shardings)
+    joint_update, critic_update_with_values = updates.joint, updates.critic_with_values
     template = get_template(cfg.data.template)
     pass_through = reward_tokenizer is not None and rollout.same_tokenizer(tokenizer, reward_tokenizer)
     stop = cfg.rollout.stop_token_ids
@@ -291,21 +278,12 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
         if joint:
             update_metrics = [metrics]
         else:
-            update_metrics = []
             experience = {"tokens": tokens, "attention_mask": attention_mask, "mask": mask,
                           "old_logprobs": old_logprobs, "advantages": adv.advantages, "old_values": values,
                           "returns": adv.returns}
-            key = jax.random.fold_in(jax.random.key(cfg.training.seed), step)
-            for epoch in range(p.epochs):
-                for indices in minibatch_indices(jax.random.fold_in(key, epoch), len(prompt_batch), p.minibatches):
-                    minibatch = minibatch_fn(experience, indices)
-                    metrics = {}
-                    if step >= p.critic_warmup_iterations:
-                        actor, metrics = actor_update(actor, minibatch)
-                    if not fused:
-                        critic, critic_metrics = critic_update(critic, minibatch)
-                    update_metrics.append({**metrics, **critic_metrics,
-                                           "finite": critic_metrics["finite"] * metrics.get("finite", 1.0)})
+            actor, critic, update_metrics = minibatch_updates(
+                cfg, updates, minibatch_fn, actor, critic, experience, step, len(prompt_batch),
+                critic_metrics if fused else None)
         jax.block_until_ready((actor, critic))
         updated = time.perf_counter()
 
@@ -320,6 +298,60 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
         return new_state, metrics
 
     return iteration
+
+
+class UpdatePrograms(NamedTuple):
+    """The update programs an iteration runs (None where not built): with
+    ``fuses_rollout_forwards`` the joint program (and, for critic warm-up iterations, the
+    critic's step with the values); else with ``fuses_value_forward`` the critic's step with the
+    values and the actor's per minibatch; else the actor's and the critic's per minibatch."""
+
+    joint: Callable | None
+    actor: Callable | None
+    critic_with_values: Callable | None
+    critic: Callable | None
+
+
+def update_programs(cfg: PPOConfig, roles: Roles, actor_tx, critic_tx, experience, partitioner: Partitioner,
+                    state_shardings) -> UpdatePrograms:
+    """Build the ``UpdatePrograms`` ``cfg`` uses (``experience``: the experience function the
+    fused programs run inside)."""
+    joint = actor = critic_with_values = critic = None
+    if fuses_rollout_forwards(cfg):
+        joint = make_joint_update(roles.actor_graphdef, roles.critic_graphdef, actor_tx, critic_tx, cfg, experience,
+                                  partitioner=partitioner, state_shardings=state_shardings)
+    else:
+        actor = make_actor_update(roles.actor_graphdef, actor_tx, cfg, partitioner=partitioner,
+                                  state_shardings=state_shardings.actor)
+    fused = fuses_value_forward(cfg)
+    if fused and (joint is None or cfg.ppo.critic_warmup_iterations):
+        critic_with_values = make_critic_update_with_values(roles.critic_graphdef, critic_tx, cfg, experience,
+                                                            partitioner=partitioner,
+                                                            state_shardings=state_shardings.critic)
+    elif not fused:
+        critic = make_critic_update(roles.critic_graphdef, critic_tx, cfg, partitioner=partitioner,
+                                    state_shardings=state_shardings.critic)
+    return UpdatePrograms(joint, actor, critic_with_values, critic)
+
+
+def minibatch_updates(cfg: PPOConfig, updates: UpdatePrograms, minibatch_fn, actor, critic, experience, step: int,
+                      rows: int, critic_metrics: dict | None):
+    """``ppo.epochs`` passes over shuffled minibatches of the ``experience`` rows: the actor's
+    update (after the critic warm-up) and, unless the critic already stepped (its
+    ``critic_metrics`` given), the critic's. Returns (actor, critic, metrics of each minibatch)."""
+    p, update_metrics = cfg.ppo, []
+    key = jax.random.fold_in(jax.random.key(cfg.training.seed), step)
+    for epoch in range(p.epochs):
+        for indices in minibatch_indices(jax.random.fold_in(key, epoch), rows, p.minibatches):
+            minibatch = minibatch_fn(experience, indices)
+            metrics = {}
+            if step >= p.critic_warmup_iterations:
+                actor, metrics = updates.actor(actor, minibatch)
+            if updates.critic is not None:
+                critic, critic_metrics = updates.critic(critic, minibatch)
+            update_metrics.append({**metrics, **critic_metrics,
+                                   "finite": critic_metrics["finite"] * metrics.get("finite", 1.0)})
+    return actor, critic, update_metrics
 
 
 def _iteration_metrics(result, raw_scores, scores, sequence_kl, kl_controller, adv, values, mask, entropy,
