@@ -49,9 +49,9 @@ def save_model(cfg: LlamaConfig, params: nnx.State, path: str, tokenizer=None, k
 
 def write_directory(path: str, write):
     """``hf.atomic_directory`` for one process. With several, all of them ``write`` into one
-    shared temporary directory (Orbax coordinates the array shards), each syncs the tree to disk
-    (on a shared filesystem only a file's writer can flush it), and process 0 moves it into place
-    and syncs the rename; barriers keep the processes in step."""
+    shared temporary directory (Orbax coordinates the array shards); once all have written, each
+    syncs the tree to disk (on a shared filesystem only a file's writer can flush it), and process
+    0 moves it into place and syncs the rename; barriers keep the processes in step."""
     if jax.process_count() == 1:
         return hf.atomic_directory(path, write)
     path = os.path.abspath(path)
@@ -64,8 +64,9 @@ def write_directory(path: str, write):
         os.makedirs(tmp)
     multihost_utils.sync_global_devices(f"{tmp}: created")
     write(tmp)
+    multihost_utils.sync_global_devices(f"{tmp}: written")  # nothing changes in tmp from here
     files.sync_tree(tmp)
-    multihost_utils.sync_global_devices(f"{tmp}: written")
+    multihost_utils.sync_global_devices(f"{tmp}: synced")
     if primary:
         if os.path.exists(path):
             os.replace(path, old)

@@ -176,9 +176,10 @@ def test_a_written_model_is_on_disk_before_and_after_its_rename(hf_dir, tiny_tok
 
 
 def test_a_multi_process_write_is_on_disk_before_and_after_its_rename(tmp_path, monkeypatch):
-    """The multi-process write (every process into one shared temporary directory): each process
-    fsyncs the tree it wrote into before the barrier, process 0 the parent after the rename.
-    Simulated in one process: process_count 2, barriers that pass."""
+    """The multi-process write (every process into one shared temporary directory): once all have
+    written (a barrier: no file changes while another process syncs), each process fsyncs the
+    tree, and after a second barrier process 0 renames it and fsyncs the parent. Simulated in one
+    process: process_count 2, barriers that pass."""
     from jax.experimental import multihost_utils
 
     from icegrt_jax import checkpoint
@@ -197,9 +198,9 @@ def test_a_multi_process_write_is_on_disk_before_and_after_its_rename(tmp_path, 
 
     checkpoint.write_directory(str(out), write)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["config.json", "params", "params/shard-0"]
-    written = synced.index(f"barrier {out}.tmp-shared: written")
-    assert {f"{out}.tmp-shared/config.json", f"{out}.tmp-shared/params/shard-0"} <= set(synced[:written])
-    assert synced[written + 1:] == [str(tmp_path), f"barrier {out}.tmp-shared: moved"]
+    written, flushed = (synced.index(f"barrier {out}.tmp-shared: {name}") for name in ("written", "synced"))
+    assert {f"{out}.tmp-shared/config.json", f"{out}.tmp-shared/params/shard-0"} <= set(synced[written:flushed])
+    assert synced[flushed + 1:] == [str(tmp_path), f"barrier {out}.tmp-shared: moved"]
 
 
 def test_convert_removes_what_a_killed_convert_left(hf_dir, tmp_path, caplog):

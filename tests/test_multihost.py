@@ -131,6 +131,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, tiny_toke
     deadline = time.monotonic() + 240
     while not (log.exists() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.2)  # until both processes are inside the loop
+    assert all(p.poll() is None for p in procs), wait_all(procs)[0][1][-2000:]  # neither ended early
     procs[1].send_signal(signal.SIGTERM)
     outputs = wait_all(procs, "a process did not stop: the signal reached one process only")
     assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outputs[0][1][-2000:]

@@ -135,7 +135,7 @@ def primary_scores(score: Callable[[], object], count: int, spec: str) -> np.nda
     if jax.process_index() == 0:
         try:
             scores = checked_scores(score(), count, spec, finite=False)
-        except Exception as e:  # noqa: BLE001 - re-raised below, once every process knows
+        except BaseException as e:  # noqa: BLE001 - re-raised below, once every process knows (sys.exit too)
             error = e
     if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))):
         if error is not None:
