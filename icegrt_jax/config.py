@@ -208,10 +208,11 @@ class MeshConfig:
 
 @dataclass
 class LoggingConfig:
-    """Metric sinks: a JSON-lines file, TensorBoard, and a progress bar on the terminal."""
+    """Metric sinks: a JSON-lines file (``metrics.jsonl``), TensorBoard event files
+    (``tensorboard/``), and a progress bar on the terminal."""
 
     jsonl: bool = True
-    tensorboard: bool = False
+    tensorboard: bool = True
     progress: bool = True
 
 

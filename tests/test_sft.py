@@ -52,7 +52,7 @@ def sft_setup(tmp_path, tiny_tokenizer_dir):
                  "bucket_boundaries": [64, 128]},
         "training": {"steps": 12, "seed": 0, "eval_every": 6, "save_every": 3, "keep_checkpoints": 2,
                      "output_dir": str(tmp_path / "run"), "log_every": 1},
-        "logging": {"progress": False, "tensorboard": True},
+        "logging": {"progress": False},  # TensorBoard on by default: test_tiny_model_overfits checks its events
     }
     path = tmp_path / "sft.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
