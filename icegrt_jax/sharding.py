@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -251,9 +250,9 @@ class Partitioner:
             if float_dtype is not None and jax.dtypes.issubdtype(dtype, np.floating):  # bfloat16 too
                 dtype = np.dtype(float_dtype)
             if isinstance(value, jax.Array) and value.sharding.device_set == sharding.device_set:
-                if value.dtype == dtype and value.sharding.is_equivalent_to(sharding, value.ndim):
-                    return value
-                return _reshard_cast(value, sharding, dtype)
+                if not value.sharding.is_equivalent_to(sharding, value.ndim):
+                    value = jax.device_put(value, sharding)  # any layout or device order
+                return value if value.dtype == dtype else value.astype(dtype)  # cast where the shards lie
             host = np.asarray(jax.device_get(value)).astype(dtype, copy=False)  # no copy when no cast
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -317,12 +316,6 @@ class ShardedFunction:
     def lower(self, *args, **kwargs):
         with self.partitioner.activate():
             return self.jitted.lower(*args, **kwargs)
-
-
-@functools.partial(jax.jit, static_argnames=("sharding", "dtype"))
-def _reshard_cast(value, sharding, dtype):
-    """``value`` in ``dtype`` laid out by ``sharding`` (on the devices that hold it)."""
-    return jax.lax.with_sharding_constraint(value.astype(dtype), sharding)
 
 
 def local_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> np.ndarray:

@@ -331,6 +331,14 @@ def check_placed_loading(directory: str) -> dict:
     model = dataclasses.replace(SFTConfig().model, preset="tiny")
     eager = nnx.split(Llama(model_config(model, preset("tiny")), nnx.Rngs(7)))[1]
     results["random"] = compare(init_model(model, 7, p)[1], eager)
+    reversed_mesh = Partitioner(jax.sharding.Mesh(p.mesh.devices[::-1], p.mesh.axis_names), p.rules)
+    placed = load_model_dir(os.path.join(directory, "load-project"), partitioner=p)[1]
+    with global_arrays_stay_on_devices():  # the same devices in another order
+        moved = reversed_mesh.put(placed, float_dtype="bfloat16")
+    results["reversed_mesh"] = {
+        "layout": all(a.sharding == t for a, t in zip(jax.tree.leaves(moved), jax.tree.leaves(
+            reversed_mesh.shardings(moved)), strict=True)),
+        "max_abs": max_difference(moved, jax.tree.map(lambda x: x.astype("bfloat16"), placed))}
     return results
 
 

@@ -175,6 +175,11 @@ def test_a_checkpoint_loads_straight_into_its_shards(sharded, source):
     assert sharded["placed_loading"]["host_leaf_types"] == ["ndarray"]  # load_hf(on_host=True)
 
 
+def test_put_moves_placed_arrays_onto_a_mesh_of_the_same_devices_in_another_order(sharded):
+    result = sharded["placed_loading"]["reversed_mesh"]
+    assert result["layout"] and result["max_abs"] == 0.0
+
+
 def test_a_random_model_is_initialised_into_its_shards(sharded):
     result = sharded["placed_loading"]["random"]
     assert result["layout"]
