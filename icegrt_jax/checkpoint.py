@@ -14,11 +14,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from icegrt_jax import files, hf
 from icegrt_jax.models.llama import LlamaConfig
-from icegrt_jax.sharding import Partitioner, is_primary_process
+from icegrt_jax.sharding import Partitioner, all_or_none, is_primary_process
 
 PARAMS_SUBDIR = "params"
 
@@ -51,29 +50,30 @@ def write_directory(path: str, write):
     """``hf.atomic_directory`` for one process. With several, all of them ``write`` into one
     shared temporary directory (Orbax coordinates the array shards); once all have written, each
     syncs the tree to disk (on a shared filesystem only a file's writer can flush it), and process
-    0 moves it into place and syncs the rename; barriers keep the processes in step."""
+    0 moves it into place and syncs the rename. Each phase ends in ``all_or_none``: a barrier at
+    which a failure on any process (process 0's files, a full disk) stops every process."""
     if jax.process_count() == 1:
         return hf.atomic_directory(path, write)
     path = os.path.abspath(path)
     hf.check_replaceable(path)
     tmp, old = f"{path}.tmp-shared", f"{path}.old-shared"
     primary = is_primary_process()
-    if primary:
-        hf.recover_replaced(path, old)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    multihost_utils.sync_global_devices(f"{tmp}: created")
-    write(tmp)
-    multihost_utils.sync_global_devices(f"{tmp}: written")  # nothing changes in tmp from here
-    files.sync_tree(tmp)
-    multihost_utils.sync_global_devices(f"{tmp}: synced")
-    if primary:
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-        files.sync_path(os.path.dirname(path))
-    multihost_utils.sync_global_devices(f"{tmp}: moved")
+    with all_or_none(f"{tmp}: create"):
+        if primary:
+            hf.recover_replaced(path, old)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+    with all_or_none(f"{tmp}: write"):
+        write(tmp)
+    with all_or_none(f"{tmp}: sync"):  # nothing changes in tmp from here
+        files.sync_tree(tmp)
+    with all_or_none(f"{tmp}: move into place"):
+        if primary:
+            if os.path.exists(path):
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+            files.sync_path(os.path.dirname(path))
 
 
 def load_model(path: str, sharding: jax.sharding.Sharding | Partitioner | None = None,

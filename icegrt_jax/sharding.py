@@ -48,6 +48,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from icegrt_jax.config import MESH_AXES, MeshConfig
@@ -366,3 +367,36 @@ def _int_env(env: Mapping[str, str], name: str) -> int | None:
 def is_primary_process() -> bool:
     """Process 0 writes logs, progress and config files; every process writes checkpoints."""
     return jax.process_index() == 0
+
+
+def gather_flags(flag: int) -> np.ndarray:
+    """Every process's ``flag`` [process_count], in process order (a collective: each process
+    calls it at the same point, so it is also a barrier)."""
+    if jax.process_count() == 1:
+        return np.array([flag], np.int32)
+    return np.ravel(multihost_utils.process_allgather(np.int32(flag)))
+
+
+@contextlib.contextmanager
+def all_or_none(what: str) -> Iterator[None]:
+    """Run the block on every process, then ``raise_together`` on what it raised: where only some
+    processes do work that can fail (process 0 writing logs or files), a failure stops all of
+    them at this point instead of leaving the others in the next collective."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised by raise_together, once every process knows
+        error = e
+    raise_together(error, what)
+
+
+def raise_together(error: BaseException | None, what: str) -> None:
+    """A barrier that agrees on failure: each process passes the exception its own part of
+    ``what`` met (None if none); when any process met one, every process raises, its own or a
+    ``RuntimeError`` naming the process that failed, instead of the others waiting for it in
+    the next collective."""
+    failed = gather_flags(int(error is not None))
+    if error is not None:
+        raise error
+    if failed.any():
+        raise RuntimeError(f"{what}: process {int(np.argmax(failed))} failed (its error says why)")

@@ -180,14 +180,13 @@ def test_a_multi_process_write_is_on_disk_before_and_after_its_rename(tmp_path, 
     written (a barrier: no file changes while another process syncs), each process fsyncs the
     tree, and after a second barrier process 0 renames it and fsyncs the parent. Simulated in one
     process: process_count 2, barriers that pass."""
-    from jax.experimental import multihost_utils
 
-    from icegrt_jax import checkpoint
+    from icegrt_jax import checkpoint, sharding
 
     synced, fsync = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
     monkeypatch.setattr(checkpoint.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: synced.append(f"barrier {name}"))
+    monkeypatch.setattr(sharding, "gather_flags", lambda flag: synced.append("barrier") or np.array([flag, 0]))
     out = tmp_path / "model"
 
     def write(directory):
@@ -198,9 +197,17 @@ def test_a_multi_process_write_is_on_disk_before_and_after_its_rename(tmp_path, 
 
     checkpoint.write_directory(str(out), write)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["config.json", "params", "params/shard-0"]
-    written, flushed = (synced.index(f"barrier {out}.tmp-shared: {name}") for name in ("written", "synced"))
-    assert {f"{out}.tmp-shared/config.json", f"{out}.tmp-shared/params/shard-0"} <= set(synced[written:flushed])
-    assert synced[flushed + 1:] == [str(tmp_path), f"barrier {out}.tmp-shared: moved"]
+    barriers = [i for i, entry in enumerate(synced) if entry == "barrier"]  # created, written, synced, moved
+    assert len(barriers) == 4
+    assert {f"{out}.tmp-shared/config.json", f"{out}.tmp-shared/params/shard-0"} <= set(
+        synced[barriers[1]:barriers[2]])
+    assert synced[barriers[2] + 1:] == [str(tmp_path), "barrier"]
+    # A failure in one process's part stops it only at the barrier, where the others learn of it.
+    synced.clear()
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.write_directory(str(tmp_path / "failing"), lambda directory: (_ for _ in ()).throw(OSError("disk full")))
+    assert synced == ["barrier", "barrier"]  # created, then the write's barrier, which raises
+    assert not (tmp_path / "failing").exists()
 
 
 def test_convert_removes_what_a_killed_convert_left(hf_dir, tmp_path, caplog):

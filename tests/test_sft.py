@@ -211,6 +211,25 @@ def test_non_finite_update_is_skipped_and_loop_stops(tmp_path):
     assert checkpointer.latest_step() == 2
 
 
+def test_a_logging_failure_on_process_0_stops_every_process_at_the_step_boundary(tmp_path, monkeypatch):
+    """Only process 0 writes metrics; when that fails (a full disk), it first meets the others in
+    a collective that tells them (they raise too) instead of leaving them in the next step's
+    collectives. Simulated: the processes' flags as one process sees them."""
+    from icegrt_jax import sharding
+    from icegrt_jax.train import loop
+
+    gathered = []
+    monkeypatch.setattr(sharding, "gather_flags", lambda flag: gathered.append(flag) or np.array([flag, 0]))
+    monkeypatch.setattr(loop.MetricsLogger, "log", lambda self, step, metrics: (_ for _ in ()).throw(OSError("disk full")))
+    state = init_train_state({"w": jnp.ones(3)}, optax.sgd(0.1), 0)
+    checkpointer = TrainCheckpointer(str(tmp_path / "ckpt"), keep=1, async_save=False)
+    with pytest.raises(OSError, match="disk full"):
+        train_loop(state=state, step_fn=lambda s, b: (s, {"loss": jnp.float32(b)}), batches=iter([1.0, 2.0]),
+                   total_steps=2, checkpointer=checkpointer, meta_fn=dict, training=TrainingConfig(log_every=1),
+                   logging=LoggingConfig(progress=False), output_dir=str(tmp_path))
+    assert gathered == [1]  # the failure was shared before it was raised
+
+
 def test_a_directory_with_only_a_users_config_yaml_is_not_a_run_directory(sft_setup, capsys):
     tmp_path, config = sft_setup
     (tmp_path / "exp").mkdir()

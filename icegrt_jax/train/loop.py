@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import numpy as np
 import yaml
-from jax.experimental import multihost_utils
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
@@ -36,7 +35,7 @@ from icegrt_jax.config_loader import config_to_yaml
 from icegrt_jax.data.batching import DataPosition
 from icegrt_jax.errors import NonFiniteError, TrainingStopped
 from icegrt_jax.hf import CheckpointError, check_replaceable
-from icegrt_jax.sharding import is_primary_process
+from icegrt_jax.sharding import all_or_none, gather_flags, is_primary_process
 
 
 def check_output_dir(out: str) -> None:
@@ -67,6 +66,9 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
     config_path = os.path.join(out, "config.yaml")
     checkpointer = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.training.keep_checkpoints)
     step = checkpointer.latest_step()
+    if len(set(gather_flags(-1 if step is None else step))) > 1:
+        raise CheckpointError(f"{checkpointer.directory}: the processes see different newest checkpoints; "
+                              "training.output_dir must be on a filesystem every process shares")
     changes = config_changes(config_path, cfg) if step is not None and os.path.isfile(config_path) else []
     if step is not None:
         if mismatch := checkpointer.mismatch(state, step):
@@ -76,15 +78,16 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
                                   "training.output_dir")
         state, meta = checkpointer.restore(state, shardings=state_shardings)
         batches.position = DataPosition(**meta["data_position"])
-    if is_primary_process():
-        files.write_text(config_path, config_to_yaml(cfg))
-        files.write_text(os.path.join(out, "data_report.txt"), "".join(f"{line}\n" for line in report))
-        for line in report:
-            print(f"[{name}] {line}")
-        if step is not None:
-            print(f"[{name}] resumed from step {int(state.step)} ({checkpointer.directory})")
-        if changes:
-            print(f"[{name}] note: resuming with a config that differs from the run's: {'; '.join(changes)}")
+    with all_or_none(f"{out}: config.yaml and data_report.txt"):  # process 0 writes, all agree it did
+        if is_primary_process():
+            files.write_text(config_path, config_to_yaml(cfg))
+            files.write_text(os.path.join(out, "data_report.txt"), "".join(f"{line}\n" for line in report))
+            for line in report:
+                print(f"[{name}] {line}")
+            if step is not None:
+                print(f"[{name}] resumed from step {int(state.step)} ({checkpointer.directory})")
+            if changes:
+                print(f"[{name}] note: resuming with a config that differs from the run's: {'; '.join(changes)}")
     return state, checkpointer
 
 
@@ -196,11 +199,7 @@ class StopRequest:
         """The signal received so far, the same on every process: in a multi-process run, the
         first process's (in process order) that got one. A collective: every process calls it at
         the same point. A signal arriving after the call counts at the next call."""
-        signum = self.signum
-        if jax.process_count() == 1:
-            return signum
-        signals = np.ravel(multihost_utils.process_allgather(np.int32(signum or 0)))
-        return next((int(s) for s in signals if s), None)
+        return next((int(s) for s in gather_flags(self.signum or 0) if s), None)
 
     def __enter__(self):
         for sig in self.SIGNALS:
@@ -264,12 +263,15 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
                 metrics["step_time_s"] = elapsed
                 if tokens_fn is not None:
                     metrics["tokens_per_s"] = tokens_fn(batch) / elapsed
-                if step % training.log_every == 0 or step == total_steps:
-                    logger.log(step, metrics)
-                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
-                bar.update(1)
-                if eval_fn is not None and (step % training.eval_every == 0 or step == total_steps):
-                    logger.log(step, {f"eval/{k}": v for k, v in eval_fn(state).items()})
+                evaluated = (eval_fn(state) if eval_fn is not None
+                             and (step % training.eval_every == 0 or step == total_steps) else None)
+                with all_or_none(f"step {step}: logging metrics"):  # process 0 writes, all agree it did
+                    if step % training.log_every == 0 or step == total_steps:
+                        logger.log(step, metrics)
+                    if evaluated is not None:
+                        logger.log(step, {f"eval/{k}": v for k, v in evaluated.items()})
+                    bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+                    bar.update(1)
                 stopped = stop.agreed()
                 if step % training.save_every == 0 or step == total_steps or stopped is not None:
                     checkpointer.save(step, state, meta_fn(), force=True)

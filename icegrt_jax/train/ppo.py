@@ -357,7 +357,7 @@ def minibatch_updates(cfg: PPOConfig, updates: UpdatePrograms, minibatch_fn, act
 def _iteration_metrics(result, raw_scores, scores, sequence_kl, kl_controller, adv, values, mask, entropy,
                        update_metrics) -> dict:
     averaged = {k: jnp.mean(jnp.stack([m[k] for m in update_metrics if k in m]))
-                for k in {k for m in update_metrics for k in m} if k != "finite"}
+                for k in sorted({k for m in update_metrics for k in m}) if k != "finite"}  # same order everywhere
     return {
         **averaged,
         "loss": averaged.get("policy_loss", averaged["value_loss"]),
