@@ -392,11 +392,13 @@ def all_or_none(what: str) -> Iterator[None]:
 
 def raise_together(error: BaseException | None, what: str) -> None:
     """A barrier that agrees on failure: each process passes the exception its own part of
-    ``what`` met (None if none); when any process met one, every process raises, its own or a
-    ``RuntimeError`` naming the process that failed, instead of the others waiting for it in
-    the next collective."""
-    failed = gather_flags(int(error is not None))
+    ``what`` met (None if none); when any process met one, every process raises, its own or one
+    naming the process that failed (a ``UserInputError`` when that process's was one, so every
+    process exits 2 with one line), instead of the others waiting for it in the next collective."""
+    failed = gather_flags(0 if error is None else 2 if isinstance(error, UserInputError) else 1)
     if error is not None:
         raise error
     if failed.any():
-        raise RuntimeError(f"{what}: process {int(np.argmax(failed))} failed (its error says why)")
+        first = int(np.argmax(failed > 0))
+        kind = UserInputError if failed[first] == 2 else RuntimeError
+        raise kind(f"{what}: process {first} failed (its error says why)")

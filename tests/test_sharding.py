@@ -256,6 +256,24 @@ def test_state_shardings_keep_the_tree_and_follow_the_logical_names():
     assert batch["input_ids"].sharding == partitioner.batch_sharding
 
 
+def test_a_failure_on_another_process_is_raised_here_as_its_kind(monkeypatch):
+    """raise_together on a process whose own part succeeded, as the flags of two processes say:
+    another's user error (2) is one here too (exit 2, one line), any other failure (1) a
+    RuntimeError; no failure anywhere: nothing; its own error: that error."""
+    from icegrt_jax import sharding
+    from icegrt_jax.errors import UserInputError
+
+    for flags, kind in (([0, 2], UserInputError), ([0, 1], RuntimeError)):
+        monkeypatch.setattr(sharding, "gather_flags", lambda flag, _f=flags: np.array(_f))
+        with pytest.raises(kind, match="loading the data: process 1 failed"), sharding.all_or_none("loading the data"):
+            pass
+    monkeypatch.setattr(sharding, "gather_flags", lambda flag: np.array([flag, 0]))
+    with sharding.all_or_none("nothing fails"):
+        pass
+    with pytest.raises(ValueError, match="mine"), sharding.all_or_none("mine fails"):
+        raise ValueError("mine")
+
+
 def test_init_state_never_returns_an_argument_s_buffers():
     """The train steps donate the state: none of its arrays may be a caller's (PPO's reference
     model shares the initial actor's arrays)."""

@@ -64,7 +64,12 @@ from icegrt_jax.data.tokenize import (
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.models.heads import score_params_from_llama
 from icegrt_jax.sampling import SamplingParams, generate
-from icegrt_jax.sharding import Partitioner, initialize_distributed, is_primary_process
+from icegrt_jax.sharding import (
+    Partitioner,
+    all_or_none,
+    initialize_distributed,
+    is_primary_process,
+)
 from icegrt_jax.train import rollout
 from icegrt_jax.train.loop import (
     check_output_dir,
@@ -423,11 +428,12 @@ def run_ppo(cfg: PPOConfig) -> dict:
     check_output_dir(cfg.training.output_dir)  # before any model loads
     partitioner = Partitioner.from_config(cfg.mesh)
     check_rollout_batch(partitioner, cfg)
-    tokenizer = run_tokenizer(cfg)
-    if cfg.reward.path is not None:
-        existing_directory("reward.path", cfg.reward.path)
-    prompts, dropped = load_prompts(cfg, tokenizer)
-    score_function = rollout.load_score_function(cfg.reward.function) if cfg.reward.function else None
+    with all_or_none("loading the data"):  # a file one process cannot read stops every process
+        tokenizer = run_tokenizer(cfg)
+        if cfg.reward.path is not None:
+            existing_directory("reward.path", cfg.reward.path)
+        prompts, dropped = load_prompts(cfg, tokenizer)
+        score_function = rollout.load_score_function(cfg.reward.function) if cfg.reward.function else None
     llama, critic_cfg, actor_params, critic_params, roles, reward_tokenizer = build_roles(cfg, tokenizer, partitioner)
     if outside := [i for i in cfg.rollout.stop_token_ids or () if not 0 <= i < llama.vocab_size]:
         raise ConfigError(f"rollout.stop_token_ids: {outside} outside the model's vocabulary [0, {llama.vocab_size})")

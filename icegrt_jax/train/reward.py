@@ -39,7 +39,7 @@ from icegrt_jax.data.tokenize import (
 from icegrt_jax.hf import abstract_model, read_config_kind
 from icegrt_jax.losses import bradley_terry_loss, margin_ranking_loss
 from icegrt_jax.models.heads import score_at_last_token, score_params_from_llama
-from icegrt_jax.sharding import Partitioner, initialize_distributed
+from icegrt_jax.sharding import Partitioner, all_or_none, initialize_distributed
 from icegrt_jax.train.loop import (
     check_output_dir,
     data_position_meta,
@@ -222,20 +222,21 @@ def run_reward(cfg: RewardConfig) -> dict:
     check_output_dir(cfg.training.output_dir)  # before any model loads
     partitioner = Partitioner.from_config(cfg.mesh)
     partitioner.check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
-    tokenizer = run_tokenizer(cfg)
-    template = get_template(cfg.data.template)
-    if not cfg.data.train_files:
-        raise DataError("data.train_files: no preference files given")
-    train_pairs, train_report = load_preferences(cfg.data.train_files, cfg.loss.top_k, cfg.loss.bottom_k)
-    train, train_dropped = tokenize_pairs(train_pairs, tokenizer, template, cfg.data.max_length,
-                                          shows_progress(cfg.logging))
-    evaluation, eval_dropped, eval_report = [], 0, None
-    if cfg.data.eval_files:
-        eval_pairs, eval_report = load_preferences(cfg.data.eval_files, cfg.loss.top_k, cfg.loss.bottom_k)
-        evaluation, eval_dropped = tokenize_pairs(eval_pairs, tokenizer, template, cfg.data.max_length,
-                                                  shows_progress(cfg.logging))
-    if not train:
-        raise DataError(f"every training pair is longer than data.max_length={cfg.data.max_length}")
+    with all_or_none("loading the data"):  # a file one process cannot read stops every process
+        tokenizer = run_tokenizer(cfg)
+        template = get_template(cfg.data.template)
+        if not cfg.data.train_files:
+            raise DataError("data.train_files: no preference files given")
+        train_pairs, train_report = load_preferences(cfg.data.train_files, cfg.loss.top_k, cfg.loss.bottom_k)
+        train, train_dropped = tokenize_pairs(train_pairs, tokenizer, template, cfg.data.max_length,
+                                              shows_progress(cfg.logging))
+        evaluation, eval_dropped, eval_report = [], 0, None
+        if cfg.data.eval_files:
+            eval_pairs, eval_report = load_preferences(cfg.data.eval_files, cfg.loss.top_k, cfg.loss.bottom_k)
+            evaluation, eval_dropped = tokenize_pairs(eval_pairs, tokenizer, template, cfg.data.max_length,
+                                                      shows_progress(cfg.logging))
+        if not train:
+            raise DataError(f"every training pair is longer than data.max_length={cfg.data.max_length}")
     llama, params = init_score_params(cfg, len(tokenizer), partitioner)
     buckets = bucket_lengths(cfg.data.bucket_boundaries, cfg.data.max_length)
     pad_id = pad_token_id(tokenizer)

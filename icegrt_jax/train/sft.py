@@ -33,7 +33,7 @@ from icegrt_jax.data.tokenize import (
 )
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.losses import chunked_token_logprobs, masked_nll_sum
-from icegrt_jax.sharding import Partitioner, initialize_distributed
+from icegrt_jax.sharding import Partitioner, all_or_none, initialize_distributed
 from icegrt_jax.train.loop import (
     check_output_dir,
     data_position_meta,
@@ -138,13 +138,14 @@ def run_sft(cfg: SFTConfig) -> dict:
     check_output_dir(cfg.training.output_dir)  # before any model loads
     partitioner = Partitioner.from_config(cfg.mesh)
     partitioner.check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
-    data = prepare_data(cfg)
-    if not data.train:
-        report = data.reports["train"]
-        why = (f"{report.summary()}; each starts with the template's {report.head_tokens} preamble tokens"
-               if report is not None and report.examples else "the files are empty")
-        raise DataError(f"data.train_files {', '.join(cfg.data.train_files) or '(none given)'}: no training examples "
-                        f"({why})")
+    with all_or_none("loading the data"):  # a file one process cannot read stops every process
+        data = prepare_data(cfg)
+        if not data.train:
+            report = data.reports["train"]
+            why = (f"{report.summary()}; each starts with the template's {report.head_tokens} preamble tokens"
+                   if report is not None and report.examples else "the files are empty")
+            raise DataError(f"data.train_files {', '.join(cfg.data.train_files) or '(none given)'}: no training examples "
+                            f"({why})")
     llama, params = init_model(cfg.model, cfg.training.seed, partitioner, min_vocab=len(data.tokenizer),
                                progress=shows_progress(cfg.logging))
     buckets = bucket_lengths(cfg.data.bucket_boundaries, cfg.data.max_length)
