@@ -8,7 +8,8 @@ checkpoint stays the newest), and on SIGTERM/SIGINT saves a checkpoint and retur
 then raises ``TrainingStopped`` (``LoopResult.raise_if_stopped``) instead of writing its final model.
 In a multi-process run the processes agree after every step whether any of them was signalled,
 so a signal to one process stops all of them after the same step, with one checkpoint (a
-checkpoint save is collective: a process saving alone would wait for the others forever).
+checkpoint save is collective: a process saving alone would wait for the others forever), and
+whether process 0's metrics logging failed (``sharding.all_or_none``: then every process stops).
 """
 
 from __future__ import annotations
