@@ -90,8 +90,8 @@ def load_model(path: str, sharding: jax.sharding.Sharding | Partitioner | None =
     if isinstance(sharding, Partitioner):
         shardings = nnx.to_pure_dict(sharding.shardings(abstract))
     else:
-        shardings = jax.tree.map(lambda _: sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
-                                 pure_abstract)
+        one = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: one, pure_abstract)
     target = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           pure_abstract, shardings)
     params_dir = os.path.abspath(os.path.join(path, PARAMS_SUBDIR))

@@ -15,8 +15,9 @@ Per device and per role:
   is neither an argument nor an output), minus the gradients for the update steps. The programs
   are the trainer's own: ``ppo_updates.make_actor_update`` / ``make_critic_update`` on a minibatch and
   ``rollout.sequence_logprobs`` (``_without_entropy`` for the reference) / ``critic_values`` /
-  ``reward_model_scores`` on a rollout batch (``rollout.micro_batch_size`` rows at a time). With one epoch, one minibatch and no critic
-  accumulation, in critic warm-up iterations or with actor accumulation, the trainer runs
+  ``reward_model_scores`` on a rollout batch (``rollout.micro_batch_size`` rows at a time). With
+  one epoch, one minibatch and no critic accumulation, in critic warm-up iterations or with actor
+  accumulation, the trainer runs
   ``make_critic_update_with_values`` instead of ``critic_values`` + ``make_critic_update``: the
   same critic forward and backward plus the experience arrays ([rows, length] each), sized here
   by the separate critic update (an approximation by those few arrays). When the actor's step,

@@ -2,11 +2,11 @@
 
 One iteration (``make_train_step``'s function): sample responses to a batch of prompts with the
 actor (``rollout.micro_batch_size`` prompts at a time, default all); score them, each scoring
-forward over as many rows at a time (``scoring_forward``): old log-probs (recomputed or the sampler's per
-``rollout.old_logprobs``), reference log-probs, values, reward-model scores (the LM head runs on
-the response block only); shape per-token rewards with the KL penalty and compute GAE advantages
-(whitened by default, the paper's advantage normalisation), and step the KL controller with the rollout's KL (the new
-coefficient applies from the next iteration); then ``ppo.epochs`` passes of shuffled minibatches
+forward over as many rows at a time (``scoring_forward``): old log-probs (recomputed or the
+sampler's per ``rollout.old_logprobs``), reference log-probs, values, reward-model scores (the LM
+head runs on the response block only); shape per-token rewards with the KL penalty and compute
+GAE advantages (whitened by default, the paper's advantage normalisation), and step the KL
+controller with the rollout's KL (the new coefficient applies from the next iteration); then ``ppo.epochs`` passes of shuffled minibatches
 update the actor (clipped surrogate, eq. 3, optional entropy bonus) and the critic (clipped
 value loss), each with its own optimizer and learning rate. With one epoch, one minibatch and no
 critic accumulation (``fuses_value_forward``) the critic's single step runs first, in one program
@@ -208,7 +208,6 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
         out_shardings=(rows_sh, rows_sh, rows_sh, replicated, replicated))
     minibatch_fn = partitioner.jit(take_rows, in_shardings=(rows_sh, replicated), out_shardings=rows_sh)
     updates = update_programs(cfg, roles, actor_tx, critic_tx, experience, partitioner, state_shardings)
-    joint_update, critic_update_with_values = updates.joint, updates.critic_with_values
     template = get_template(cfg.data.template)
     pass_through = reward_tokenizer is not None and rollout.same_tokenizer(tokenizer, reward_tokenizer)
     stop = cfg.rollout.stop_token_ids
@@ -250,7 +249,7 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                                                 "mask": result.mask[:, 1:], "finished_by_eos": result.finished_by_eos})
         tokens, attention_mask, mask = (rollout_rows[k] for k in ("tokens", "attention_mask", "mask"))
         response_actions = cfg.rollout.max_new_tokens
-        joint = joint_update is not None and step >= p.critic_warmup_iterations
+        joint = updates.joint is not None and step >= p.critic_warmup_iterations
         if cfg.rollout.old_logprobs == "sampler":  # action t emits token t + 1
             old_logprobs, entropy = partitioner.shard_batch(result.logprobs[:, 1:]), None
         elif joint:  # the joint update's actor forward gives them
@@ -268,10 +267,10 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                     **({} if old_logprobs is None else {"old_logprobs": old_logprobs})}
         if joint:
             actor, critic, metrics, old_logprobs, update_entropy, values, (scores, adv, sequence_kl, kl, moments) = (
-                joint_update(actor, critic, rows, state.kl, state.reward_moments))
+                updates.joint(actor, critic, rows, state.kl, state.reward_moments))
             entropy = update_entropy if cfg.rollout.old_logprobs == "recompute" else None  # as the forward's
         elif fused:
-            critic, critic_metrics, values, (scores, adv, sequence_kl, kl, moments) = critic_update_with_values(
+            critic, critic_metrics, values, (scores, adv, sequence_kl, kl, moments) = updates.critic_with_values(
                 critic, rows, state.kl, state.reward_moments)
         else:
             values = value_fn(critic.params, tokens, attention_mask)
