@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 from helpers import make_hf_llama
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
@@ -81,6 +82,18 @@ def test_loglikelihood_matches_transformers(backends, caplog):
     assert [g[1] for g in got] == [w[1] for w in want]
     assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)  # fp32 sums of a few log-probs
 
+    # is_greedy on continuations that are the model's own argmax tokens (token level: decoding and
+    # re-encoding text can change the ids), and on the same with one token changed
+    context = ours.tok_encode(question)
+    greedy = theirs.model.generate(torch.tensor([context]), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                   eos_token_id=None)[0, len(context):].tolist()
+    token_requests = [((question, ""), context, greedy[:n]) for n in (1, 3)]
+    token_requests += [((question, ""), context, greedy[:2] + [(greedy[2] + 1) % 512]),
+                       ((question, ""), context, [(greedy[0] + 7) % 512] + greedy[1:])]
+    got, want = ours._loglikelihood_tokens(token_requests), theirs._loglikelihood_tokens(token_requests)
+    assert [g[1] for g in got] == [w[1] for w in want] == [True, True, False, False]
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
+
     docs = [("Numbers: 0 1 2 3 4 5 6 7 8 9.",), (LONG_TEXT,)]  # the long one spans two windows
     got = ours.loglikelihood_rolling(requests("loglikelihood_rolling", docs))
     want = theirs.loglikelihood_rolling(requests("loglikelihood_rolling", docs))
@@ -92,16 +105,28 @@ def test_loglikelihood_matches_transformers(backends, caplog):
 
 def test_generate_until_matches_transformers(backends):
     """Greedy, cut at stop strings; the prompts are left-truncated to max_length - max_gen_toks, so
-    they share their compiled shapes with the gsm8k run of the end-to-end test."""
+    they share their compiled shapes with the gsm8k run of the end-to-end test. The stop strings
+    are taken from the uncut outputs, so that they do cut: a single-token one (which also ends its
+    row early, ``early_stop_ids``) and a two-character one."""
     ours, theirs = backends
     before = ours.truncated["generate_until"]
-    early_stops = {"until": ["\n", "."], "do_sample": False, "max_gen_toks": 12}
-    late_stops = {"until": ["Q:"], "do_sample": False, "max_gen_toks": 12}
     endings = [" Question: What is the capital of France?\nAnswer:", " The quick brown fox", " Numbers: 0 1 2"]
-    prompts = [(LONG_TEXT + end, kwargs) for kwargs in (early_stops, late_stops) for end in endings]
-    got = ours.generate_until(requests("generate_until", prompts))
-    assert got == theirs.generate_until(requests("generate_until", prompts))
+    uncut = {"until": ["Q:"], "do_sample": False, "max_gen_toks": 12}
+    prompts = [(LONG_TEXT + end, uncut) for end in endings]
+    full = ours.generate_until(requests("generate_until", prompts))
+    assert full == theirs.generate_until(requests("generate_until", prompts))
     assert ours.truncated["generate_until"] - before == len(prompts)  # every prompt starts with LONG_TEXT
+
+    two_chars = full[1][4:6]
+    tokens = ours.tok_encode(full[0])
+    one_token = next(text for text in map(ours.tokenizer.decode, ([t] for t in tokens[2:]))
+                     if len(ours.tok_encode(text)) == 1 and text[-1] not in two_chars)
+    stops = {"until": [one_token, two_chars], "do_sample": False, "max_gen_toks": 12}
+    assert early_stop_ids(ours.tokenizer, stops["until"]) == tuple(ours.tok_encode(one_token))
+    cut_prompts = [(prompt, stops) for prompt, _ in prompts]
+    got = ours.generate_until(requests("generate_until", cut_prompts))
+    assert got == theirs.generate_until(requests("generate_until", cut_prompts))
+    assert len(got[0]) < len(full[0]) and len(got[1]) < len(full[1])
 
 
 def test_scoring_rows_group_shared_inputs():
@@ -149,6 +174,21 @@ def test_paper_settings():
     assert resolve_names(["arc_e", "icegrt_arc_e", "table1"], benchmarks)[:2] == ["icegrt_arc_e", "icegrt_mmlu"]
     assert benchmarks["icegrt_gsm8k"].metric == "exact_match,flexible-extract"
     assert {benchmarks[n].scoring for n in table1} == {"loglikelihood", "generate"}
+
+
+def test_lambada_shot_reads_like_the_scored_passage(tmp_path):
+    """The 1-shot example is the passage with its last word, one space before it, as the scored
+    continuation (lm-eval's lambada target carries its own space)."""
+    from lm_eval.tasks import get_task_dict
+
+    passages = [{"text": f"the cat number {i} sat on the mat"} for i in range(3)]
+    write_jsonl(tmp_path / "data/EleutherAI/lambada_openai/default/test.jsonl", passages)
+    manager = build_task_manager(["icegrt_lambada"], load_benchmarks(), data_dir=tmp_path / "data",
+                                 work_dir=tmp_path / "work")
+    (group,) = get_task_dict(["icegrt_lambada"], manager).values()
+    task = group["lambada_openai"]
+    task.build_all_requests(limit=1, rank=0, world_size=1)
+    assert task.instances[0].args == ("the cat number 1 sat on the mat\n\nthe cat number 0 sat on the", " mat")
 
 
 def test_local_data_layout_and_splits(tmp_path):

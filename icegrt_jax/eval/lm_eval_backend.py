@@ -25,7 +25,8 @@ positions and the log-softmax at the last one. Inputs are sorted longest first a
 
 Generation (``generate_until``) runs our sampler (``icegrt_jax.sampling.generate``) per group of
 identical generation kwargs: greedy unless ``do_sample``; ``temperature``, ``top_p``, ``top_k``
-as given; up to ``max_gen_toks`` new tokens; the prompt left-truncated to
+as given (not given: no top-p or top-k filtering, as lm-eval's vLLM backend; its hf backend gets
+transformers' default top_k of 50); up to ``max_gen_toks`` new tokens; the prompt left-truncated to
 ``max_length - max_gen_toks``. The decoded text is cut at the first stop string (lm-eval's
 ``postprocess_generated_text``). Stop strings that are a single token also end a row early,
 which cannot change the cut text (see ``early_stop_ids``).
