@@ -81,6 +81,7 @@ class OptimizerConfig:
 
     The learning rate rises linearly from 0 to ``lr`` over ``warmup_steps``, then follows
     ``schedule`` down to ``lr * min_lr_ratio`` at the last step (``constant`` stays at ``lr``).
+    ``grad_accum_steps``: a step's batch runs as that many micro-batches, their gradients averaged.
     """
 
     lr: float = 2e-5
@@ -112,9 +113,10 @@ class DataConfig:
     ``model.hf_path``. ``truncation`` handles examples longer than ``max_length``:
     ``drop_example`` drops them; ``drop_earliest_rounds`` removes whole earliest rounds (the
     template preamble stays) until the example fits and drops it only when its last round alone
-    is too long. Either way the counts are reported. Batches hold ``batch_size`` examples
-    (per micro-step; ``optimizer.grad_accum_steps`` of them make a step) padded to the smallest
-    bucket that fits; the buckets are the ``bucket_boundaries`` below ``max_length``, then
+    is too long. Either way the counts are reported. A batch holds ``batch_size`` examples, one
+    optimizer step's (split into ``optimizer.grad_accum_steps`` micro-batches of
+    ``batch_size / grad_accum_steps``, which the data-parallel size must divide), padded to the
+    smallest bucket that fits; the buckets are the ``bucket_boundaries`` below ``max_length``, then
     ``max_length``. ``group_by_length`` batches examples of a bucket together (less padding).
     """
 

@@ -111,6 +111,9 @@ def test_shipped_configs_load(name):
         assert cfg.model.hf_path == "runs/demo/pretrain/final"  # the demo's stage 0 output
     else:
         assert cfg.model.hf_path and cfg.model.dtype == "bfloat16" and cfg.optimizer.lr == 2e-5
+        # FastChat's 128 sequences a step, as micro-batches that split over 8 devices
+        micro, rest = divmod(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
+        assert cfg.data.batch_size == 128 and rest == 0 and micro % 8 == 0
 
 
 def test_shipped_configs_load_with_the_papers_ppo_hyperparameters():
