@@ -10,6 +10,7 @@ from icegrt_jax.data import (
     ConsensusRanking,
     InvalidRankingError,
     aggregate_rankings,
+    labelers_prefer,
     ranking_to_pairs,
 )
 
@@ -132,6 +133,16 @@ def test_full_cycle_is_all_tied_and_falls_back_to_index_order():
     assert result.order == (0, 1, 2)
     assert result.kendall_w == 0.0
     assert result.mean_kendall_tau == pytest.approx(-1 / 3)
+
+
+def test_labelers_prefer_by_points_then_a_strict_majority():
+    rankings = [[0, 1, 2, 3], [0, 2, 1, 3]]  # points (6, 3, 3, 0): 1 and 2 tied, their head-to-head 1-1
+    points = aggregate_rankings(rankings).borda_points
+    assert [labelers_prefer(rankings, points, i, j) for i, j in ((0, 2), (1, 3), (1, 2), (2, 1))] == \
+        [True, True, False, False]
+    three = [[1, 0, 2], [1, 0, 2], [0, 2, 1]]  # 0 and 1 tied on points, 2 of 3 put 1 above 0
+    assert labelers_prefer(three, aggregate_rankings(three).borda_points, 1, 0)
+    assert not labelers_prefer(three, aggregate_rankings(three).borda_points, 0, 1)
 
 
 def test_single_labeler_is_its_own_consensus():

@@ -138,6 +138,18 @@ def test_identical_ranked_responses_are_dropped_and_counted(tmp_path):
     assert len(pairs) == 3 and report.identical_pairs_dropped == 1
 
 
+def test_pairs_the_labelers_tie_on_are_dropped_and_counted(tmp_path):
+    """Two labelers who disagree: a pair the consensus orders by index alone is no preference."""
+    records = [{"prompt": "p", "responses": ["a", "b", "c", "d"], "rankings": [[0, 1, 2, 3], [3, 2, 1, 0]]},
+               {"prompt": "q", "responses": ["a", "b", "c", "d"], "rankings": [[0, 1, 2, 3], [0, 2, 1, 3]]}]
+    write_jsonl(tmp_path / "rank.jsonl", records)
+    pairs, report = load_preferences([str(tmp_path / "rank.jsonl")])
+    # first record: every response 6 points, every head-to-head 1-1; second: 1 and 2 tied
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("q", "a", "c"), ("q", "a", "d"), ("q", "b", "d")]
+    assert report.tied_pairs_dropped == 5 and report.metrics()["tied_pairs_dropped"] == 5
+    assert "; 5 pairs the labelers tie on dropped;" in report.summary()
+
+
 def test_missing_backbone_or_data_is_one_line_exit_2(reward_setup, capsys):
     tmp_path, config = reward_setup
     assert cli.main(["reward", "--config", config, "model.preset=null", "model.hf_path=/nonexistent/sft"]) == 2

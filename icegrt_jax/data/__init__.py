@@ -4,6 +4,7 @@ from icegrt_jax.data.rankings import (
     ConsensusRanking,
     InvalidRankingError,
     aggregate_rankings,
+    labelers_prefer,
     ranking_to_pairs,
 )
 
@@ -11,5 +12,6 @@ __all__ = [
     "ConsensusRanking",
     "InvalidRankingError",
     "aggregate_rankings",
+    "labelers_prefer",
     "ranking_to_pairs",
 ]

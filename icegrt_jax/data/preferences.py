@@ -12,8 +12,10 @@ Two JSONL record shapes are accepted, and may be mixed in one file:
   and the pairs are ``ranking_to_pairs(consensus, top_k, bottom_k)``: 5 responses -> 4 pairs.
   Every ranking record of a dataset must have the same number of responses and of labelers
   (the paper: 5 and 3); a record that differs is an error naming its line, since mixed counts
-  usually mean a broken export. A response may be empty (a sample that ended at once). Pairs whose two response texts are identical (sampling can
-  repeat itself) carry no preference: they are dropped and counted in the report.
+  usually mean a broken export. A response may be empty (a sample that ended at once). Pairs
+  that carry no preference are dropped and counted in the report: two identical response texts
+  (sampling can repeat itself), and two responses the labelers tie on (as many Borda points and
+  no strict majority for either: with an even number of labelers; ``labelers_prefer``).
 - Pairs (HH-RLHF / UltraFeedback-binarised shape)::
 
     {"prompt": "...", "chosen": "...", "rejected": "..."}
@@ -29,6 +31,7 @@ from collections.abc import Sequence
 from icegrt_jax.data.rankings import (
     InvalidRankingError,
     aggregate_rankings,
+    labelers_prefer,
     ranking_to_pairs,
 )
 from icegrt_jax.data.sources import DataError, iter_records, required_text
@@ -50,6 +53,7 @@ class PreferenceReport:
     pair_records: int = 0
     pairs: int = 0
     identical_pairs_dropped: int = 0
+    tied_pairs_dropped: int = 0
     responses_per_prompt: int | None = None
     labelers_per_prompt: int | None = None
     kendall_w_sum: float = 0.0
@@ -67,7 +71,8 @@ class PreferenceReport:
 
     def metrics(self) -> dict[str, float]:
         out = {"ranking_records": self.ranking_records, "pair_records": self.pair_records,
-               "pairs": self.pairs, "identical_pairs_dropped": self.identical_pairs_dropped}
+               "pairs": self.pairs, "identical_pairs_dropped": self.identical_pairs_dropped,
+               "tied_pairs_dropped": self.tied_pairs_dropped}
         for name in ("mean_kendall_w", "mean_kendall_tau"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
@@ -76,6 +81,8 @@ class PreferenceReport:
     def summary(self) -> str:
         text = (f"{self.pairs} pairs from {self.ranking_records} ranking records and "
                 f"{self.pair_records} pair records; {self.identical_pairs_dropped} identical pairs dropped")
+        if self.tied_pairs_dropped:
+            text += f"; {self.tied_pairs_dropped} pairs the labelers tie on dropped"
         if self.ranking_records:
             text += (f"; {self.responses_per_prompt} responses x {self.labelers_per_prompt} labelers a prompt, "
                      f"Kendall's W {self.mean_kendall_w:.3f}")
@@ -139,8 +146,10 @@ def _ranking_pairs(record: dict, where: str, top_k: int, bottom_k: int,
     report.ranking_records += 1
     report.kendall_w_sum += consensus.kendall_w
     report.kendall_tau_sum += consensus.mean_kendall_tau or 0.0
-    kept = [(i, j) for i, j in index_pairs if texts[i] != texts[j]]
-    report.identical_pairs_dropped += len(index_pairs) - len(kept)
+    decided = [(i, j) for i, j in index_pairs if labelers_prefer(rankings, consensus.borda_points, i, j)]
+    kept = [(i, j) for i, j in decided if texts[i] != texts[j]]
+    report.tied_pairs_dropped += len(index_pairs) - len(decided)
+    report.identical_pairs_dropped += len(decided) - len(kept)
     return [PreferencePair(prompt, texts[i], texts[j], where) for i, j in kept]
 
 

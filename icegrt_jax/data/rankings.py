@@ -129,6 +129,17 @@ def _head_to_head_wins(response: int, rivals: Sequence[int], positions) -> int:
     return wins
 
 
+def labelers_prefer(rankings: Sequence[Sequence[int]], points: Sequence[int], better: int, worse: int) -> bool:
+    """Whether the labelers prefer response ``better`` to ``worse``: more Borda ``points``, or as
+    many and a strict majority of ``rankings`` placing it above. The consensus orders every two
+    responses; two it orders by index alone (tied in both, e.g. two labelers who disagree) carry
+    no preference."""
+    if points[better] != points[worse]:
+        return points[better] > points[worse]
+    positions = [{r: p for p, r in enumerate(ranking)} for ranking in rankings]
+    return _head_to_head_wins(better, [worse], positions) == 1
+
+
 def aggregate_rankings(per_labeler_rankings: Sequence[Sequence[int]]) -> ConsensusRanking:
     """Consensus of several labelers' best-first rankings of the same ``n >= 2`` responses.
 
