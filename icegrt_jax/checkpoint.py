@@ -95,12 +95,40 @@ def load_model(path: str, sharding: jax.sharding.Sharding | Partitioner | None =
     target = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           pure_abstract, shardings)
     params_dir = os.path.abspath(os.path.join(path, PARAMS_SUBDIR))
+    if differs := _first_shape_difference(params_dir, pure_abstract):
+        raise hf.CheckpointError(f"{path}: config.json does not describe the saved parameters ({differs})")
     try:
         pure = ocp.StandardCheckpointer().restore(params_dir, target)
-    except (OSError, ValueError) as e:  # an incomplete or damaged params/ (Orbax names what is missing)
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise hf.CheckpointError(f"{params_dir}: cannot restore the parameters ({first_line})") from None
+    except Exception as e:  # noqa: BLE001 - an incomplete or damaged params/: Orbax wraps TensorStore's errors
+        raise hf.CheckpointError(f"{params_dir}: cannot restore the parameters ({_root_cause(e)})") from None
     return cfg, hf.params_from_pure_dict(cfg, pure, kind)
+
+
+def _first_shape_difference(params_dir: str, pure_abstract) -> str | None:
+    """The first array whose shape in ``params_dir``'s Orbax metadata differs from
+    ``pure_abstract``'s, named by its path; checked before any array is read (then a wrong
+    config.json is one clear error, not the first of many failing reads). None also when the
+    metadata cannot be read: the restore then says what is wrong."""
+    try:
+        metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(params_dir))
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+    saved = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
+        getattr(metadata, "tree", metadata), is_leaf=lambda x: hasattr(x, "shape"))}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(pure_abstract):
+        name = jax.tree_util.keystr(path)
+        if name in saved and saved[name] != tuple(leaf.shape):
+            return f"{name}: saved {list(saved[name])}, config.json gives {list(leaf.shape)}"
+    return None
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost error ``error`` was raised from (Orbax wraps the reader's
+    error, which names the array and the damage, in a generic one)."""
+    while (inner := error.__cause__ or error.__context__) is not None:
+        error = inner
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_model_dir(path: str, progress: bool = False, kind: str = "causal_lm", partitioner: Partitioner | None = None,

@@ -48,7 +48,19 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> int:
     """The ``icegrt`` command: ``main`` on ``sys.argv``, in a process with malloc on huge pages."""
     reexec_with_malloc_hugepages()
+    sys.unraisablehook = _drop_abandoned_reads
     return main()
+
+
+def _drop_abandoned_reads(unraisable) -> None:
+    """``sys.unraisablehook`` of the ``icegrt`` process. When one array of a damaged checkpoint
+    fails to read (a one-line error), Orbax's other reads finish on a closed event loop and report
+    it as they end or at exit: those reports are dropped, any other goes to the default hook."""
+    error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or (
+            code is not None and "orbax" in code.co_filename):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 if __name__ == "__main__":

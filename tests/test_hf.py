@@ -286,6 +286,26 @@ def test_a_project_checkpoint_with_missing_parameters_is_one_line(hf_dir, tmp_pa
     assert len(err.splitlines()) == 1 and "params: cannot restore the parameters (" in err
 
 
+def test_a_damaged_or_misdescribed_project_checkpoint_is_one_line_from_the_console(hf_dir, tmp_path, capsys):
+    """Truncated array files: the reader's error, not Orbax's wrapper and the tracebacks of the
+    reads it abandoned; a config.json whose sizes do not match the arrays: named before any read."""
+    assert cli.main(["convert", str(hf_dir), str(tmp_path / "ours")]) == 0
+    damaged, misdescribed = tmp_path / "damaged", tmp_path / "misdescribed"
+    shutil.copytree(tmp_path / "ours", damaged)
+    shutil.copytree(tmp_path / "ours", misdescribed)
+    for data in (damaged / "params").glob("ocdbt.process_*/d/*"):
+        data.write_bytes(data.read_bytes()[:10])
+    config = json.loads((misdescribed / "config.json").read_text())
+    (misdescribed / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    for src, message in ((damaged, "params: cannot restore the parameters (OUT_OF_RANGE: Error reading "),
+                         (misdescribed, "misdescribed: config.json does not describe the saved parameters (['layers']")):
+        result = subprocess.run([sys.executable, "-m", "icegrt_jax.cli", "convert", str(src), str(tmp_path / "hf")],
+                                capture_output=True, text=True, check=False)
+        assert result.returncode == 2 and message in result.stderr
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert not (tmp_path / "hf").exists()
+
+
 def test_convert_replaces_a_model_directory_but_never_another_directory(hf_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["convert", str(hf_dir), str(out)]) == 0
