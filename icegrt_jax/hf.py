@@ -126,9 +126,12 @@ MODEL_KINDS = {"causal_lm": Llama, "score": ScoreModel}
 HF_ARCHITECTURES = {"causal_lm": "LlamaForCausalLM", "score": "LlamaForSequenceClassification"}
 
 
-def model_kind_of_config(config: dict) -> str:
+def model_kind_of_config(config: dict, source: str = "config.json") -> str:
     """"score" when an HF config.json dict names LlamaForSequenceClassification, else "causal_lm"."""
-    return "score" if HF_ARCHITECTURES["score"] in (config.get("architectures") or []) else "causal_lm"
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise CheckpointError(f"{source}: architectures must be a list of class names, got {architectures!r}")
+    return "score" if HF_ARCHITECTURES["score"] in architectures else "causal_lm"
 
 
 def hf_config_dict(cfg: LlamaConfig, kind: str = "causal_lm") -> dict:
@@ -145,7 +148,8 @@ def read_config_kind(path: str) -> str:
     directory, config.json or bad JSON is a one-line error."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
-    return model_kind_of_config(read_config_json(os.path.join(path, "config.json")))
+    config_path = os.path.join(path, "config.json")
+    return model_kind_of_config(read_config_json(config_path), config_path)
 
 
 def check_kind(path: str, expected: str):
@@ -192,6 +196,8 @@ def _tensor_index(path: str) -> dict[str, str]:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index_path}: corrupted index (expected a 'weight_map' object of file names)")
+        if outside := sorted({f for f in weight_map.values() if os.path.isabs(f) or os.path.normpath(f).startswith("..")}):
+            raise CheckpointError(f"{index_path}: weight_map names files outside the model directory: {outside[0]}")
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
     single = os.path.join(path, SAFE_SINGLE)
     if os.path.exists(single):

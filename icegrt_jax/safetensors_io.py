@@ -14,6 +14,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from icegrt_jax import files
 from icegrt_jax.errors import UserInputError
 
 DTYPE_BY_NAME = {
@@ -34,8 +35,8 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with files.read_errors(path, SafetensorsError), open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise SafetensorsError(f"{path}: truncated file ({size} bytes, no header)")

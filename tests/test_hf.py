@@ -425,6 +425,18 @@ BAD_INPUTS = {
                         "eos_token_id must be a token id, a non-empty list of them or null, got 'two'"),
     "config rope type": (lambda p: _edit_config(p, rope_scaling="linear"), ModelConfigError,
                          "rope_scaling must be an object or null, got 'linear'"),
+    "config architectures type": (lambda p: _edit_config(p, architectures=5), CheckpointError,
+                                  r"config\.json: architectures must be a list of class names, got 5"),
+    "config heads": (lambda p: _edit_config(p, num_key_value_heads=3), ModelConfigError,
+                     r"config\.json: num_heads \d+ is not divisible by num_kv_heads 3"),
+    "config rope factor without a type": (lambda p: _edit_config(p, rope_scaling={"factor": 2.0}), ModelConfigError,
+                                          r"config\.json: unsupported rope_scaling \{'factor': 2\.0\}"),
+    "index outside the directory": (
+        lambda p: Path(p, "model.safetensors.index.json").write_text('{"weight_map": {"model.norm.weight": "../m.safetensors"}}'),
+        CheckpointError, r"index\.json: weight_map names files outside the model directory: \.\./m\.safetensors"),
+    "weights file is a directory": (lambda p: (os.remove(os.path.join(p, "model.safetensors")),
+                                               os.mkdir(os.path.join(p, "model.safetensors"))),
+                                    SafetensorsError, r"model\.safetensors: cannot read \(Is a directory\)"),
     "config is a directory": (lambda p: (os.remove(os.path.join(p, "config.json")), os.mkdir(os.path.join(p, "config.json"))),
                               ModelConfigError, r"config\.json: cannot read \(Is a directory\)"),
 }

@@ -132,7 +132,7 @@ class LlamaConfig:
         _check_hf_value_types(hf, source)
         for key in ("rope_scaling", "rope_parameters"):
             rope = hf.get(key) or {}
-            if rope.get("rope_type", rope.get("type", "default")) != "default":
+            if rope.get("rope_type", rope.get("type", "default")) != "default" or set(rope) - _DEFAULT_ROPE_KEYS:
                 raise ModelConfigError(f"{source}: unsupported {key} {rope!r} (only default RoPE)")
         try:
             heads = hf["num_attention_heads"]
@@ -162,7 +162,10 @@ class LlamaConfig:
         if dtype in DTYPES:
             fields["param_dtype"] = dtype
         fields.update(overrides)
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except ModelConfigError as e:  # sizes that do not fit together: name the file
+            raise ModelConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_json_file(cls, path: str, **overrides) -> LlamaConfig:
@@ -175,6 +178,7 @@ _HF_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidd
 _HF_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim")  # null: derived from the others
 _HF_POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps")
 _HF_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # null, an int or a list of ints
+_DEFAULT_ROPE_KEYS = {"rope_type", "type", "rope_theta"}  # anything else (a scaling factor) would be dropped
 
 
 def _check_hf_value_types(hf: dict[str, Any], source: str) -> None:
