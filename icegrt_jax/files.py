@@ -71,7 +71,8 @@ def read_errors(path: str | os.PathLike, error: type[Exception]):
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in one rename (written and synced to a temporary file first)."""
+    """Replace ``path`` with ``data`` in one rename (written and synced to a temporary file first);
+    an OS error (no permission, a full disk) is one ``UserInputError`` naming ``path``."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -80,10 +81,27 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserInputError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Before long work whose result goes to ``path``: fail now, as writing it would then, when no
+    file can be created there (in the nearest existing parent where its directories would be made)."""
+    target = os.path.abspath(path)
+    while not os.path.isdir(os.path.dirname(target)):
+        target = os.path.dirname(target)
+    probe = f"{target}.tmp-{os.getpid()}"
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserInputError(f"{os.fspath(path)}: cannot write ({e.strerror or e})") from None
 
 
 def sync_path(path: str | os.PathLike) -> None:

@@ -435,7 +435,10 @@ def atomic_directory(path: str, write: Callable[[str], None]):
     remove_stale_temporaries(path)
     tmp = f"{_temporary_prefix(path)}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write ({e.strerror or e})") from None
     try:
         write(tmp)
         files.sync_tree(tmp)

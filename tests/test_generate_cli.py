@@ -96,6 +96,7 @@ def test_a_raw_prompt_is_bos_and_its_text_tokenised_as_in_training(model_dir):
     (["--prompts", "{long}"], "long.jsonl:3: the prompt has"),  # the file's line, blank lines counted
     (["--prompts", "{answered}"], "answered.jsonl:1: the record already has a 'responses' field"),
     (["--out", "{folder}"], "is a directory; give the path of the JSONL file to write"),
+    (["--out", "/proc/out.jsonl"], "/proc/out.jsonl: cannot write ("),  # said before the model loads
     (["--tokenizer", "{folder}"], "; the directory needs tokenizer files (tokenizer.json"),
     (["--model", "{folder}/nowhere"], "/nowhere: no such model directory"),  # the last --model counts
 ])

@@ -269,6 +269,12 @@ def test_convert_refuses_out_equal_to_src_and_a_bad_shard_size(hf_dir, tmp_path,
     assert sorted(os.listdir(src)) == sorted(os.listdir(hf_dir)) and not (tmp_path / "out").exists()
 
 
+def test_convert_to_a_place_it_cannot_write_is_one_line(hf_dir, capsys):
+    assert cli.main(["convert", str(hf_dir), "/proc/converted"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith("/proc/converted: cannot write (No such file or directory)")
+
+
 def test_convert_of_a_run_directory_names_its_final_model(hf_dir, tmp_path, capsys):
     shutil.copytree(hf_dir, tmp_path / "run" / "final")
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out")]) == 2

@@ -21,7 +21,7 @@ def run(args) -> int:
 
     import jax
 
-    from icegrt_jax import checkpoint, hf
+    from icegrt_jax import checkpoint, files, hf
     from icegrt_jax.errors import UserInputError
 
     out, src = os.path.realpath(args.out), os.path.realpath(args.src)
@@ -34,6 +34,7 @@ def run(args) -> int:
     if not 0 < args.max_shard_gb < float("inf"):
         raise UserInputError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
     hf.check_replaceable(args.out)  # before loading SRC: a refused OUT or tokenizer fails at once
+    files.check_writable(args.out)
     if args.tokenizer:
         hf.tokenizer_files(args.tokenizer, required=True)
     overrides = {"param_dtype": args.dtype} if args.dtype else {}

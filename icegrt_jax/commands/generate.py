@@ -100,6 +100,7 @@ def sample_responses(args):
         raise UserInputError(f"--out {args.out}: directory {out_dir} does not exist")
     if os.path.isdir(args.out):
         raise UserInputError(f"--out {args.out}: is a directory; give the path of the JSONL file to write")
+    files.check_writable(args.out)
     records, places = _read_prompts(args)
     if not os.path.isdir(args.model):
         raise UserInputError(f"--model {args.model}: no such model directory")
