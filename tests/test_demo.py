@@ -95,6 +95,11 @@ def test_bad_out_or_config_is_one_line_exit_2_nothing_written(tmp_path, capsys):
     assert main(["demo", "--fast", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "d")]) == 2
     assert "nope.yaml: no such config file" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["file"] and (tmp_path / "file").read_text() == "mine"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path / "mine")]) == 2
+    assert "mine: not empty and not a demo's output (it holds 'notes.txt')" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
 def test_every_stage_runs_writes_the_report_and_resumes(tmp_path, capsys):
@@ -125,6 +130,8 @@ def test_every_stage_runs_writes_the_report_and_resumes(tmp_path, capsys):
     assert all(len(s["truncated"]) == len(s["responses"]) for s in samples)  # and flagged
     flags = [flag for s in samples for flag in s["truncated"]]
     assert sum(flags) and f"\n{sum(flags)} of {len(flags)} responses hit demo.max_new_tokens" in printed
+    assert set(os.listdir(out)) <= pipeline.OUTPUTS  # what check_out lets a rerun resume
+    pipeline.check_out(out)
     again = pipeline.run_demo(run)
     skipped = capsys.readouterr().out
     assert skipped.count("done, skipped") == len(pipeline.STAGES) and "report:" in skipped

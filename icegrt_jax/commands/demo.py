@@ -24,9 +24,10 @@ def run(args) -> int:
     import jax
 
     from icegrt_jax import files
-    from icegrt_jax.demo.pipeline import load_run, run_demo
+    from icegrt_jax.demo.pipeline import check_out, load_run, run_demo
 
     run_config = load_run(args.out, args.config, fast=args.fast, seed=args.seed)
+    check_out(args.out)
     files.make_directory(args.out, "--out directory")
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # stages (and a resumed run) share programs
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), "xla-cache"))

@@ -34,6 +34,7 @@ from icegrt_jax.config_loader import load_config, read_yaml_mapping
 from icegrt_jax.data.sources import DataError, jsonl_records
 from icegrt_jax.demo import annotator, data
 from icegrt_jax.demo.tokenizer import train_tokenizer
+from icegrt_jax.errors import UserInputError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # package data
 CONFIG_ROOT = "runs/demo"
@@ -85,6 +86,22 @@ class DemoConfig:
 def held_out_ad_prompts(cfg: DemoConfig) -> int:
     """How many distinct evaluation prompts the held-out ads give (each ad in every question form)."""
     return len(data.split_ad_cases(cfg.seed, cfg.held_out_ad_fraction)[1]) * len(data.QUESTION_FORMS)
+
+
+# What a demo writes at the top of its --out directory (``check_out``).
+OUTPUTS = frozenset({"data", "pretrain", "sft", "rlhf", "reward", "ppo", "eval", "export", "xla-cache",
+                     "timings.json", "report.md", "report.json", "ppo_curves.png", "reward_curve.png"})
+
+
+def check_out(out: str) -> None:
+    """``--out`` must be new, empty or an earlier demo's (which a rerun resumes): a directory that
+    holds anything else is refused, as the trainers refuse a directory that is not a run's."""
+    if not os.path.isdir(out):
+        return
+    foreign = sorted(name for name in os.listdir(out) if name.split(".tmp-")[0] not in OUTPUTS)
+    if foreign:
+        raise UserInputError(f"--out {out}: not empty and not a demo's output (it holds {foreign[0]!r}); "
+                             "choose a new or empty directory")
 
 
 @dataclasses.dataclass
