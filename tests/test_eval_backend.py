@@ -325,6 +325,24 @@ def test_missing_data_file(data_dir, tmp_path):
         build_task_manager(["icegrt_arc_c"], benchmarks, data_dir=tmp_path / "nowhere", work_dir=tmp_path)
 
 
+def test_a_bad_local_data_line_is_named_before_anything_runs(data_dir, tmp_path):
+    """Where lm-eval would fail inside ``datasets`` or a prompt template, with a traceback."""
+    bad = tmp_path / "data"
+    shutil.copytree(data_dir, bad)
+    test_file = bad / "allenai/ai2_arc/ARC-Easy/test.jsonl"
+    first, second = test_file.read_text().splitlines()[:2]
+    build = lambda: build_task_manager(["icegrt_arc_e"], load_benchmarks(), data_dir=bad, work_dir=tmp_path / "w")
+    test_file.write_text(f"{first}\n{json.dumps({'id': 'q9', 'question': 'no choices'})}\n")
+    with pytest.raises(LocalDataError, match=r"ARC-Easy/test\.jsonl:2: missing field 'choices' \(the file's first"):
+        build()
+    test_file.write_text(f"{first}\n{second[:-1]}\n")  # its closing brace lost
+    with pytest.raises(LocalDataError, match=rf"test\.jsonl:2: invalid JSON \(.* at column {len(second)}\)"):
+        build()
+    test_file.write_text(f"{first}\n[1, 2]\n")
+    with pytest.raises(LocalDataError, match=r"test\.jsonl:2: expected a JSON object, got list"):
+        build()
+
+
 def test_run_benchmarks_without_a_work_dir_keeps_its_override_yamls_only_while_it_runs(data_dir, tmp_path,
                                                                                         monkeypatch):
     import lm_eval

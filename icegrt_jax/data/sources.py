@@ -117,7 +117,7 @@ def jsonl_records(path: str | Path, error: type[UserInputError] = DataError) -> 
                     continue
                 where = f"{path}:{number}"
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.rstrip("\r\n"))  # a column past the end names this line
                 except json.JSONDecodeError as e:
                     raise error(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
                 yield where, record

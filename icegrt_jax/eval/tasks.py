@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from icegrt_jax import files
+from icegrt_jax.data.sources import jsonl_records
 from icegrt_jax.errors import UserInputError
 from icegrt_jax.eval import MissingExtraError, require_lm_eval
 
@@ -198,7 +199,23 @@ def local_overrides(index: dict, leaves: Sequence[str], data_dir: str | Path) ->
     if missing:
         shown = ", ".join(str(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise LocalDataError(f"missing {len(missing)} local data file(s) (JSONL in the upstream schema): {shown}")
+    for path in sorted({p for o in overrides.values() for p in o["dataset_kwargs"]["data_files"].values()}):
+        check_local_records(path)
     return overrides
+
+
+def check_local_records(path: str | Path) -> None:
+    """Every line of a local data file a JSON object with the first one's fields (an export of the
+    upstream dataset has them all, null where empty): else a one-line ``LocalDataError`` naming the
+    line, where lm-eval would fail later inside ``datasets`` or a prompt template."""
+    fields = None
+    for where, record in jsonl_records(path, LocalDataError):
+        if not isinstance(record, dict):
+            raise LocalDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if fields is None:
+            fields = list(record)
+        elif lacking := [name for name in fields if name not in record]:
+            raise LocalDataError(f"{where}: missing field {lacking[0]!r} (the file's first record has it)")
 
 
 def write_local_overrides(overrides: dict[str, dict], out_dir: Path) -> None:
