@@ -7,6 +7,7 @@ command that takes ``--model DIR`` works with both.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections import Counter
 
@@ -194,7 +195,12 @@ class TrainCheckpointer:
         else:
             target = jax.tree.map(shaped, abstract_state, shardings)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-        restored = self._manager.restore(step, args=args)
+        try:
+            restored = self._manager.restore(step, args=args)
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            raise StateStructureError(_structure_difference(str(e))) from None
         return restored["state"], restored["meta"]
 
     def wait(self):
@@ -202,6 +208,20 @@ class TrainCheckpointer:
 
     def close(self):
         self._manager.close()
+
+
+class StateStructureError(ValueError):
+    """The saved training state's tree differs from the one it is restored into (its arrays may
+    all have the same shapes: an optimizer transform added or removed, e.g. gradient clipping)."""
+
+
+def _structure_difference(orbax_message: str) -> str:
+    """Orbax's description of a tree mismatch as one line: ``opt_state: saved (list, 3), this run
+    (list, 2)`` (its "Source" is the checkpoint, its "Target" the state restored into)."""
+    lines = [line.strip() for line in orbax_message.splitlines()[1:] if line.strip()]
+    text = " ".join(line for line in lines if not line.startswith("If this mismatch"))
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    return text.replace("- Source:", "saved").replace("- Target:", ", this run").replace(" ,", ",")
 
 
 def _array_counts(tree) -> Counter:

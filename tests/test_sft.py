@@ -141,6 +141,9 @@ def test_resume_names_a_changed_config_and_refuses_a_state_that_no_longer_fits(s
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "(saved arrays not in this run: [2, 4, 16, 64], " in err
     assert "this run's not saved: [2, 4, 8, 32], [2, 32])" in err
+    assert cli.main([*run, "optimizer.max_grad_norm=null"]) == 2  # the same shapes in another optimizer tree
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step 3 does not fit this run's model and optimizer state (opt_state: " in err
 
 
 def test_a_final_directory_that_is_not_a_model_is_refused_before_training(sft_setup, capsys):

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from icegrt_jax import files
-from icegrt_jax.checkpoint import TrainCheckpointer
+from icegrt_jax.checkpoint import StateStructureError, TrainCheckpointer
 from icegrt_jax.config import LoggingConfig, TrainingConfig
 from icegrt_jax.config_loader import config_to_yaml
 from icegrt_jax.data.batching import DataPosition
@@ -72,12 +72,18 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
                               "training.output_dir must be on a filesystem every process shares")
     changes = config_changes(config_path, cfg) if step is not None and os.path.isfile(config_path) else []
     if step is not None:
+        def does_not_fit(difference: str) -> CheckpointError:
+            changed = f"config changed: {'; '.join(changes)}" if changes else difference
+            return CheckpointError(f"{checkpointer.directory}: step {step} does not fit this run's model and "
+                                   f"optimizer state ({changed}); resume with the run's config or use a new "
+                                   "training.output_dir")
+
         if mismatch := checkpointer.mismatch(state, step):
-            changed = f"config changed: {'; '.join(changes)}" if changes else mismatch
-            raise CheckpointError(f"{checkpointer.directory}: step {step} does not fit this run's model and "
-                                  f"optimizer state ({changed}); resume with the run's config or use a new "
-                                  "training.output_dir")
-        state, meta = checkpointer.restore(state, shardings=state_shardings)
+            raise does_not_fit(mismatch)
+        try:
+            state, meta = checkpointer.restore(state, shardings=state_shardings)
+        except StateStructureError as e:
+            raise does_not_fit(str(e)) from None
         batches.position = DataPosition(**meta["data_position"])
     with all_or_none(f"{out}: config.yaml and data_report.txt"):  # process 0 writes, all agree it did
         if is_primary_process():
