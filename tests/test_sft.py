@@ -146,6 +146,19 @@ def test_resume_names_a_changed_config_and_refuses_a_state_that_no_longer_fits(s
     assert len(err.splitlines()) == 1 and "step 3 does not fit this run's model and optimizer state (opt_state: " in err
 
 
+def test_a_longer_rerun_says_the_schedule_is_recomputed_and_a_shorter_one_is_refused(sft_setup, capsys):
+    tmp_path, config = sft_setup
+    run = ["sft", "--config", config, f"training.output_dir={tmp_path / 'run'}"]
+    assert cli.main([*run, "training.steps=2"]) == 0
+    capsys.readouterr()
+    assert cli.main([*run, "training.steps=3"]) == 0
+    assert ("[sft] note: the learning-rate schedules are recomputed for the new number of steps: from step 2 "
+            "on the rates follow them") in capsys.readouterr().out
+    assert cli.main([*run, "training.steps=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the run is at step 3, past the 2 steps this config gives" in err
+
+
 def test_a_final_directory_that_is_not_a_model_is_refused_before_training(sft_setup, capsys):
     tmp_path, config = sft_setup
     (tmp_path / "run" / "final").mkdir(parents=True)

@@ -95,6 +95,10 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
                 print(f"[{name}] resumed from step {int(state.step)} ({checkpointer.directory})")
             if changes:
                 print(f"[{name}] note: resuming with a config that differs from the run's: {'; '.join(changes)}")
+            if any(change.startswith(("training.steps:", "training.epochs:")) for change in changes):
+                print(f"[{name}] note: the learning-rate schedules are recomputed for the new number of steps: "
+                      f"from step {int(state.step)} on the rates follow them (a run started with that length "
+                      "would have had other rates before)")
     return state, checkpointer
 
 
@@ -250,6 +254,10 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
     position after the last consumed batch). ``tokens_fn(batch)`` counts tokens for tokens/s.
     """
     start = int(state.step)
+    if start > total_steps:
+        raise CheckpointError(f"{checkpointer.directory}: the run is at step {start}, past the {total_steps} steps "
+                              "this config gives (training.steps or epochs lowered?); use a new training.output_dir "
+                              f"or at least {start} steps")
     logger = MetricsLogger(output_dir, logging, resume_step=start)
     show = shows_progress(logging)
     metrics: dict[str, float] = {}
