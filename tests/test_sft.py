@@ -157,6 +157,12 @@ def test_a_longer_rerun_says_the_schedule_is_recomputed_and_a_shorter_one_is_ref
     assert cli.main([*run, "training.steps=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "the run is at step 3, past the 2 steps this config gives" in err
+    write_jsonl(tmp_path / "train.jsonl", RECORDS[:-1])  # the data changed since
+    assert cli.main([*run, "training.steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert f"[sft] note: the training data differ from the run's (now {len(RECORDS) - 1} examples, CRC-32 " in out
+    assert f", was {len(RECORDS)} examples, CRC-32 " in out
+    assert cli.main([*run, "training.steps=5"]) == 0 and "training data differ" not in capsys.readouterr().out
 
 
 def test_a_final_directory_that_is_not_a_model_is_refused_before_training(sft_setup, capsys):

@@ -20,7 +20,10 @@ epoch's order, real tokens that keep the shape fixed, with ``loss_mask`` all 0 s
 epoch still counts each example exactly once.
 """
 
+import dataclasses
+import functools
 import math
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -140,6 +143,24 @@ class BatchIterator:
     @property
     def batches_per_epoch(self) -> int:
         return math.ceil(len(self._examples) / self._batch_size)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What a saved data position refers to: the examples' count and a CRC-32 of their token
+        ids and masks in order (not where they came from: moved files with the same content match)."""
+        crc = 0
+
+        def feed(value):
+            nonlocal crc
+            if dataclasses.is_dataclass(value):
+                for field in dataclasses.fields(value):
+                    feed(getattr(value, field.name))
+            elif isinstance(value, np.ndarray):
+                crc = zlib.crc32(np.int64(value.size).tobytes() + value.tobytes(), crc)
+
+        for example in self._examples:
+            feed(example)
+        return f"{len(self._examples)} examples, CRC-32 {crc:08x}"
 
     @property
     def position(self) -> DataPosition:

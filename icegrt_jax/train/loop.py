@@ -71,6 +71,7 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
         raise CheckpointError(f"{checkpointer.directory}: the processes see different newest checkpoints; "
                               "training.output_dir must be on a filesystem every process shares")
     changes = config_changes(config_path, cfg) if step is not None and os.path.isfile(config_path) else []
+    data_changed = None
     if step is not None:
         def does_not_fit(difference: str) -> CheckpointError:
             changed = f"config changed: {'; '.join(changes)}" if changes else difference
@@ -85,6 +86,8 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
         except StateStructureError as e:
             raise does_not_fit(str(e)) from None
         batches.position = DataPosition(**meta["data_position"])
+        if meta.get("data", batches.fingerprint) != batches.fingerprint:
+            data_changed = f"now {batches.fingerprint}, was {meta['data']}"
     with all_or_none(f"{out}: config.yaml and data_report.txt"):  # process 0 writes, all agree it did
         if is_primary_process():
             files.write_text(config_path, config_to_yaml(cfg))
@@ -95,6 +98,9 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
                 print(f"[{name}] resumed from step {int(state.step)} ({checkpointer.directory})")
             if changes:
                 print(f"[{name}] note: resuming with a config that differs from the run's: {'; '.join(changes)}")
+            if data_changed:
+                print(f"[{name}] note: the training data differ from the run's ({data_changed}): from the "
+                      "restored data position on, the batches are the new data's")
             if any(change.startswith(("training.steps:", "training.epochs:")) for change in changes):
                 print(f"[{name}] note: the learning-rate schedules are recomputed for the new number of steps: "
                       f"from step {int(state.step)} on the rates follow them (a run started with that length "
@@ -128,8 +134,9 @@ _ABSENT = object()
 
 
 def data_position_meta(batches) -> Callable[[], dict]:
-    """``train_loop``'s ``meta_fn`` for a ``BatchIterator``: where the next batch comes from."""
-    return lambda: {"data_position": dataclasses.asdict(batches.position)}
+    """``train_loop``'s ``meta_fn`` for a ``BatchIterator``: where the next batch comes from, and
+    of which data (``BatchIterator.fingerprint``, compared on resume)."""
+    return lambda: {"data_position": dataclasses.asdict(batches.position), "data": batches.fingerprint}
 
 
 class MetricsLogger:
