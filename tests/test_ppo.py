@@ -274,7 +274,9 @@ def test_fused_update_programs_equal_the_separate_path(ppo_setup, monkeypatch):
 ])
 def test_exact_resume_after_sigkill_mid_iteration(ppo_setup, minibatches, factory, kill_on_call):
     tmp_path, config = ppo_setup
-    short = ["training.steps=4", "training.save_every=1", "ppo.epochs=1", f"ppo.minibatches={minibatches}"]
+    # the adaptive KL controller and the running reward moments are state the checkpoint must carry
+    short = ["training.steps=4", "training.save_every=1", "ppo.epochs=1", f"ppo.minibatches={minibatches}",
+             "ppo.kl_target=0.5", "ppo.kl_horizon=10", "reward.normalize=running"]
     assert cli.main(["ppo", "--config", config, *short, f"training.output_dir={tmp_path / 'straight'}"]) == 0
     args = ["ppo", "--config", config, *short, f"training.output_dir={tmp_path / 'resumed'}"]
     killed = run_cli_killed_at("icegrt_jax.train.ppo", kill_on_call, "SIGKILL", args, factory=factory)
@@ -286,7 +288,10 @@ def test_exact_resume_after_sigkill_mid_iteration(ppo_setup, minibatches, factor
         resumed = jax.tree.leaves(load_model(str(tmp_path / "resumed" / name))[1])
         for a, b in zip(straight, resumed, strict=True):
             assert np.array_equal(np.asarray(a), np.asarray(b)), name
-    assert _metrics(tmp_path / "straight")[-1]["kl"] == _metrics(tmp_path / "resumed")[-1]["kl"]
+    untimed = lambda rows: [{k: v for k, v in row.items() if "time" not in k and "per_s" not in k} for row in rows]
+    straight, resumed = untimed(_metrics(tmp_path / "straight")), untimed(_metrics(tmp_path / "resumed"))
+    assert resumed == straight  # every iteration's row once, as if uninterrupted
+    assert len({row["kl_coef"] for row in straight}) == 4 and len({row["score_mean"] for row in straight}) == 4
 
 
 @pytest.mark.parametrize("override, message", [

@@ -93,9 +93,9 @@ def test_training_holds_no_second_copy_of_the_model(sft_setup, monkeypatch):
     assert seen["others"] == []
 
 
-def run_killed(config, output_dir, kill_at, sig):
+def run_killed(config, output_dir, kill_at, sig, *overrides):
     return run_cli_killed_at("icegrt_jax.train.sft", kill_at + 1, sig,
-                             ["sft", "--config", config, f"training.output_dir={output_dir}"])
+                             ["sft", "--config", config, f"training.output_dir={output_dir}", *overrides])
 
 
 def _params(path):
@@ -104,14 +104,19 @@ def _params(path):
 
 def test_exact_resume_after_sigkill(sft_setup):
     tmp_path, config = sft_setup
-    assert cli.main(["sft", "--config", config, f"training.output_dir={tmp_path / 'straight'}"]) == 0
+    one_a_batch = "data.batch_size=1"  # 4 batches an epoch: the checkpoints at steps 3 and 6 are mid-epoch
+    assert cli.main(["sft", "--config", config, f"training.output_dir={tmp_path / 'straight'}", one_a_batch]) == 0
 
-    killed = run_killed(config, tmp_path / "resumed", kill_at=7, sig="SIGKILL")
+    killed = run_killed(config, tmp_path / "resumed", 7, "SIGKILL", one_a_batch)
     assert killed.returncode == -signal.SIGKILL
     assert not os.path.exists(tmp_path / "resumed" / "final")
     # The save at step 6 is asynchronous: SIGKILL may land before it commits, never half-way.
-    assert TrainCheckpointer(str(tmp_path / "resumed" / "checkpoints")).latest_step() in (3, 6)
-    assert cli.main(["sft", "--config", config, f"training.output_dir={tmp_path / 'resumed'}"]) == 0
+    checkpoints = TrainCheckpointer(str(tmp_path / "resumed" / "checkpoints"))
+    assert checkpoints.latest_step() in (3, 6)
+    position = {3: {"epoch": 0, "index": 3}, 6: {"epoch": 1, "index": 2}}[checkpoints.latest_step()]
+    meta = json.loads((tmp_path / "resumed" / "checkpoints" / str(checkpoints.latest_step()) / "meta" / "metadata").read_text())
+    assert meta["data_position"] == position
+    assert cli.main(["sft", "--config", config, f"training.output_dir={tmp_path / 'resumed'}", one_a_batch]) == 0
 
     for a, b in zip(_params(tmp_path / "straight" / "final"), _params(tmp_path / "resumed" / "final"), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
