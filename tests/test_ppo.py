@@ -320,7 +320,12 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ppo_setup, capsys, overrid
 
 def test_a_scorers_output_is_checked_and_named():
     assert rollout.checked_scores([1, 2.5], 2, "m:f").tolist() == [1.0, 2.5]
-    for scores, message in (([1.0], r"returned shape \(1,\) for 2 responses"), (["x", "y"], "returned list values that are not numbers"),
+    assert rollout.checked_scores([True, False], 2, "m:f").tolist() == [1.0, 0.0]  # pass/fail rewards
+    for scores, message in (([1.0], r"returned shape \(1,\) for 2 responses"),
+                            (["x", "y"], "returned list values that are not numbers"),
+                            (["1", "0.5"], "returned list values that are not numbers"),  # not parsed
+                            ([1.0, None], "returned list values that are not numbers"),
+                            ([[1.0], [2.0, 3.0]], "returned list values that are not numbers"),
                             ([1.0, float("nan")], "returned a non-finite score")):
         with pytest.raises(ConfigError, match=f"reward.function m:f: {message}"):
             rollout.checked_scores(scores, 2, "m:f")

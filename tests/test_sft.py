@@ -302,6 +302,16 @@ def test_bad_data_is_one_line_exit_2_nothing_written(sft_setup, capsys, case):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_empty_eval_file_is_one_line_exit_2(sft_setup, capsys):
+    """Not an evaluation of nothing, which would log a loss of 0."""
+    tmp_path, config = sft_setup
+    (tmp_path / "eval.jsonl").write_text("\n")
+    assert cli.main(["sft", "--config", config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("eval.jsonl: no evaluation examples (the files are empty)") and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("override, message", [
     ("optimizer.lrr=1", "optimizer.lrr"),
     ("training.steps=abc", "training.steps"),

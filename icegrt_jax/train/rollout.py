@@ -148,9 +148,12 @@ def checked_scores(scores, count: int, spec: str, finite: bool = True) -> np.nda
     """A scorer's output as float32 [count] (all finite unless ``finite`` is off); anything else
     is a ``ConfigError`` naming ``reward.function``."""
     try:
-        array = np.asarray(scores, np.float32)
+        array = np.asarray(scores)
     except (TypeError, ValueError):
-        raise ConfigError(f"reward.function {spec}: returned {type(scores).__name__} values that are not numbers") from None
+        array = np.asarray(None)  # ragged: not numbers either
+    if array.dtype.kind not in "biuf":  # strings are not converted: a scorer returning "0.5" is a bug
+        raise ConfigError(f"reward.function {spec}: returned {type(scores).__name__} values that are not numbers")
+    array = array.astype(np.float32)
     if array.shape != (count,):
         raise ConfigError(f"reward.function {spec}: returned shape {array.shape} for {count} responses "
                           "(expected one score each)")

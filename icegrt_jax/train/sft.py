@@ -140,12 +140,13 @@ def run_sft(cfg: SFTConfig) -> dict:
     partitioner.check_batch_size(cfg.data.batch_size, cfg.optimizer.grad_accum_steps)
     with all_or_none("loading the data"):  # a file one process cannot read stops every process
         data = prepare_data(cfg)
-        if not data.train:
-            report = data.reports["train"]
-            why = (f"{report.summary()}; each starts with the template's {report.head_tokens} preamble tokens"
-                   if report is not None and report.examples else "the files are empty")
-            raise DataError(f"data.train_files {', '.join(cfg.data.train_files) or '(none given)'}: no training examples "
-                            f"({why})")
+        for split, given, what in (("train", True, "training"), ("eval", bool(cfg.data.eval_files), "evaluation")):
+            if given and not getattr(data, split):  # an eval set of nothing would log a loss of 0
+                report = data.reports[split]
+                why = (f"{report.summary()}; each starts with the template's {report.head_tokens} preamble tokens"
+                       if report is not None and report.examples else "the files are empty")
+                files = getattr(cfg.data, f"{split}_files")
+                raise DataError(f"data.{split}_files {', '.join(files) or '(none given)'}: no {what} examples ({why})")
     llama, params = init_model(cfg.model, cfg.training.seed, partitioner, min_vocab=len(data.tokenizer),
                                progress=shows_progress(cfg.logging))
     buckets = bucket_lengths(cfg.data.bucket_boundaries, cfg.data.max_length)
