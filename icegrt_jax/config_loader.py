@@ -84,6 +84,8 @@ def _read_yaml(path: str) -> DictConfig:
 def _parse_override(item: str) -> DictConfig:
     if "=" not in item or item.startswith("="):
         raise ConfigError(f"override '{item}': expected key=value")
+    if not all(item.split("=", 1)[0].split(".")):
+        raise ConfigError(f"override '{item}': an empty part in the key (expected section.key=value)")
     try:
         return OmegaConf.from_dotlist([item])
     except (OmegaConfBaseException, yaml.YAMLError) as e:

@@ -149,6 +149,8 @@ def read_config_kind(path: str) -> str:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
     config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path) and os.path.isdir(os.path.join(path, "final")):
+        raise CheckpointError(f"{path}: a training run, not a model; its trained model is {os.path.join(path, 'final')}")
     return model_kind_of_config(read_config_json(config_path), config_path)
 
 

@@ -81,6 +81,7 @@ def test_enumerations_match_the_data_modules():
     ([*MINIMAL, "mesh.data=-1", "mesh.fsdp=-1"], "mesh: at most one mesh axis may be -1"),
     ([*MINIMAL, "mesh.rules=[[embed,model]]"], "mesh.rules[0]: unknown mesh axis 'model'"),
     ([*MINIMAL, "foo"], "override 'foo': expected key=value"),
+    ([*MINIMAL, "training..steps=3"], "override 'training..steps=3': an empty part in the key"),
 ])
 def test_inconsistent_values_are_named(overrides, message):
     assert load_error(None, overrides).startswith(message)

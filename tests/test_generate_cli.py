@@ -99,6 +99,7 @@ def test_a_raw_prompt_is_bos_and_its_text_tokenised_as_in_training(model_dir):
     (["--out", "/proc/out.jsonl"], "/proc/out.jsonl: cannot write ("),  # said before the model loads
     (["--tokenizer", "{folder}"], "; the directory needs tokenizer files (tokenizer.json"),
     (["--model", "{folder}/nowhere"], "/nowhere: no such model directory"),  # the last --model counts
+    (["--model", "{run}"], "run: a training run, not a model; its trained model is "),
 ])
 def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, argv, message):
     bad, empty = tmp_path / "bad.jsonl", tmp_path / "empty.jsonl"
@@ -107,8 +108,9 @@ def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, argv, mess
     (tmp_path / "long.jsonl").write_text('{"prompt": "fine"}\n\n' + json.dumps({"prompt": "x" * 2000}) + "\n")
     (tmp_path / "answered.jsonl").write_text('{"prompt": "fine", "responses": []}\n')
     (tmp_path / "folder").mkdir()
+    (tmp_path / "run" / "final").mkdir(parents=True)
     argv = [a.format(bad=bad, empty=empty, long=tmp_path / "long.jsonl", answered=tmp_path / "answered.jsonl",
-                     folder=tmp_path / "folder") for a in argv]
+                     folder=tmp_path / "folder", run=tmp_path / "run") for a in argv]
     if "--prompts" not in argv and "--prompt" not in argv:
         argv += ["--prompt", "hello"]
     assert run_cli("--model", model_dir, "--out", tmp_path / "out.jsonl", *argv) == 2

@@ -39,9 +39,7 @@ def run(args) -> int:
         hf.tokenizer_files(args.tokenizer, required=True)
     overrides = {"param_dtype": args.dtype} if args.dtype else {}
     tokenizer = args.tokenizer or (args.src if hf.tokenizer_files(args.src) else None)
-    if not os.path.exists(os.path.join(args.src, "config.json")) and os.path.isdir(os.path.join(args.src, "final")):
-        raise UserInputError(f"{args.src}: a training run, not a model; its trained model is {os.path.join(args.src, 'final')}")
-    model_kind = hf.read_config_kind(args.src)  # a missing directory or config.json: a one-line error
+    model_kind = hf.read_config_kind(args.src)  # a missing directory or config.json, a run directory: one line
     if checkpoint.is_project_checkpoint(args.src):
         cfg, params = checkpoint.load_model(args.src, **overrides)
         if model_kind == "score":

@@ -104,6 +104,7 @@ def sample_responses(args):
     records, places = _read_prompts(args)
     if not os.path.isdir(args.model):
         raise UserInputError(f"--model {args.model}: no such model directory")
+    hf.read_config_kind(args.model)  # a run directory is named as one, before its tokenizer is looked for
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     overrides = {"param_dtype": args.dtype, "dtype": args.dtype} if args.dtype else {}
     cfg = hf.load_hf_config(args.model, **overrides)
