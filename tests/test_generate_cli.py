@@ -76,6 +76,17 @@ def test_greedy_text_equals_the_library_on_the_templated_prompt(model_dir, tmp_p
     np.testing.assert_allclose(response["logprob"], result.logprobs[0].sum(), rtol=1e-5)
 
 
+def test_a_response_loses_the_separator_of_either_template(model_dir):
+    from icegrt_jax.commands.generate import response_text
+    from icegrt_jax.data.templates import RAW
+
+    tokenizer = load_tokenizer(model_dir)
+    ids = np.array(tokenizer.encode(" waves roll", add_special_tokens=False) + [tokenizer.eos_token_id])
+    for template in (ICEGRT, RAW):  # --no-template prompts were trained with the raw template's " "
+        assert response_text(tokenizer, template, ids, ended=True) == "waves roll"
+        assert response_text(tokenizer, template, ids[:-1], ended=False) == "waves roll"
+
+
 def test_a_raw_prompt_is_bos_and_its_text_tokenised_as_in_training(model_dir):
     """--no-template: BOS + the text, where special-token text (a literal "</s>") stays text."""
     from icegrt_jax.commands.generate import _encode

@@ -112,6 +112,8 @@ BAD_RECORDS = {
                        r"train\.jsonl:2: field 'responses' has 4 responses; earlier records have 5"),
     "labeler count": ([ranking_record(), _with(ranking_record(), rankings=[[0, 1, 2, 3, 4]] * 2)],
                       r"train\.jsonl:2: field 'rankings' has 2 labelers; earlier records have 3"),
+    "truncated flags": ([_with(ranking_record(), truncated=[True, False])],
+                        r"train\.jsonl:1: field 'truncated' must be a list of 5 true/false values, one a response"),
     "identical pair": ([{"prompt": "p", "chosen": "same", "rejected": "same"}],
                        r"train\.jsonl:1: 'chosen' and 'rejected' are identical"),
 }
@@ -136,6 +138,32 @@ def test_identical_ranked_responses_are_dropped_and_counted(tmp_path):
     pairs, report = load_preferences([str(tmp_path / "rank.jsonl")])
     # consensus [3, 0, 4, 1, 2]: pairs (3,1) (3,2) (0,1) (0,2); (0,1) is "same" vs "same"
     assert len(pairs) == 3 and report.identical_pairs_dropped == 1
+
+
+def test_cut_and_empty_responses_are_trained_on_as_ppo_scores_them(tmp_path, tiny_tokenizer_dir):
+    """No EOS after a response cut at the length limit (``truncated``, as ``icegrt sample`` writes);
+    an empty response is the prompt then EOS, as a policy that ends at once generates it."""
+    from icegrt_jax.data.templates import ICEGRT
+    from icegrt_jax.data.tokenize import (
+        load_tokenizer,
+        tokenize_prompt,
+        tokenize_response,
+    )
+    from icegrt_jax.train.reward import tokenize_pairs
+
+    record = {"prompt": "p", "responses": ["a b", "", "c d", "e"], "rankings": [[0, 1, 2, 3]],
+              "truncated": [True, False, False, False]}
+    write_jsonl(tmp_path / "rank.jsonl", [record])
+    pairs, _ = load_preferences([str(tmp_path / "rank.jsonl")])  # (0, 2) (0, 3) (1, 2) (1, 3)
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    examples, dropped = tokenize_pairs(pairs, tokenizer, ICEGRT, max_length=128)
+    prompt, eos = tokenize_prompt(tokenizer, ICEGRT, "p").tolist(), tokenizer.eos_token_id
+    response = lambda text: tokenize_response(tokenizer, ICEGRT, text)
+    assert dropped == 0 and [p.chosen_ended for p in pairs] == [False, False, True, True]
+    assert examples[0].chosen.input_ids.tolist() == prompt + response("a b")
+    assert examples[0].rejected.input_ids.tolist() == prompt + response("c d") + [eos]
+    assert examples[2].chosen.input_ids.tolist() == prompt + [eos]
+    assert examples[0].chosen.response_mask.sum() == len(response("a b"))
 
 
 def test_pairs_the_labelers_tie_on_are_dropped_and_counted(tmp_path):

@@ -86,7 +86,7 @@ def sample_responses(args):
     """(records, per-record lists of {text, num_tokens, finished_by_eos, logprob}, SamplingParams);
     everything is checked before the weights are loaded."""
     from icegrt_jax import checkpoint, hf
-    from icegrt_jax.data.templates import ICEGRT
+    from icegrt_jax.data.templates import ICEGRT, RAW
     from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id
     from icegrt_jax.sampling import SamplingParams, check_prompts, generate
 
@@ -123,10 +123,9 @@ def sample_responses(args):
     for i in range(len(records)):
         rows = []
         for row in range(i * params.num_samples, (i + 1) * params.num_samples):
-            ids = result.response_tokens(row)
-            text_ids = ids[:-1] if result.finished_by_eos[row] else ids
-            text = tokenizer.decode(text_ids.tolist(), skip_special_tokens=True)
-            rows.append({"text": text if args.no_template else ICEGRT.response_text(text),
+            text = response_text(tokenizer, RAW if args.no_template else ICEGRT, result.response_tokens(row),
+                                 result.finished_by_eos[row])
+            rows.append({"text": text,
                          "num_tokens": int(result.lengths[row]),
                          "finished_by_eos": bool(result.finished_by_eos[row]),
                          "logprob": float(result.logprobs[row].sum())})
@@ -136,6 +135,12 @@ def sample_responses(args):
         print(f"{cut} of {len(result.lengths)} responses ended at the length limit (--max-new-tokens "
               f"{params.max_new_tokens} or the model's context) before an end token", file=sys.stderr)
     return records, responses, params
+
+
+def response_text(tokenizer, template, ids, ended: bool) -> str:
+    """A generated response's text as training data holds it: decoded without its EOS and without
+    the ``template``'s separator the model emits first (``Template.response_text``)."""
+    return template.response_text(tokenizer.decode(list(ids[:-1] if ended else ids), skip_special_tokens=True))
 
 
 def _read_prompts(args) -> tuple[list[dict], list[str]]:

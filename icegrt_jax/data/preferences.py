@@ -12,7 +12,9 @@ Two JSONL record shapes are accepted, and may be mixed in one file:
   and the pairs are ``ranking_to_pairs(consensus, top_k, bottom_k)``: 5 responses -> 4 pairs.
   Every ranking record of a dataset must have the same number of responses and of labelers
   (the paper: 5 and 3); a record that differs is an error naming its line, since mixed counts
-  usually mean a broken export. A response may be empty (a sample that ended at once). Pairs
+  usually mean a broken export. A response may be empty (a sample that ended at once); an
+  optional ``truncated`` list (one flag a response, as ``icegrt sample`` writes) marks responses
+  cut at the maximum length, which are trained on without EOS, as PPO scores them. Pairs
   that carry no preference are dropped and counted in the report: two identical response texts
   (sampling can repeat itself), and two responses the labelers tie on (as many Borda points and
   no strict majority for either: with an even number of labelers; ``labelers_prefer``).
@@ -39,10 +41,15 @@ from icegrt_jax.data.sources import DataError, iter_records, required_text
 
 @dataclasses.dataclass(frozen=True)
 class PreferencePair:
+    """``*_ended``: whether that response ended with EOS (false for a sample cut at its maximum
+    length: trained on without EOS, as PPO scores a truncated rollout)."""
+
     prompt: str
     chosen: str
     rejected: str
     source: str
+    chosen_ended: bool = True
+    rejected_ended: bool = True
 
 
 @dataclasses.dataclass
@@ -150,7 +157,19 @@ def _ranking_pairs(record: dict, where: str, top_k: int, bottom_k: int,
     kept = [(i, j) for i, j in decided if texts[i] != texts[j]]
     report.tied_pairs_dropped += len(index_pairs) - len(decided)
     report.identical_pairs_dropped += len(decided) - len(kept)
-    return [PreferencePair(prompt, texts[i], texts[j], where) for i, j in kept]
+    ended = _ended_flags(record, len(texts), where)
+    return [PreferencePair(prompt, texts[i], texts[j], where, ended[i], ended[j]) for i, j in kept]
+
+
+def _ended_flags(record: dict, count: int, where: str) -> list[bool]:
+    """Which responses ended with EOS: not those ``truncated`` lists (``icegrt sample`` writes it),
+    all when the record has no such field."""
+    truncated = record.get("truncated")
+    if truncated is None:
+        return [True] * count
+    if not (isinstance(truncated, list) and len(truncated) == count and all(isinstance(t, bool) for t in truncated)):
+        raise DataError(f"{where}: field 'truncated' must be a list of {count} true/false values, one a response")
+    return [not t for t in truncated]
 
 
 def _check_counts(report: PreferenceReport, responses: int, labelers: int, where: str):

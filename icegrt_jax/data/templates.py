@@ -44,8 +44,10 @@ class Template:
         return f"{self.user_prefix}{user}{self.assistant_prefix}"
 
     def response(self, assistant: str) -> str:
-        """The response segment of a round (trained on, followed by EOS)."""
-        return f"{self.response_prefix}{assistant}"
+        """The response segment of a round (trained on, followed by EOS). An empty output is no
+        text at all, not the separator: a model that ends at once emits EOS straight after the
+        prompt, and the reward model scores that response as it was generated."""
+        return f"{self.response_prefix}{assistant}" if assistant else ""
 
     def response_text(self, decoded: str) -> str:
         """A generated response as training data holds it: the decoded tokens without the

@@ -83,19 +83,26 @@ class PairExample:
 
 
 def tokenize_pairs(pairs, tokenizer, template, max_length: int, progress: bool = False) -> tuple[list[PairExample], int]:
-    """Prompt + response + EOS for both sides of each pair; a pair with a side longer than
-    ``max_length`` is dropped. Returns (examples, number dropped)."""
+    """Prompt + response + EOS for both sides of each pair (no EOS after a response cut at its
+    maximum length); a pair with a side longer than ``max_length`` is dropped. Returns
+    (examples, number dropped)."""
 
     def side(name):
         conversations = [Conversation((Round(p.prompt, getattr(p, name)),), f"{p.source}#{k}")
                          for k, p in enumerate(pairs)]
         examples, _ = tokenize_conversations(conversations, tokenizer, template, max_length=max_length,
                                              truncation="drop_example", progress=progress)
-        return {e.source: e for e in examples}
+        cut = {f"{p.source}#{k}" for k, p in enumerate(pairs) if not getattr(p, f"{name}_ended")}
+        return {e.source: without_eos(e) if e.source in cut else e for e in examples}
 
     chosen, rejected = side("chosen"), side("rejected")
     kept = [PairExample(chosen[key], rejected[key]) for key in chosen if key in rejected]
     return kept, len(pairs) - len(kept)
+
+
+def without_eos(example: TokenizedExample) -> TokenizedExample:
+    """``example`` without the EOS that ends it."""
+    return dataclasses.replace(example, input_ids=example.input_ids[:-1], response_mask=example.response_mask[:-1])
 
 
 def collate_pairs(pairs, buckets, pad_id, num_counted=None) -> dict[str, np.ndarray]:
