@@ -6,8 +6,8 @@ iteration on bench-small (~600 MB of temporaries over its programs) took ~150,00
 and ~0.35 s of system time. glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc >= 2.35) makes
 malloc advise transparent huge pages (2 MiB) for its memory, which cuts the faults ~100x (steady
 PPO iteration 1.21 -> 1.04 s on the 2-core VM; BENCHMARKS.md, issue 7). Tunables are read only
-when a process starts, so the ``icegrt`` command (``cli.console_main``, not ``cli.main``) and the
-benchmark scripts re-execute themselves once with the tunable added (and ``REEXEC_MARKER`` set,
+when a process starts, so the ``icegrt`` command (``cli.console_main``, not ``cli.main``) and
+scripts/bench_ppo.py re-execute themselves once with the tunable added (and ``REEXEC_MARKER`` set,
 so it happens at most once). It changes nothing where the kernel's THP mode is ``never``
 (nothing to gain) or ``always`` (malloc's memory gets huge pages already), or the C library is
 not glibc. ``ICEGRT_MALLOC_HUGEPAGES=0`` turns it off.

@@ -71,10 +71,10 @@ def run(args) -> int:
         if not os.path.isdir(path):
             raise UserInputError(f"{path}: no such model directory")
         # a bad model fails now, not after the models before it have run
-        load_hf_config(path)
-        if read_config_kind(path) != "causal_lm":
+        if read_config_kind(path) != "causal_lm":  # a run directory: names its final model
             raise UserInputError(f"{path}: a reward model or critic (LlamaForSequenceClassification); eval needs a "
                                  "causal LM")
+        load_hf_config(path)
         tokenizer_files(path, required=True)
     for flag in ("batch_size", "limit", "max_length", "max_gen_toks"):
         value = getattr(args, flag)

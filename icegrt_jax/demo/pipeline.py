@@ -402,7 +402,7 @@ STAGES = (
     ("samples", stage_samples, lambda run: os.path.exists(run.path("rlhf", "samples.jsonl"))),
     ("annotate", stage_annotate, lambda run: os.path.exists(run.path("rlhf", "agreement.json"))),
     ("reward", stage_trainer("reward"), lambda run: os.path.isdir(run.path("reward", "final"))),
-    ("ppo", stage_trainer("ppo"), lambda run: os.path.isdir(run.path("ppo", "final"))),
+    ("ppo", stage_trainer("ppo"), lambda run: all(os.path.isdir(run.path("ppo", name)) for name in ("final", "final-critic"))),
     ("evaluate", stage_evaluate, lambda run: os.path.exists(run.path("eval", "results.json"))),
     ("export", stage_export, lambda run: os.path.exists(run.path("export", "check.json"))),
 )

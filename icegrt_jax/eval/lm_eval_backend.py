@@ -20,8 +20,8 @@ positions. Requests with the same input ``x[:-1]`` (the choices of a multiple-ch
 whose answers are one token, such as MMLU's letters) differ only in the last target, so one
 forward pass answers them all: the jitted ``score_batch`` returns the sum over the other
 positions and the log-softmax at the last one. Inputs are sorted longest first and batched
-``batch_size`` at a time; batch shapes are bucketed (width: powers of two from 16, capped at
-``max_length``; rows: powers of two, capped at ``batch_size``), so compilations stay few.
+``batch_size`` at a time; batch shapes are bucketed (width: ``SCORING_WIDTHS``, two an octave from 16 (16, 24, 32, 48, ...),
+capped at ``max_length``; rows: powers of two, capped at ``batch_size``), so compilations stay few.
 
 Generation (``generate_until``) runs our sampler (``icegrt_jax.sampling.generate``) per group of
 identical generation kwargs: greedy unless ``do_sample``; ``temperature``, ``top_p``, ``top_k``
