@@ -210,6 +210,16 @@ def _tensor_index(path: str) -> dict[str, str]:
     )
 
 
+def _redundant_tied_head(cfg: LlamaConfig, kind: str, index: dict[str, str]) -> set[str]:
+    """{"lm_head.weight"} when a checkpoint with tied embeddings also stores its LM head, equal
+    to the embedding (transformers ignores it on load); a different one stays unexpected."""
+    names = ("lm_head.weight", "model.embed_tokens.weight")
+    if not (cfg.tie_word_embeddings and kind == "causal_lm" and all(n in index for n in names)):
+        return set()
+    head, embed = (SafetensorsFile(index[n]).get(n) for n in names)
+    return {names[0]} if head.shape == embed.shape and np.array_equal(head, embed) else set()
+
+
 def _check_names(path: str, found: set[str], expected: set[str]):
     missing = sorted(expected - found)
     unexpected = sorted(n for n in found - expected if not IGNORED_TENSORS.fullmatch(n))
@@ -275,7 +285,7 @@ def load_hf(path: str, progress: bool = False, on_host: bool = False,
     kind = read_config_kind(path)
     index = _tensor_index(path)
     expected = expected_hf_tensors(cfg, kind)
-    _check_names(path, set(index), set(expected))
+    _check_names(path, set(index) - _redundant_tied_head(cfg, kind, index), set(expected))
     _, abstract = abstract_model(cfg, kind)
     pure = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), nnx.to_pure_dict(abstract))
     files = _open_and_check_shapes(cfg, index, expected, pure)
@@ -317,6 +327,32 @@ def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[list[s
 
 def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def scoring_config(cfg: LlamaConfig, tokenizer=None) -> LlamaConfig:
+    """The config a score model is exported with. transformers' LlamaForSequenceClassification
+    scores the last token that is not ``pad_token_id`` (it ignores the attention mask), so the
+    export names the id the reward trainer padded with: the ``tokenizer``'s (a directory or a
+    tokenizer: its pad, else unk, else eos), else the config's when it is a token id (LLaMA-1's
+    -1 is none: transformers would score the last padding slot). A note on stderr when that id
+    is the EOS (transformers then scores the token before a final EOS, where we score the EOS)
+    or when there is none (transformers refuses batches of more than one)."""
+    import sys
+
+    from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id
+
+    if tokenizer is not None:
+        loaded = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        cfg = cfg.replace(pad_token_id=pad_token_id(loaded))
+    elif cfg.pad_token_id is not None and cfg.pad_token_id < 0:
+        cfg = cfg.replace(pad_token_id=None)
+    if cfg.pad_token_id is None:
+        print("note: no pad token id (no tokenizer given): transformers will only score one sequence at a time",
+              file=sys.stderr)
+    elif cfg.pad_token_id == cfg.eos_token_id:
+        print("note: the pad id is the EOS id: transformers' LlamaForSequenceClassification scores the token "
+              "before a final EOS, icegrt scores the EOS", file=sys.stderr)
+    return cfg
 
 
 def save_tokenizer_files(tokenizer, directory: str):
@@ -458,10 +494,18 @@ def atomic_directory(path: str, write: Callable[[str], None]):
 
 
 def save_hf(config: LlamaConfig, params, path: str, tokenizer=None, max_shard_size: int = 5 * 1024**3,
-            progress: bool = False, kind: str = "causal_lm"):
-    """Write an HF ``LlamaForCausalLM`` directory (``LlamaForSequenceClassification`` for kind
-    "score"): safetensors (sharded + index when larger than ``max_shard_size`` bytes),
-    config.json, generation_config.json (causal LM), tokenizer files when given."""
+            progress: bool = False, kind: str | None = None):
+    """Write an HF ``LlamaForCausalLM`` directory (``LlamaForSequenceClassification`` for a score
+    model: ``kind`` "score", by default when ``params`` hold a score head): safetensors (sharded
+    + index when larger than ``max_shard_size`` bytes), config.json (a score model's with
+    ``scoring_config``), generation_config.json (causal LM), tokenizer files when given (a
+    directory or a tokenizer)."""
+    holds_score = "score" in (nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params)
+    kind = kind or ("score" if holds_score else "causal_lm")
+    if holds_score != (kind == "score"):
+        raise CheckpointError(f"{path}: kind {kind!r} does not match the parameters (a score head: {holds_score})")
+    if kind == "score":
+        config = scoring_config(config, tokenizer)
     tensors = hf_tensors(config, params, kind)
     dtypes = {str(t.dtype) for t in tensors.values()}
     stored_dtype = dtypes.pop() if len(dtypes) == 1 else None

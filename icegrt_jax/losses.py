@@ -150,13 +150,15 @@ _flat_chunked_logprobs.defvjp(_chunked_forward_with_residuals, _chunked_backward
 
 
 def entropy_from_logits(logits: Array) -> Array:
-    """Entropy of the softmax over the last axis: ``H = logsumexp(z) - sum_v softmax(z)_v z_v``.
+    """Entropy of the softmax over the last axis: ``H = logsumexp(z) - sum_v softmax(z)_v z_v``,
+    where a token of probability 0 (a -inf logit: masked by top-k or a vocabulary mask) adds 0.
 
     Returns ``logits.shape[:-1]`` float32 entropies (nats).
     """
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)
+    weighted = jnp.where(probs > 0, probs * jnp.where(probs > 0, logits, 0.0), 0.0)  # no 0 * -inf, nor its gradient
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(weighted, axis=-1)
 
 
 def sft_loss(
@@ -164,7 +166,8 @@ def sft_loss(
 ) -> tuple[Array, dict[str, Array]]:
     """Supervised fine-tuning loss: token-mean negative log-likelihood on the mask.
 
-    ``loss = sum_t m_t * -log p(y_t) / sum_t m_t`` (0 when the mask is empty), the loss of
+    ``loss = sum_t m_t * -log p(y_t) / sum_t m_t`` over the tokens where ``m_t != 0`` (selected:
+    a mask is 0/1, other values count as 1; 0 when the mask is empty), the loss of
     ICE-Instruct, computed on the response tokens only. The metrics carry ``nll_sum`` and
     ``num_tokens`` so gradient accumulation over micro-batches can form the exact token
     mean ``sum(nll_sum) / sum(num_tokens)`` instead of a mean of means.
@@ -181,7 +184,7 @@ def sft_loss(
 
 
 def masked_nll_sum(logprobs: Array, loss_mask: Array) -> tuple[Array, Array]:
-    """``(sum_t m_t * -logprobs_t, sum_t m_t)`` over ``loss_mask`` != 0 (selected, not multiplied:
+    """``(sum_t -logprobs_t, count)`` over the tokens where ``loss_mask != 0`` (selected, not multiplied:
     nothing off the mask enters the sum): the numerator and the token count of the token-mean
     NLL, summed exactly over micro-batches."""
     chex.assert_equal_shape((logprobs, loss_mask))

@@ -41,7 +41,8 @@ def _zero_off_mask(x: Array, mask: Array) -> Array:
 
 
 def masked_mean(x: Array, mask: Array, axis: int | None = None) -> Array:
-    """``sum(m * x) / sum(m)`` over ``axis`` (all axes when None); 0 where the mask is empty."""
+    """``sum(m * x) / sum(m)`` over ``axis`` (all axes when None) for a 0/1 mask ``m`` (any
+    nonzero counts as 1: tokens are selected, not weighted); 0 where the mask is empty."""
     chex.assert_equal_shape((x, mask))
     total = jnp.sum(_zero_off_mask(x, mask), axis=axis)
     count = jnp.sum(_on(mask), axis=axis)

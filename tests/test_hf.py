@@ -145,6 +145,47 @@ def test_reward_model_exports_as_sequence_classification_and_converts_back(hf_di
     _leaves_equal_bitwise(params, load_hf(str(tmp_path / "hf"))[1])
 
 
+def test_a_score_model_without_a_pad_token_exports_none_and_its_kind_follows_its_params(hf_dir, tiny_tokenizer_dir,
+                                                                                        tmp_path, capsys):
+    """LLaMA-1's pad id -1 names no token: transformers would score the last padding slot of a
+    right-padded row, so the export names none (transformers then scores one row at a time)."""
+    from icegrt_jax.models.heads import score_params_from_llama
+
+    cfg, llama_params = load_hf(str(hf_dir))
+    cfg = cfg.replace(pad_token_id=-1)
+    params = score_params_from_llama(llama_params, 5, cfg)
+    save_hf(cfg, params, str(tmp_path / "rm"))  # the kind from the parameters: a score head
+    assert "note: no pad token id (no tokenizer given)" in capsys.readouterr().err
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] is None
+    from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id
+
+    save_hf(cfg, params, str(tmp_path / "rm"), tokenizer=tiny_tokenizer_dir)  # the id the reward trainer pads with
+    pad = pad_token_id(load_tokenizer(tiny_tokenizer_dir))
+    assert pad >= 0 and json.loads((tmp_path / "rm" / "config.json").read_text())["pad_token_id"] == pad
+    with pytest.raises(CheckpointError, match="kind 'causal_lm' does not match the parameters"):
+        save_hf(cfg, params, str(tmp_path / "lm"), kind="causal_lm")
+    assert not (tmp_path / "lm").exists()
+
+
+def test_a_tied_checkpoint_that_also_stores_its_lm_head_loads_when_the_head_is_the_embedding(tmp_path):
+    """As transformers loads it (it ignores the stored head); a different head is refused."""
+    from icegrt_jax.safetensors_io import write_safetensors
+
+    make_hf_llama(tmp_path / "tied", tied=True)
+    file = tmp_path / "tied" / "model.safetensors"
+    st = SafetensorsFile(str(file))
+    tensors = {name: np.array(st.get(name)) for name in st}
+    del st
+    write_safetensors(str(file), {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]})
+    cfg, params = load_hf(str(tmp_path / "tied"))
+    assert cfg.tie_word_embeddings and np.array_equal(np.asarray(params["embed"][...]),
+                                                      tensors["model.embed_tokens.weight"])
+    write_safetensors(str(file), {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"] + 1})
+    with pytest.raises(CheckpointError, match="unexpected tensors: lm_head.weight"):
+        load_hf(str(tmp_path / "tied"))
+
+
 def test_save_model_is_atomic_on_failure(hf_dir, tmp_path):
     cfg, params = load_hf(str(hf_dir))
 

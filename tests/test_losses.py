@@ -111,6 +111,16 @@ def test_entropy_matches_loop(rng):
     np.testing.assert_allclose(jax.jit(losses.entropy_from_logits)(logits), expected, **TOL)
 
 
+def test_entropy_of_logits_masked_to_minus_inf_is_that_of_the_kept_tokens(rng):
+    logits = rng.normal(size=(B, V)).astype(np.float32)
+    masked = logits.copy()
+    masked[:, V // 2:] = -np.inf  # e.g. top-k: those tokens have probability 0
+    expected = losses.entropy_from_logits(logits[:, :V // 2])
+    np.testing.assert_allclose(losses.entropy_from_logits(masked), expected, **TOL)
+    gradient = jax.grad(lambda z: losses.entropy_from_logits(z).sum())(jnp.asarray(masked))
+    assert np.isfinite(gradient).all() and (gradient[:, V // 2:] == 0).all()
+
+
 def test_sft_loss_gradient_and_exact_accumulation(rng):
     logits = rng.normal(size=(B, T, V)).astype(np.float32)
     targets = rng.integers(0, V, size=(B, T))

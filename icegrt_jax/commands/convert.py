@@ -42,8 +42,6 @@ def run(args) -> int:
     model_kind = hf.read_config_kind(args.src)  # a missing directory or config.json, a run directory: one line
     if checkpoint.is_project_checkpoint(args.src):
         cfg, params = checkpoint.load_model(args.src, **overrides)
-        if model_kind == "score":
-            cfg = _with_scoring_pad_id(cfg, tokenizer)
         hf.save_hf(cfg, params, args.out, tokenizer=tokenizer, progress=True,
                    max_shard_size=int(args.max_shard_gb * 1024**3), kind=model_kind)
         kind = "HF"
@@ -57,25 +55,3 @@ def run(args) -> int:
         print(f"note: {args.src} has no tokenizer files and no --tokenizer was given: {args.out} has none "
               "(generate, eval and the trainers need one)", file=sys.stderr)
     return 0
-
-
-def _with_scoring_pad_id(cfg, tokenizer_dir):
-    """transformers' LlamaForSequenceClassification scores the last token that is not
-    ``config.pad_token_id`` (it ignores the attention mask), so the export names the id the
-    reward trainer padded with (the tokenizer's pad, else unk, else eos); a note on stderr when
-    that pad id is the EOS (transformers then scores the token before a final EOS, where we
-    score the EOS) or when no id is known (transformers refuses batches of more than one)."""
-    import sys
-
-    from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id
-
-    if tokenizer_dir is not None:
-        cfg = cfg.replace(pad_token_id=pad_token_id(load_tokenizer(tokenizer_dir)))
-    if cfg.pad_token_id is None:
-        print("note: no pad token id (no tokenizer given): transformers will only score one sequence at a time",
-              file=sys.stderr)
-    elif cfg.pad_token_id == cfg.eos_token_id:
-        print("note: the pad id is the EOS id: transformers' LlamaForSequenceClassification scores the token "
-              "before a final EOS, icegrt scores the EOS", file=sys.stderr)
-    return cfg
-
