@@ -424,6 +424,9 @@ class PPOConfig:
                                                  f"grad_accum_steps = {step_rows}")
         if (micro := self.rollout.micro_batch_size) and micro > 0 and rows % micro:
             yield "rollout.micro_batch_size", f"{micro} does not divide data.prompts_per_iteration {rows}"
+        if self.ppo.kl_target is not None and rows > 5 * self.ppo.kl_horizon:  # the update's factor 1 + e n / horizon
+            yield "ppo.kl_horizon", (f"{self.ppo.kl_horizon} is under data.prompts_per_iteration / 5 = {rows / 5:g}: "
+                                     "one adaptive update could make the KL coefficient negative")
 
 
 def _at_least(cfg: Any, minimum: int, *names: str) -> Problems:

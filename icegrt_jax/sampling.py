@@ -24,8 +24,9 @@ Bucketing (bounded compilation). Programs are compiled per shape, so shapes come
   ``max_new_tokens`` (the exact limit is a runtime value, so 40 and 64 share one program), or
   >= the room the context leaves after the shortest prompt when that is smaller;
 - cache size = P + N;
-- prompts per batch: the smallest power of two >= the batch's prompt count (at most
-  ``batch_size``); the extra rows are dummies that start finished and are dropped.
+- prompts per batch: the smallest power of two >= the batch's prompt count, or ``batch_size``
+  when that is smaller (a given ``batch_size`` bounds the rows and the KV cache); the extra rows
+  are dummies that start finished and are dropped.
 
 Prefill compiles once per (batch bucket, P, N, num_samples); decode once per (batch bucket, P,
 N, num_samples, the static sampling options: greedy, top_k, whether top-p filters). Temperature,
@@ -488,6 +489,7 @@ def generate(model_or_params, prompts: Sequence[Sequence[int]], params: Sampling
     prompts = check_prompts(prompts, cfg)
     if batch_size is not None and batch_size < 1:
         raise SamplingError(f"batch_size must be positive, got {batch_size}")
+    rows_cap = batch_size or float("inf")  # without a batch_size, batches are padded to a power of two
     batch_size = batch_size or len(prompts)
     default_pad = cfg.pad_token_id if cfg.pad_token_id is not None and cfg.pad_token_id >= 0 else 0  # LLaMA-1: -1
     pad_id = params.pad_id if params.pad_id is not None else default_pad
@@ -517,7 +519,7 @@ def generate(model_or_params, prompts: Sequence[Sequence[int]], params: Sampling
     for chunk in chunks:
         out_tok, out_lp, out_mask, eos_flags = _generate_batch(
             graphdef, state, weights, cfg, [prompts[i] for i in chunk], np.asarray(chunk, np.int32),
-            static, params, new_slots, pad_id, eos)
+            static, params, new_slots, pad_id, eos, rows_cap)
         for c, i in enumerate(chunk):
             p = prompts[i]
             dst = slice(i * n, (i + 1) * n)
@@ -534,9 +536,10 @@ def generate(model_or_params, prompts: Sequence[Sequence[int]], params: Sampling
     return GenerationResult(tokens, logprobs, mask, prompt_mask | mask, mask.sum(1).astype(np.int32), by_eos)
 
 
-def _generate_batch(graphdef, state, weights, cfg, prompts, prompt_index, static, params, new_slots, pad_id, eos):
+def _generate_batch(graphdef, state, weights, cfg, prompts, prompt_index, static, params, new_slots, pad_id, eos,
+                    rows_cap):
     count = len(prompts)
-    padded = batch_bucket(count)
+    padded = min(batch_bucket(count), rows_cap)
     width = bucket(max(len(p) for p in prompts), PROMPT_BUCKETS)
     tokens = np.full((padded, width), pad_id, np.int32)
     mask = np.zeros((padded, width), np.int32)

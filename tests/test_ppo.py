@@ -18,6 +18,7 @@ from icegrt_jax import cli, rl
 from icegrt_jax.checkpoint import load_model, save_model
 from icegrt_jax.config import ConfigError, PPOConfig, PPOLossConfig, RewardModelConfig
 from icegrt_jax.config_loader import load_config
+from icegrt_jax.data.sources import DataError
 from icegrt_jax.data.tokenize import load_tokenizer
 from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import preset
@@ -308,6 +309,8 @@ def test_exact_resume_after_sigkill_mid_iteration(ppo_setup, minibatches, factor
     ("rollout.old_logprobs=sampler rollout.top_k=5", "rollout.old_logprobs: 'sampler' needs top_k 0 and top_p 1"),
     ("rollout.micro_batch_size=5", "rollout.micro_batch_size: 5 does not divide data.prompts_per_iteration 16"),
     ("rollout.micro_batch_size=0", "rollout.micro_batch_size: must be >= 1, got 0"),
+    ("ppo.kl_target=6 ppo.kl_horizon=3", "ppo.kl_horizon: 3 is under data.prompts_per_iteration / 5 = 3.2"),
+    ("model.max_position_embeddings=16", "32 prompt(s) leave no room for a response in the model's context of 16"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(ppo_setup, capsys, override, message):
     tmp_path, config = ppo_setup
@@ -316,6 +319,17 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ppo_setup, capsys, overrid
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_prompts_are_checked_against_the_models_context_at_the_start(capsys):
+    from icegrt_jax.train.ppo import check_prompt_room
+
+    prompts = [np.zeros(10, np.int32), np.zeros(3, np.int32)]
+    check_prompt_room(prompts, 12, 4)
+    assert "[ppo] note: 1 prompt(s) leave less than rollout.max_new_tokens=4 tokens of the model's context of 12" \
+        in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"1 prompt\(s\) leave no room .* context of 10 tokens \(the longest has 10\)"):
+        check_prompt_room(prompts, 10, 4)
 
 
 def test_a_scorers_output_is_checked_and_named():

@@ -365,6 +365,23 @@ def test_compilations_stay_within_the_bucket_count(tiny):
         assert TRACE_COUNTS[name] - before.get(name, 0) <= len(shapes)
 
 
+def test_a_given_batch_size_bounds_the_rows_of_every_batch(tiny, monkeypatch):
+    """The KV cache is sized for at most ``batch_size`` prompts (3 here, not the power of two 4);
+    without one, a batch pads to a power of two (programs shared across prompt counts)."""
+    from icegrt_jax import sampling
+
+    _, model = tiny
+    rows, prefill = [], sampling._prefill
+    monkeypatch.setattr(sampling, "_prefill", lambda *a, **k: (rows.append(a[3].shape[0]), prefill(*a, **k))[1])
+    prompts = random_prompts([5, 7, 9, 4, 6], model.cfg.vocab_size, seed=0)
+    chunked = generate(model, prompts, GREEDY, batch_size=3)
+    assert rows == [3, 2]
+    whole = generate(model, prompts[:3], GREEDY)
+    assert rows[2:] == [4]
+    np.testing.assert_array_equal(whole.tokens, generate(model, prompts[:3], GREEDY, batch_size=3).tokens)
+    assert chunked.tokens.shape[0] == 5
+
+
 @pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["one sample", "three samples"])
 def test_the_decode_loop_updates_the_prefilled_cache_in_place(tiny, options):
     """One KV cache while decoding: the prefill's (already repeated per sample) is donated to the

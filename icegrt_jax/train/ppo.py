@@ -140,6 +140,18 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[TokenizedExample], int
     return examples, dropped
 
 
+def check_prompt_room(prompts, context: int, max_new_tokens: int) -> None:
+    """At the start, not at the iteration that draws it: a prompt that leaves no room for a
+    response in the model's ``context`` is an error; prompts that leave less than
+    ``max_new_tokens`` are counted in a note (their responses end at the context)."""
+    if too_long := [len(p) for p in prompts if len(p) >= context]:
+        raise DataError(f"{len(too_long)} prompt(s) leave no room for a response in the model's context of {context} "
+                        f"tokens (the longest has {max(too_long)}); set data.max_prompt_length below {context}")
+    if (short := sum(len(p) + max_new_tokens > context for p in prompts)) and is_primary_process():
+        print(f"[ppo] note: {short} prompt(s) leave less than rollout.max_new_tokens={max_new_tokens} tokens of "
+                  f"the model's context of {context}: their responses end there, counted as truncated")
+
+
 def collate_prompts(examples, buckets, pad_id, num_counted=None):
     """A prompt batch stays a list: the sampler buckets and pads it itself."""
     return list(examples)
@@ -436,6 +448,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     llama, critic_cfg, actor_params, critic_params, roles, reward_tokenizer = build_roles(cfg, tokenizer, partitioner)
     if outside := [i for i in cfg.rollout.stop_token_ids or () if not 0 <= i < llama.vocab_size]:
         raise ConfigError(f"rollout.stop_token_ids: {outside} outside the model's vocabulary [0, {llama.vocab_size})")
+    check_prompt_room(prompts, llama.max_position_embeddings, cfg.rollout.max_new_tokens)
     batches = BatchIterator(prompts, batch_size=cfg.data.prompts_per_iteration, buckets=(10**9,), pad_id=0,
                             seed=cfg.data.shuffle_seed, group_by_length=False, collate_fn=collate_prompts)
     total = cfg.training.steps or cfg.training.epochs * batches.batches_per_epoch
