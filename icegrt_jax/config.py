@@ -331,7 +331,8 @@ class RewardModelConfig:
     """The frozen reward model R(s, a): a saved ICE-Reward checkpoint (``path``) or a Python scorer
     ``function: "module:function"`` called as ``f(prompts: list[str], responses: list[str]) ->
     list[float]`` (on process 0 of a multi-process run, which broadcasts the scores). ``normalize``: ``none``; ``stats`` uses the checkpoint's reward_stats.json
-    (score - mean) / std; ``running`` uses running moments of the scores seen so far. Then
+    (score - mean) / std (over its held-out pairs' chosen and rejected scores, each response
+    counted once a pair it is in: the paper's top-2 x bottom-2 weighs the four alike); ``running`` uses running moments of the scores seen so far. Then
     ``clip`` bounds |score| (set it with ``stats`` from a small held-out set: its std can be small and
     the policy's scores far from its mean; PPO warns once when such scores pass +-10 unclipped), and ``missing_eos_penalty`` is subtracted from responses
     that never emitted EOS (truncated at the maximum response length)."""

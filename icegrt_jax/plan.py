@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from icegrt_jax.config import ConfigError, PPOConfig
 from icegrt_jax.hf import abstract_model, load_hf_config
 from icegrt_jax.models.llama import LAYER_CACHE_AXES, LlamaConfig, init_cache, preset
-from icegrt_jax.sampling import NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, batch_bucket, bucket
+from icegrt_jax.sampling import NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, bucket
 from icegrt_jax.sharding import Partitioner
 from icegrt_jax.train import ppo, ppo_updates, rollout
 from icegrt_jax.train.model_init import frozen_config, model_config, with_numerics
@@ -158,7 +158,7 @@ def rollout_shapes(cfg: PPOConfig) -> dict[str, int]:
     prompt_slots = bucket(cfg.data.max_prompt_length, PROMPT_BUCKETS)
     rows = cfg.data.prompts_per_iteration
     return {"rows": rows, "length": prompt_slots + cfg.rollout.max_new_tokens,
-            "generation_rows": batch_bucket(cfg.rollout.micro_batch_size or rows),
+            "generation_rows": cfg.rollout.micro_batch_size or rows,  # the sampler's rows: its batch_size (ppo.py)
             "cache_slots": prompt_slots + bucket(cfg.rollout.max_new_tokens, NEW_TOKEN_BUCKETS),
             "minibatch_rows": rows // cfg.ppo.minibatches}
 

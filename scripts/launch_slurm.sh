@@ -17,13 +17,17 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out   # in the submit directory (SLURM does not create a logs/ directory)
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 # shellcheck disable=SC1091
 . "${VENV:-.venv}/bin/activate"
-mkdir -p logs
+
+# One process per node drives all of its GPUs: jax.distributed's SLURM detection would otherwise
+# give each process only the GPU numbered by its local task id (one process per GPU is its default).
+JAX_LOCAL_DEVICE_IDS="${JAX_LOCAL_DEVICE_IDS:-$(seq -s, 0 $((${SLURM_GPUS_ON_NODE:-8} - 1)))}"
+export JAX_LOCAL_DEVICE_IDS
 
 # Let XLA use most of each GPU's memory for the preallocated pool, and keep NCCL on the fabric.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"

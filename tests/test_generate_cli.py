@@ -77,14 +77,16 @@ def test_greedy_text_equals_the_library_on_the_templated_prompt(model_dir, tmp_p
 
 
 def test_a_response_loses_the_separator_of_either_template(model_dir):
-    from icegrt_jax.commands.generate import response_text
     from icegrt_jax.data.templates import RAW
+    from icegrt_jax.data.tokenize import decode_response
 
     tokenizer = load_tokenizer(model_dir)
     ids = np.array(tokenizer.encode(" waves roll", add_special_tokens=False) + [tokenizer.eos_token_id])
     for template in (ICEGRT, RAW):  # --no-template prompts were trained with the raw template's " "
-        assert response_text(tokenizer, template, ids, ended=True) == "waves roll"
-        assert response_text(tokenizer, template, ids[:-1], ended=False) == "waves roll"
+        assert decode_response(tokenizer, template, ids, ended=True) == "waves roll"
+        assert decode_response(tokenizer, template, ids[:-1], ended=False) == "waves roll"
+    newline = np.array(tokenizer.encode(" waves roll\n", add_special_tokens=False))  # a stop token that is text
+    assert decode_response(tokenizer, ICEGRT, newline, ended=True) == "waves roll"
 
 
 def test_a_raw_prompt_is_bos_and_its_text_tokenised_as_in_training(model_dir):

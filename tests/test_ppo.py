@@ -361,6 +361,9 @@ def test_reward_model_with_another_tokenizer_gets_retokenized_text(tiny_tokenize
                             unk_token="[UNK]").save_pretrained(tmp_path / "words")
     actor, reward = load_tokenizer(tiny_tokenizer_dir), load_tokenizer(str(tmp_path / "words"))
     assert same_tokenizer(actor, actor) and not same_tokenizer(actor, reward)
+    assert rollout.passes_tokens_through(actor, actor, (actor.eos_token_id,))
+    assert not rollout.passes_tokens_through(actor, actor, (actor.eos_token_id, 5))  # another stop token: retokenised
+    assert not rollout.passes_tokens_through(actor, reward, (actor.eos_token_id,))
 
     tokens, mask = retokenize_for_reward(reward, ICEGRT, ["sea poem", "sea poem"], ["waves roll in", "waves"],
                                          np.array([True, False]), pad_id=0)

@@ -194,6 +194,8 @@ def test_missing_backbone_or_data_is_one_line_exit_2(reward_setup, capsys):
     ('[1, 2]', "expected one JSON object with score_mean and score_std"),
     ('{"score_mean": 0.5}', r"field 'score_std' must be a number, got None"),
     ('{"score_mean": "0.5", "score_std": 1}', r"field 'score_mean' must be a number, got '0.5'"),
+    ('{"score_mean": 0.5, "score_std": 0}', r"score_std must be a positive number and score_mean finite \(got 0, 0.5\)"),
+    ('{"score_mean": NaN, "score_std": 1.0}', r"score_std must be a positive number and score_mean finite"),
 ])
 def test_bad_reward_stats_file_is_a_one_line_error(tmp_path, text, message):
     path = tmp_path / "stats.json"

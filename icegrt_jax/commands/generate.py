@@ -87,7 +87,7 @@ def sample_responses(args):
     everything is checked before the weights are loaded."""
     from icegrt_jax import checkpoint, hf
     from icegrt_jax.data.templates import ICEGRT, RAW
-    from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id
+    from icegrt_jax.data.tokenize import decode_response, load_tokenizer, pad_token_id
     from icegrt_jax.sampling import SamplingParams, check_prompts, generate
 
     params = SamplingParams(
@@ -123,8 +123,8 @@ def sample_responses(args):
     for i in range(len(records)):
         rows = []
         for row in range(i * params.num_samples, (i + 1) * params.num_samples):
-            text = response_text(tokenizer, RAW if args.no_template else ICEGRT, result.response_tokens(row),
-                                 result.finished_by_eos[row])
+            text = decode_response(tokenizer, RAW if args.no_template else ICEGRT, result.response_tokens(row),
+                                   result.finished_by_eos[row])
             rows.append({"text": text,
                          "num_tokens": int(result.lengths[row]),
                          "finished_by_eos": bool(result.finished_by_eos[row]),
@@ -135,12 +135,6 @@ def sample_responses(args):
         print(f"{cut} of {len(result.lengths)} responses ended at the length limit (--max-new-tokens "
               f"{params.max_new_tokens} or the model's context) before an end token", file=sys.stderr)
     return records, responses, params
-
-
-def response_text(tokenizer, template, ids, ended: bool) -> str:
-    """A generated response's text as training data holds it: decoded without its EOS and without
-    the ``template``'s separator the model emits first (``Template.response_text``)."""
-    return template.response_text(tokenizer.decode(list(ids[:-1] if ended else ids), skip_special_tokens=True))
 
 
 def _read_prompts(args) -> tuple[list[dict], list[str]]:

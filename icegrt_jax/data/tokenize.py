@@ -169,6 +169,13 @@ def tokenize_response(tokenizer: Any, template: Template, assistant: str) -> lis
     return _encode(tokenizer, [template.response(assistant)])[0]
 
 
+def decode_response(tokenizer: Any, template: Template, ids, ended: bool) -> str:
+    """A generated response's text as training data holds it: decoded without the token it ended
+    with when ``ended`` (EOS or another stop token) and without the ``template``'s separator the
+    model emits first (``Template.response_text``)."""
+    return template.response_text(tokenizer.decode(list(ids[:-1] if ended else ids), skip_special_tokens=True))
+
+
 def check_segment_boundaries(tokenizer: Any, template: Template) -> None:
     """Raise unless tokenising the template's segments one by one equals tokenising their join."""
     probe = Round("What is 2 + 2?", "It is 4.")

@@ -158,7 +158,9 @@ class MetricsLogger:
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=resume_step + 1)
+            # a suffix of its own: tensorboardX names files by the second, a quick resume would overwrite the last
+            self._tensorboard = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=resume_step + 1,
+                                              filename_suffix=f".from{resume_step}.{os.getpid()}")
 
     def log(self, step: int, metrics: dict[str, float]):
         if self._jsonl:
@@ -265,7 +267,8 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
         raise CheckpointError(f"{checkpointer.directory}: the run is at step {start}, past the {total_steps} steps "
                               "this config gives (training.steps or epochs lowered?); use a new training.output_dir "
                               f"or at least {start} steps")
-    logger = MetricsLogger(output_dir, logging, resume_step=start)
+    with all_or_none(f"{output_dir}: opening the metrics logs"):  # process 0 opens them, all agree it did
+        logger = MetricsLogger(output_dir, logging, resume_step=start)
     show = shows_progress(logging)
     metrics: dict[str, float] = {}
     stopped = None

@@ -57,6 +57,7 @@ from icegrt_jax.data.sources import DataError, iter_records, required_text
 from icegrt_jax.data.templates import get_template
 from icegrt_jax.data.tokenize import (
     TokenizedExample,
+    decode_response,
     load_tokenizer,
     pad_token_id,
     tokenize_prompt,
@@ -221,14 +222,14 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
     minibatch_fn = partitioner.jit(take_rows, in_shardings=(rows_sh, replicated), out_shardings=rows_sh)
     updates = update_programs(cfg, roles, actor_tx, critic_tx, experience, partitioner, state_shardings)
     template = get_template(cfg.data.template)
-    pass_through = reward_tokenizer is not None and rollout.same_tokenizer(tokenizer, reward_tokenizer)
     stop = cfg.rollout.stop_token_ids
     eos_ids = (tokenizer.eos_token_id,) if stop is None else tuple(stop)
+    pass_through = rollout.passes_tokens_through(tokenizer, reward_tokenizer, eos_ids)
 
     def score(prompts, result, tokens, attention_mask):
         if score_function is not None or not pass_through:
-            responses = [template.response_text(tokenizer.decode(result.response_tokens(r), skip_special_tokens=True))
-                         for r in range(len(prompts))]
+            responses = [decode_response(tokenizer, template, result.response_tokens(r), result.finished_by_eos[r])
+                         for r in range(len(prompts))]  # without the stop token (EOS or another) it ended with
         if score_function is not None:
             return partitioner.shard_batch(rollout.primary_scores(lambda: score_function(prompts, responses),
                                                                   len(prompts), cfg.reward.function))
@@ -254,7 +255,7 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                                   pad_id=pad_token_id(tokenizer))
         with partitioner.activate():
             result = generate((roles.actor_graphdef, state.actor.params), [e.input_ids for e in prompt_batch],
-                              sampling, batch_size=cfg.rollout.micro_batch_size)
+                              sampling, batch_size=cfg.rollout.micro_batch_size or cfg.data.prompts_per_iteration)
         generated = time.perf_counter()
 
         rollout_rows = partitioner.shard_batch({"tokens": result.tokens, "attention_mask": result.attention_mask,

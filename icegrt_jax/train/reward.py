@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -70,6 +71,9 @@ def read_reward_stats(path: str) -> dict:
     for key in REWARD_STATS_KEYS:
         if isinstance(stats.get(key), bool) or not isinstance(stats.get(key), (int, float)):
             raise DataError(f"{path}: field {key!r} must be a number, got {stats.get(key)!r}")
+    if not 0 < stats["score_std"] < float("inf") or not math.isfinite(stats["score_mean"]):
+        raise DataError(f"{path}: score_std must be a positive number and score_mean finite "
+                        f"(got {stats['score_std']!r}, {stats['score_mean']!r}): reward.normalize=stats divides by it")
     return stats
 
 
@@ -244,6 +248,8 @@ def run_reward(cfg: RewardConfig) -> dict:
                                                       shows_progress(cfg.logging))
         if not train:
             raise DataError(f"every training pair is longer than data.max_length={cfg.data.max_length}")
+        if cfg.data.eval_files and not evaluation:  # the reward statistics would come from the training pairs
+            raise DataError(f"data.eval_files: every evaluation pair is longer than data.max_length={cfg.data.max_length}")
     llama, params = init_score_params(cfg, len(tokenizer), partitioner)
     buckets = bucket_lengths(cfg.data.bucket_boundaries, cfg.data.max_length)
     pad_id = pad_token_id(tokenizer)

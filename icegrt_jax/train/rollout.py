@@ -163,8 +163,16 @@ def checked_scores(scores, count: int, spec: str, finite: bool = True) -> np.nda
 
 
 def same_tokenizer(a, b) -> bool:
-    """Token ids can pass straight through when both vocabularies and special tokens agree."""
+    """Both vocabularies and special tokens agree."""
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
+
+
+def passes_tokens_through(tokenizer, reward_tokenizer, stop_ids) -> bool:
+    """Whether the policy's tokens go to the reward model as they are: it reads them as its
+    training data when it has the same tokenizer and every response that ends, ends with EOS
+    (a response ended by another stop token is decoded without it and retokenised + EOS)."""
+    return (reward_tokenizer is not None and same_tokenizer(tokenizer, reward_tokenizer)
+            and set(stop_ids) == {tokenizer.eos_token_id})
 
 
 def retokenize_for_reward(tokenizer, template: Template, prompts: list[str], responses: list[str],

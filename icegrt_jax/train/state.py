@@ -99,7 +99,9 @@ def accumulate_gradients(sum_loss_fn: SumLossFn, params, micro_batches):
         (loss_sum, (weight, metric_sums)), grads = grad_fn(params, first)
     else:
         metric_shapes = jax.eval_shape(lambda: sum_loss_fn(params, first)[1][1])
-        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+        # fp32 sums whatever the parameters' dtype (bf16 sums would drift with the micro-batch count)
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros((), jnp.float32),
+                 jnp.zeros((), jnp.float32),
                  jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
         (grads, loss_sum, weight, metric_sums), _ = jax.lax.scan(body, zeros, micro_batches)
     return means_from_sums(grads, loss_sum, weight, metric_sums)
