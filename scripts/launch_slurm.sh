@@ -17,8 +17,9 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
-#SBATCH --output=%x-%j.out   # in the submit directory (SLURM does not create a logs/ directory)
+#SBATCH --output=%x-%j.out
 set -euo pipefail
+# (the job's log is written in the submit directory: SLURM would not create a logs/ directory for it)
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 # shellcheck disable=SC1091

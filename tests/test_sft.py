@@ -218,8 +218,8 @@ def test_gradient_accumulation_is_exact():
 
 
 def test_gradients_of_bf16_parameters_accumulate_in_fp32():
-    """Summed in bf16, 32 micro-batches' gradients drifted ~3x a single bf16 rounding from the
-    fp32 full-batch gradient; in fp32 the only error left is each micro-batch's bf16 gradient."""
+    """Summed in bf16, 32 micro-batches' gradients drifted ~9x a single bf16 rounding from the
+    fp32 full-batch gradient; summed in fp32, within 2x."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(64, 8, 16)), jnp.float32)
     params = {"w": jnp.asarray(rng.normal(size=(16,)), jnp.bfloat16)}
@@ -230,9 +230,9 @@ def test_gradients_of_bf16_parameters_accumulate_in_fp32():
     exact = jax.grad(lambda w: jnp.mean((x @ w) ** 2))(params["w"].astype(jnp.float32))
     one, *_ = accumulate_gradients(sum_loss, params, {"x": x[None]})
     grads, *_ = accumulate_gradients(sum_loss, params, {"x": x.reshape(32, 2, 8, 16)})
-    assert grads["w"].dtype == jnp.float32
-    single_rounding = float(jnp.max(jnp.abs(one["w"].astype(jnp.float32) - exact)))
-    assert float(jnp.max(jnp.abs(grads["w"] - exact))) <= 1.5 * single_rounding + 1e-6
+    assert grads["w"].dtype == one["w"].dtype == jnp.float32  # the means, as one micro-batch's
+    single_rounding = float(jnp.max(jnp.abs(one["w"] - exact)))
+    assert float(jnp.max(jnp.abs(grads["w"] - exact))) <= 2 * single_rounding
 
 
 def test_a_quick_resume_keeps_the_earlier_runs_tensorboard_events(tmp_path):

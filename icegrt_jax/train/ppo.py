@@ -150,7 +150,7 @@ def check_prompt_room(prompts, context: int, max_new_tokens: int) -> None:
                         f"tokens (the longest has {max(too_long)}); set data.max_prompt_length below {context}")
     if (short := sum(len(p) + max_new_tokens > context for p in prompts)) and is_primary_process():
         print(f"[ppo] note: {short} prompt(s) leave less than rollout.max_new_tokens={max_new_tokens} tokens of "
-                  f"the model's context of {context}: their responses end there, counted as truncated")
+              f"the model's context of {context}: their responses end there, counted as truncated")
 
 
 def collate_prompts(examples, buckets, pad_id, num_counted=None):
