@@ -90,19 +90,20 @@ def _flat_chunked_logprobs(hidden, lm_head, targets, chunk_size):
 
 
 def _chunked_forward(hidden, lm_head, targets, chunk_size):
-    """``[N]`` log-probs and logsumexps, ``chunk_size`` tokens (rows of hidden) at a time."""
+    """``[N]`` log-probs and logsumexps, ``chunk_size`` tokens (rows of hidden) at a time.
+
+    Chunk k holds rows k, k + N/C, k + 2N/C, ... (C = chunk_size): rows laid out in blocks over
+    data-parallel devices keep their devices, each computing its own rows' logits (contiguous
+    chunks put the row sharding on the loop axis, and every device computed every row)."""
 
     def chunk_stats(chunk):
         chunk_hidden, chunk_targets = chunk
         logits = jnp.dot(chunk_hidden, lm_head, preferred_element_type=jnp.float32)
         return _logprobs_and_logsumexp(logits, chunk_targets)
 
-    chunks = (
-        hidden.reshape(-1, chunk_size, hidden.shape[-1]),
-        targets.reshape(-1, chunk_size),
-    )
-    logprobs, log_normalizer = jax.lax.map(chunk_stats, chunks)
-    return logprobs.reshape(-1), log_normalizer.reshape(-1)
+    strided = lambda x: x.reshape(chunk_size, -1, *x.shape[1:]).swapaxes(0, 1)  # [N/C, C, ...]
+    logprobs, log_normalizer = jax.lax.map(chunk_stats, (strided(hidden), strided(targets)))
+    return logprobs.swapaxes(0, 1).reshape(-1), log_normalizer.swapaxes(0, 1).reshape(-1)
 
 
 def _chunked_forward_with_residuals(hidden, lm_head, targets, chunk_size):

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from icegrt_jax import cli
+from icegrt_jax import cli, losses
 from icegrt_jax.checkpoint import (
     TrainCheckpointer,
     load_model,
@@ -533,6 +533,21 @@ def check_chunked_scoring() -> dict:
     return results
 
 
+def check_chunked_logprobs_gathers() -> dict:
+    """All-gathers in the chunked LM-head log-probs of 16 x 512 tokens laid out over 8
+    data-parallel devices, forward and gradient (contiguous chunks of the flattened rows had put
+    the row sharding on the loop axis: 6 and 3, each device computing every row's logits)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    rows, whole = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s)) for s in (("data",), ()))
+    args = (jax.ShapeDtypeStruct((16, 512, 64), np.float32, sharding=rows),
+            jax.ShapeDtypeStruct((64, 256), np.float32, sharding=whole),
+            jax.ShapeDtypeStruct((16, 512), np.int32, sharding=rows))
+    forward = functools.partial(losses.chunked_token_logprobs, chunk_size=1024)
+    programs = {"forward": forward, "gradient": jax.grad(lambda *a: forward(*a).sum(), argnums=(0, 1))}
+    return {name: len(re.findall(r"\ball-gather(-start)?\(", jax.jit(fn).lower(*args).compile().as_text()))
+            for name, fn in programs.items()}
+
+
 def main(directory: str, tokenizer_dir: str):
     sft_results, states = check_sft_steps()
     results = {
@@ -548,6 +563,7 @@ def main(directory: str, tokenizer_dir: str):
         "plan": check_plan(directory),
         "placed_loading": check_placed_loading(directory),
         "chunked_scoring": check_chunked_scoring(),
+        "chunked_logprobs_gathers": check_chunked_logprobs_gathers(),
     }
     print(json.dumps(results))
 
