@@ -57,6 +57,7 @@ from icegrt_jax.train.state import (
     init_train_state,
     learning_rate_schedule,
     make_optimizer,
+    split_micro_batches,
 )
 
 MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
@@ -548,6 +549,16 @@ def check_chunked_logprobs_gathers() -> dict:
             for name, fn in programs.items()}
 
 
+def micro_batch_row_moves() -> int:
+    """All-to-alls and collective-permutes of splitting 64 rows over 8 data-parallel devices into
+    4 micro-batches (contiguous micro-batches compiled 2: rows moved between devices)."""
+    p = partitioner((8, 1, 1))
+    split = jax.jit(lambda x: split_micro_batches({"x": x}, 4)["x"] * 2, in_shardings=p.batch_sharding)
+    with p.activate():
+        hlo = split.lower(jax.ShapeDtypeStruct((64, 8), np.float32, sharding=p.batch_sharding)).compile().as_text()
+    return len(re.findall(r"\b(all-to-all|collective-permute)(-start)?\(", hlo))
+
+
 def main(directory: str, tokenizer_dir: str):
     sft_results, states = check_sft_steps()
     results = {
@@ -564,6 +575,7 @@ def main(directory: str, tokenizer_dir: str):
         "placed_loading": check_placed_loading(directory),
         "chunked_scoring": check_chunked_scoring(),
         "chunked_logprobs_gathers": check_chunked_logprobs_gathers(),
+        "micro_batch_row_moves": micro_batch_row_moves(),
     }
     print(json.dumps(results))
 

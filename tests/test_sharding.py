@@ -365,6 +365,10 @@ def test_each_data_parallel_device_scores_its_own_rows_in_the_chunked_lm_head(sh
     assert sharded["chunked_logprobs_gathers"] == {"forward": 0, "gradient": 0}
 
 
+def test_gradient_accumulation_leaves_every_row_on_its_device(sharded):
+    assert sharded["micro_batch_row_moves"] == 0
+
+
 def test_plan_rejects_a_rollout_batch_the_mesh_cannot_split(sharded):
     assert sharded["plan"]["bad_code"] == 2
     assert ("minibatch (data.prompts_per_iteration / ppo.minibatches) 6 / grad_accum_steps 2 = 3 rows a "

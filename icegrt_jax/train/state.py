@@ -126,12 +126,15 @@ def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransforma
 
 
 def split_micro_batches(batch: dict, accum_steps: int) -> dict:
-    """[B, ...] -> [accum_steps, B / accum_steps, ...] for ``accumulate_gradients``; under a
-    mesh every micro-batch's rows stay split over the data-parallel shards."""
+    """[B, ...] -> [accum_steps, B / accum_steps, ...] for ``accumulate_gradients``: micro-batch
+    a holds rows a, a + A, a + 2A, ... (A = accum_steps), so rows laid out in blocks over the
+    data-parallel devices stay on them (each block holds its share of every micro-batch when the
+    data-parallel size divides B / A, as ``Partitioner.check_batch_size`` asks; contiguous
+    micro-batches moved rows between devices). The sums are exact whichever rows share one."""
     def split(x):
         if x.shape[0] % accum_steps:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps {accum_steps}")
-        micro = x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+        micro = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
         return with_logical_constraint(micro, (None, "batch"))
 
     return jax.tree.map(split, batch)
