@@ -158,7 +158,7 @@ def rollout_shapes(cfg: PPOConfig) -> dict[str, int]:
     prompt_slots = bucket(cfg.data.max_prompt_length, PROMPT_BUCKETS)
     rows = cfg.data.prompts_per_iteration
     return {"rows": rows, "length": prompt_slots + cfg.rollout.max_new_tokens,
-            "generation_rows": cfg.rollout.micro_batch_size or rows,  # the sampler's rows: its batch_size (ppo.py)
+            "generation_rows": ppo.rows_at_a_time(cfg),
             "cache_slots": prompt_slots + bucket(cfg.rollout.max_new_tokens, NEW_TOKEN_BUCKETS),
             "minibatch_rows": rows // cfg.ppo.minibatches}
 

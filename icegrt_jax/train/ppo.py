@@ -184,11 +184,16 @@ class Roles:
     reward_stats: dict | None
 
 
+def rows_at_a_time(cfg: PPOConfig) -> int:
+    """The rollout rows generated and scored at a time: ``rollout.micro_batch_size``, by default
+    the iteration's prompts (the sampler's batch, its KV cache's rows; ``icegrt plan``'s too)."""
+    return cfg.rollout.micro_batch_size or cfg.data.prompts_per_iteration
+
+
 def scoring_forward(fn, graphdef, cfg: PPOConfig, data_parallel_size: int):
     """A rollout forward ``fn(graphdef, params, tokens, attention_mask, *static)`` over the
-    iteration's rows ``rollout.micro_batch_size`` at a time (``rollout.in_row_chunks``)."""
-    rows = cfg.data.prompts_per_iteration
-    chunks = rows // (cfg.rollout.micro_batch_size or rows)
+    iteration's rows ``rows_at_a_time`` at a time (``rollout.in_row_chunks``)."""
+    chunks = cfg.data.prompts_per_iteration // rows_at_a_time(cfg)
     return rollout.in_row_chunks(functools.partial(fn, graphdef), chunks, data_parallel_size)
 
 
@@ -255,7 +260,7 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                                   pad_id=pad_token_id(tokenizer))
         with partitioner.activate():
             result = generate((roles.actor_graphdef, state.actor.params), [e.input_ids for e in prompt_batch],
-                              sampling, batch_size=cfg.rollout.micro_batch_size or cfg.data.prompts_per_iteration)
+                              sampling, batch_size=rows_at_a_time(cfg))
         generated = time.perf_counter()
 
         rollout_rows = partitioner.shard_batch({"tokens": result.tokens, "attention_mask": result.attention_mask,
