@@ -17,6 +17,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from icegrt_jax.row_pieces import merge_pieces, strided_pieces
+
 Array = jax.Array
 
 
@@ -92,18 +94,19 @@ def _flat_chunked_logprobs(hidden, lm_head, targets, chunk_size):
 def _chunked_forward(hidden, lm_head, targets, chunk_size):
     """``[N]`` log-probs and logsumexps, ``chunk_size`` tokens (rows of hidden) at a time.
 
-    Chunk k holds rows k, k + N/C, k + 2N/C, ... (C = chunk_size): rows laid out in blocks over
-    data-parallel devices keep their devices, each computing its own rows' logits (contiguous
-    chunks put the row sharding on the loop axis, and every device computed every row)."""
+    Chunk k holds rows k, k + N/C, k + 2N/C, ... (C = chunk_size; ``row_pieces``): rows laid out
+    in blocks over data-parallel devices keep their devices, each computing its own rows' logits
+    (contiguous chunks put the row sharding on the loop axis, and every device computed every row)."""
 
     def chunk_stats(chunk):
         chunk_hidden, chunk_targets = chunk
         logits = jnp.dot(chunk_hidden, lm_head, preferred_element_type=jnp.float32)
         return _logprobs_and_logsumexp(logits, chunk_targets)
 
-    strided = lambda x: x.reshape(chunk_size, -1, *x.shape[1:]).swapaxes(0, 1)  # [N/C, C, ...]
-    logprobs, log_normalizer = jax.lax.map(chunk_stats, (strided(hidden), strided(targets)))
-    return logprobs.swapaxes(0, 1).reshape(-1), log_normalizer.swapaxes(0, 1).reshape(-1)
+    pieces = hidden.shape[0] // chunk_size
+    logprobs, log_normalizer = jax.lax.map(
+        chunk_stats, (strided_pieces(hidden, pieces), strided_pieces(targets, pieces)))
+    return merge_pieces(logprobs), merge_pieces(log_normalizer)
 
 
 def _chunked_forward_with_residuals(hidden, lm_head, targets, chunk_size):

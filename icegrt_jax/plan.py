@@ -188,7 +188,7 @@ def forward_temp_bytes(partitioner: Partitioner, role: str, llama: LlamaConfig, 
     params_in = with_shardings(params, partitioner.shardings(params))
     experience = rollout_batch(partitioner, shapes["rows"], shapes["length"])
     args = (params_in, experience["tokens"], experience["attention_mask"])
-    forward = ppo.scoring_forward(FORWARDS[role], graphdef, cfg, partitioner.data_parallel_size)
+    forward = ppo.scoring_forward(FORWARDS[role], graphdef, cfg)
     if kind == "causal_lm":
         forward = jax.jit(forward, static_argnums=(3, 4))
         args += (cfg.rollout.temperature, cfg.rollout.max_new_tokens)

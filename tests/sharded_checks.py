@@ -503,8 +503,8 @@ def check_plan(directory: str) -> dict:
 def check_chunked_scoring() -> dict:
     """The trainer's scoring forwards on (2,2,2) over 16 rows, 4 at a time (each piece: one row
     of each of the 4 data-parallel blocks), against all rows at once on one device; and how many
-    all-to-alls and collective-permutes the critic forward compiles to: over all rows, in pieces
-    taken per data-parallel block, and (a control) in pieces cut from one block of all rows."""
+    all-to-alls and collective-permutes the critic forward compiles to: over all rows, in strided
+    pieces (``in_row_chunks``), and (a control) in contiguous pieces."""
     graphdef, params = nnx.split(Llama(MODEL, nnx.Rngs(4)))
     critic_graphdef, critic_params = nnx.split(ScoreModel(MODEL, nnx.Rngs(5)))
     rng = np.random.default_rng(6)
@@ -517,21 +517,31 @@ def check_chunked_scoring() -> dict:
     for name, fn, g, prm, static in (("logprobs", rollout.sequence_logprobs_without_entropy, graphdef, params, (0.9, 12)),
                                      ("values", rollout.critic_values, critic_graphdef, critic_params, ())):
         single = fn(g, prm, tokens, mask, *static)
-        chunked = p.jit(ppo.scoring_forward(fn, g, cfg, p.data_parallel_size), in_shardings=(
+        chunked = p.jit(ppo.scoring_forward(fn, g, cfg), in_shardings=(
             p.shardings(prm), p.batch_sharding, p.batch_sharding), out_shardings=p.batch_sharding,
             static_argnums=tuple(range(3, 3 + len(static))))
         with p.activate():
             out = chunked(p.put(prm), *p.shard_batch((tokens, mask)), *static)
         results[name] = max_difference(out, single)
-    for name, chunks, shards in (("permutes_whole", 1, 1), ("permutes_chunked", 4, p.data_parallel_size),
-                                 ("permutes_one_block", 4, 1)):  # the last a control
-        forward = rollout.in_row_chunks(functools.partial(rollout.critic_values, critic_graphdef), chunks, shards)
+    values = functools.partial(rollout.critic_values, critic_graphdef)
+    for name, forward in (("permutes_whole", values), ("permutes_chunked", rollout.in_row_chunks(values, 4)),
+                          ("permutes_contiguous", contiguous_pieces(values, 4))):  # the last a control
         program = p.jit(forward, in_shardings=(p.shardings(critic_params), p.batch_sharding, p.batch_sharding),
                         out_shardings=p.batch_sharding)
         with p.activate():
             hlo = program.lower(p.put(critic_params), *p.shard_batch((tokens, mask))).compile().as_text()
         results[name] = len(re.findall(r"\b(all-to-all|collective-permute)(-start)?\(", hlo))
     return results
+
+
+def contiguous_pieces(forward, chunks: int):
+    """``in_row_chunks`` with piece i the i-th contiguous R / chunks rows (a control)."""
+    def chunked(params, tokens, attention_mask):
+        split = lambda x: x.reshape(chunks, -1, *x.shape[1:])
+        out = jax.lax.map(lambda piece: forward(params, *piece), (split(tokens), split(attention_mask)))
+        return out.reshape(-1, *out.shape[2:])
+
+    return chunked
 
 
 def check_chunked_logprobs_gathers() -> dict:

@@ -422,8 +422,7 @@ def test_first_update_starts_at_ratio_one(ppo_setup, old_logprobs, tolerance):
 
 
 def test_scoring_in_row_chunks_equals_all_rows_at_once_in_less_memory():
-    """``in_row_chunks``: 4 pieces of 2 of 8 rows (each piece one row of each of 2 blocks, as for
-    2 data-parallel shards) give every row's log-probs and values as one forward over all rows
+    """``in_row_chunks``: 4 pieces of 2 of 8 rows (piece i rows i and i + 4) give every row's log-probs and values as one forward over all rows
     (fp32: a GEMM's blocking depends on its rows, so to rounding), with the activations of one
     piece: the compiled temporaries shrink."""
     from icegrt_jax.models.heads import ScoreModel
@@ -437,7 +436,7 @@ def test_scoring_in_row_chunks_equals_all_rows_at_once_in_less_memory():
                                    (ScoreModel(cfg, nnx.Rngs(2)), rollout.critic_values, ())):
         graphdef, params = nnx.split(model)
         whole = jax.jit(functools.partial(forward, graphdef), static_argnums=tuple(range(3, 3 + len(static))))
-        pieces = jax.jit(rollout.in_row_chunks(functools.partial(forward, graphdef), 4, shards=2),
+        pieces = jax.jit(rollout.in_row_chunks(functools.partial(forward, graphdef), 4),
                          static_argnums=tuple(range(3, 3 + len(static))))
         for a, b in zip(jax.tree.leaves(pieces(params, tokens, mask, *static)),
                         jax.tree.leaves(whole(params, tokens, mask, *static)), strict=True):
@@ -458,7 +457,7 @@ def test_micro_batched_rollouts_train_as_the_whole_batch(ppo_setup, monkeypatch)
     batches, pieces = [], []
     real_batch, real_chunks = sampling._generate_batch, rollout.in_row_chunks
     monkeypatch.setattr(sampling, "_generate_batch", lambda *a, **k: batches.append(len(a[4])) or real_batch(*a, **k))
-    monkeypatch.setattr(rollout, "in_row_chunks", lambda f, chunks, *a: pieces.append(chunks) or real_chunks(f, chunks, *a))
+    monkeypatch.setattr(rollout, "in_row_chunks", lambda f, chunks: pieces.append(chunks) or real_chunks(f, chunks))
     separate = ("training.steps=2", "ppo.epochs=1", "actor_optimizer.grad_accum_steps=2",
                 "critic_optimizer.grad_accum_steps=2")  # every scoring forward runs (no fused update)
     whole = _run(config, tmp_path / "whole", *separate)

@@ -190,11 +190,11 @@ def rows_at_a_time(cfg: PPOConfig) -> int:
     return cfg.rollout.micro_batch_size or cfg.data.prompts_per_iteration
 
 
-def scoring_forward(fn, graphdef, cfg: PPOConfig, data_parallel_size: int):
+def scoring_forward(fn, graphdef, cfg: PPOConfig):
     """A rollout forward ``fn(graphdef, params, tokens, attention_mask, *static)`` over the
     iteration's rows ``rows_at_a_time`` at a time (``rollout.in_row_chunks``)."""
     chunks = cfg.data.prompts_per_iteration // rows_at_a_time(cfg)
-    return rollout.in_row_chunks(functools.partial(fn, graphdef), chunks, data_parallel_size)
+    return rollout.in_row_chunks(functools.partial(fn, graphdef), chunks)
 
 
 def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,
@@ -206,7 +206,7 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
     rows_sh, replicated = partitioner.batch_sharding, partitioner.replicated
 
     def forward(fn, graphdef, param_shardings, **static):
-        chunked = scoring_forward(fn, graphdef, cfg, partitioner.data_parallel_size)
+        chunked = scoring_forward(fn, graphdef, cfg)
         return partitioner.jit(chunked, in_shardings=(param_shardings, rows_sh, rows_sh), out_shardings=rows_sh, **static)
 
     logprob_fn = forward(rollout.sequence_logprobs, roles.actor_graphdef, state_shardings.actor.params,

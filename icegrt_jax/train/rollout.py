@@ -25,6 +25,7 @@ from icegrt_jax.data.templates import Template
 from icegrt_jax.data.tokenize import tokenize_prompt, tokenize_response
 from icegrt_jax.losses import entropy_from_logits, token_logprobs
 from icegrt_jax.models.heads import score_at_last_token
+from icegrt_jax.row_pieces import merge_pieces, strided_pieces
 
 
 def sequence_logprobs(graphdef, params, tokens, attention_mask, temperature: float,
@@ -57,27 +58,18 @@ def critic_values(graphdef, params, tokens, attention_mask):
     return nnx.merge(graphdef, params)(tokens, attention_mask)[:, :-1]
 
 
-def in_row_chunks(forward: Callable, chunks: int, shards: int = 1) -> Callable:
+def in_row_chunks(forward: Callable, chunks: int) -> Callable:
     """A scoring forward ``forward(params, tokens, attention_mask, *static)`` run over the rows
     ([R, L] each) in ``chunks`` sequential pieces of R / chunks rows (``lax.map``: one piece's
     activations live at a time). Rows do not interact, so the result is ``forward``'s on all rows
-    (up to the rounding of batch-size-dependent kernels). Piece i takes the i-th R / (chunks x
-    shards) rows of each of ``shards`` contiguous row blocks: with ``shards`` the data-parallel
-    size, every device scores its own rows."""
+    (up to the rounding of batch-size-dependent kernels). Piece i takes rows i, i + chunks, ...
+    (``row_pieces``): with the rows over data-parallel devices, every device scores its own."""
     if chunks == 1:
         return forward
 
-    def split(x):  # [R, ...] -> [chunks, R / chunks, ...], block-major inside each piece
-        per_block = x.reshape(shards, chunks, x.shape[0] // (shards * chunks), *x.shape[1:])
-        return jnp.swapaxes(per_block, 0, 1).reshape(chunks, x.shape[0] // chunks, *x.shape[1:])
-
-    def merge(y):  # split's inverse
-        per_piece = y.reshape(chunks, shards, y.shape[1] // shards, *y.shape[2:])
-        return jnp.swapaxes(per_piece, 0, 1).reshape(chunks * y.shape[1], *y.shape[2:])
-
     def chunked(params, tokens, attention_mask, *static):
-        out = jax.lax.map(lambda piece: forward(params, *piece, *static), (split(tokens), split(attention_mask)))
-        return jax.tree.map(merge, out)
+        pieces = (strided_pieces(tokens, chunks), strided_pieces(attention_mask, chunks))
+        return jax.tree.map(merge_pieces, jax.lax.map(lambda piece: forward(params, *piece, *static), pieces))
 
     return chunked
 

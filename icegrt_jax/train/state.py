@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from icegrt_jax.config import OptimizerConfig
+from icegrt_jax.row_pieces import strided_pieces
 from icegrt_jax.sharding import with_logical_constraint
 
 NO_DECAY_MARKERS = ("norm",)
@@ -127,14 +128,12 @@ def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransforma
 
 def split_micro_batches(batch: dict, accum_steps: int) -> dict:
     """[B, ...] -> [accum_steps, B / accum_steps, ...] for ``accumulate_gradients``: micro-batch
-    a holds rows a, a + A, a + 2A, ... (A = accum_steps), so rows laid out in blocks over the
-    data-parallel devices stay on them (each block holds its share of every micro-batch when the
-    data-parallel size divides B / A, as ``Partitioner.check_batch_size`` asks; contiguous
-    micro-batches moved rows between devices). The sums are exact whichever rows share one."""
+    a holds rows a, a + A, a + 2A, ... (A = accum_steps; ``row_pieces``), so rows laid out in
+    blocks over the data-parallel devices stay on them when the data-parallel size divides B / A,
+    as ``Partitioner.check_batch_size`` asks. The sums are exact whichever rows share one."""
     def split(x):
         if x.shape[0] % accum_steps:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps {accum_steps}")
-        micro = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
-        return with_logical_constraint(micro, (None, "batch"))
+        return with_logical_constraint(strided_pieces(x, accum_steps), (None, "batch"))
 
     return jax.tree.map(split, batch)
