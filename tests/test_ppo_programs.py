@@ -173,9 +173,9 @@ def test_actor_update_accumulated_over_micro_batches_equals_one_batch(setup):
     """Two micro-batches of rows with different response lengths give the one-batch step and
     metrics with the sequence-mean aggregation (whose weight, the sequence count, is not the token
     count): the loss (surrogate and entropy bonus, both aggregated so) through ``_token_weight``,
-    the token-mean metrics through their token counts."""
+    the token-mean metrics (``dual_clip_frac`` among them) through their token counts."""
     s, (graphdef, params) = setup, setup.actor
-    ppo_cfg = dataclasses.replace(s.cfg.ppo, aggregate="seq_mean_token_mean", entropy_coef=0.05)
+    ppo_cfg = dataclasses.replace(s.cfg.ppo, aggregate="seq_mean_token_mean", entropy_coef=0.05, dual_clip=3.0)
     cfg = dataclasses.replace(s.cfg, ppo=ppo_cfg)
     rng = np.random.default_rng(5)
     minibatch = {**s.rows, "advantages": jnp.asarray(rng.normal(size=(ROWS, LENGTH - 1)), jnp.float32)}

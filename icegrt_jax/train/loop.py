@@ -239,11 +239,30 @@ def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {name: float(np.asarray(value)) for name, value in jax.device_get(metrics).items()}
 
 
+def interval_means(rows: list[dict[str, float]]) -> dict[str, float]:
+    """One metrics row for the steps since the last logged one: each metric's mean over the steps
+    that report it (a metric absent from some steps, as PPO's policy loss during the critic
+    warm-up, averages the others), and ``tokens_per_s = sum(tokens) / sum(step_time_s)``."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    means = {name: float(np.mean([row[name] for row in rows if name in row])) for name in names if name != "tokens"}
+    if "tokens" in names:
+        means["tokens_per_s"] = sum(row["tokens"] for row in rows) / sum(row["step_time_s"] for row in rows)
+    return means
+
+
+def non_finite_message(step: int, metrics: dict[str, float], checkpointer) -> str:
+    """``NonFiniteError``'s line: the step, its losses and gradient norms, the last good checkpoint."""
+    shown = ", ".join(f"{name}={value}" for name, value in metrics.items() if "loss" in name or "grad_norm" in name)
+    return (f"step {step}: non-finite loss or gradient ({shown}); the update was not applied; "
+            f"last good checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory}")
+
+
 @dataclasses.dataclass
 class LoopResult:
     state: Any
     stopped_by: int | None  # the signal that preempted the loop (its checkpoint saved), if any
-    last_metrics: dict[str, float]
+    last_metrics: dict[str, float]  # the last logged row
+    final_eval: dict[str, float] | None = None  # eval_fn's result on the final step's state, if it ran
 
     def raise_if_stopped(self, checkpointer):
         """``TrainingStopped`` when a signal preempted the loop (the trainer then writes no final model)."""
@@ -256,11 +275,15 @@ class LoopResult:
 def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int, checkpointer,
                meta_fn: Callable[[], dict], training: TrainingConfig, logging: LoggingConfig,
                output_dir: str, eval_fn: Callable[[Any], dict] | None = None,
-               tokens_fn: Callable[[Any], int] | None = None, desc: str = "train") -> LoopResult:
+               tokens_fn: Callable[[Any], int] | None = None, desc: str = "train",
+               progress_keys: tuple[str, ...] = ("loss",)) -> LoopResult:
     """Run ``step_fn`` from ``state.step`` up to ``total_steps``; see the module docstring.
 
-    ``meta_fn()`` returns the JSON-able resume information saved with each checkpoint (the data
-    position after the last consumed batch). ``tokens_fn(batch)`` counts tokens for tokens/s.
+    Every ``log_every`` steps, at the last step and when a signal stops the loop, one metrics row
+    is logged: ``interval_means`` of the steps since the previous row. ``meta_fn()`` returns the
+    JSON-able resume information saved with each checkpoint (the data position after the last
+    consumed batch). ``tokens_fn(batch)`` counts a batch's tokens for ``tokens_per_s``. The
+    progress bar shows the step's ``progress_keys`` metrics.
     """
     start = int(state.step)
     if start > total_steps:
@@ -270,8 +293,9 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
     with all_or_none(f"{output_dir}: opening the metrics logs"):  # process 0 opens them, all agree it did
         logger = MetricsLogger(output_dir, logging, resume_step=start)
     show = shows_progress(logging)
-    metrics: dict[str, float] = {}
-    stopped = None
+    logged: dict[str, float] = {}
+    pending: list[dict[str, float]] = []  # the steps since the last logged row
+    stopped = final_eval = None
     try:
         with StopRequest() as stop, tqdm(total=total_steps, initial=start, desc=desc, disable=not show) as bar:
             for step in range(start + 1, total_steps + 1):
@@ -280,24 +304,25 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
                 state, device_metrics = step_fn(state, batch)
                 metrics = to_floats(device_metrics)
                 if metrics.pop("finite", 1.0) != 1.0:
-                    raise NonFiniteError(
-                        f"step {step}: non-finite loss or gradient (loss={metrics.get('loss')}, "
-                        f"grad_norm={metrics.get('grad_norm')}); the update was not applied; "
-                        f"last good checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory}")
-                elapsed = time.perf_counter() - began
-                metrics["step_time_s"] = elapsed
+                    raise NonFiniteError(non_finite_message(step, metrics, checkpointer))
+                metrics["step_time_s"] = time.perf_counter() - began
                 if tokens_fn is not None:
-                    metrics["tokens_per_s"] = tokens_fn(batch) / elapsed
+                    metrics["tokens"] = tokens_fn(batch)
+                pending.append(metrics)
                 evaluated = (eval_fn(state) if eval_fn is not None
                              and (step % training.eval_every == 0 or step == total_steps) else None)
+                if step == total_steps:
+                    final_eval = evaluated
+                stopped = stop.agreed()
                 with all_or_none(f"step {step}: logging metrics"):  # process 0 writes, all agree it did
-                    if step % training.log_every == 0 or step == total_steps:
-                        logger.log(step, metrics)
+                    if step % training.log_every == 0 or step == total_steps or stopped is not None:
+                        logged = interval_means(pending)
+                        logger.log(step, logged)
+                        pending.clear()
                     if evaluated is not None:
                         logger.log(step, {f"eval/{k}": v for k, v in evaluated.items()})
-                    bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+                    bar.set_postfix({k: f"{metrics[k]:.4g}" for k in progress_keys if k in metrics})
                     bar.update(1)
-                stopped = stop.agreed()
                 if step % training.save_every == 0 or step == total_steps or stopped is not None:
                     checkpointer.save(step, state, meta_fn(), force=True)
                 if stopped is not None:
@@ -305,4 +330,4 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
     finally:
         checkpointer.wait()
         logger.close()
-    return LoopResult(state=state, stopped_by=stopped, last_metrics=metrics)
+    return LoopResult(state=state, stopped_by=stopped, last_metrics=logged, final_eval=final_eval)

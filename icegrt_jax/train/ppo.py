@@ -100,6 +100,7 @@ from icegrt_jax.train.reward import REWARD_STATS_FILE, read_reward_stats
 from icegrt_jax.train.state import (
     TrainState,
     init_train_state,
+    learning_rate_schedule,
     make_optimizer,
 )
 
@@ -382,18 +383,35 @@ def _iteration_metrics(result, raw_scores, scores, sequence_kl, kl_controller, a
                 for k in sorted({k for m in update_metrics for k in m}) if k != "finite"}  # same order everywhere
     return {
         **averaged,
-        "loss": averaged.get("policy_loss", averaged["value_loss"]),
         "finite": jnp.min(jnp.stack([m["finite"] for m in update_metrics])),
         "score_raw_mean": jnp.mean(raw_scores), "score_raw_std": jnp.std(raw_scores),
         "score_mean": jnp.mean(scores), "score_std": jnp.std(scores), "score_abs_max": jnp.max(jnp.abs(scores)),
         "kl": jnp.mean(sequence_kl), "kl_coef": kl_controller.kl_coef,
+        "rlhf_reward": jnp.mean(scores - kl_controller.kl_coef * sequence_kl),
         **({} if entropy is None else {"rollout_entropy": rl.masked_mean(entropy, mask)}),
-        "response_length": float(result.lengths.mean()), "truncation_rate": float(1 - result.finished_by_eos.mean()),
+        "response_length": float(result.lengths.mean()), "response_length_min": float(result.lengths.min()),
+        "response_length_max": float(result.lengths.max()),
+        "truncation_rate": float(1 - result.finished_by_eos.mean()),
+        "value_mean": rl.masked_mean(values, mask),
         "advantage_mean": rl.masked_mean(adv.raw_advantages, mask),
         "advantage_std": jnp.sqrt(rl.masked_var(adv.raw_advantages, mask)),
         "return_mean": rl.masked_mean(adv.returns, mask), "return_std": jnp.sqrt(rl.masked_var(adv.returns, mask)),
         "explained_variance": rl.explained_variance(values, adv.returns, mask),
     }
+
+
+def with_learning_rates(iteration, cfg: PPOConfig, total_updates: int):
+    """``iteration`` whose metrics add ``actor_lr`` and ``critic_lr``: each role's rate at its
+    first update of the iteration (the schedules run over optimizer updates, ``total_updates``)."""
+    actor_rate = learning_rate_schedule(cfg.actor_optimizer, total_updates)
+    critic_rate = learning_rate_schedule(cfg.critic_optimizer, total_updates)
+
+    def step(state: PPOState, prompt_batch):
+        rates = {"actor_lr": actor_rate(state.actor.step), "critic_lr": critic_rate(state.critic.step)}
+        new_state, metrics = iteration(state, prompt_batch)
+        return new_state, {**metrics, **rates}
+
+    return step
 
 
 def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
@@ -475,9 +493,10 @@ def run_ppo(cfg: PPOConfig) -> dict:
     out = cfg.training.output_dir
     iteration = make_train_step(cfg, roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,
                                 partitioner=partitioner, state_shardings=state_shardings)
-    result = train_loop(state=state, step_fn=iteration, batches=batches, total_steps=total, checkpointer=checkpointer,
-                        meta_fn=data_position_meta(batches),
-                        training=cfg.training, logging=cfg.logging, output_dir=out, desc="ppo")
+    result = train_loop(state=state, step_fn=with_learning_rates(iteration, cfg, total * updates_per_iteration),
+                        batches=batches, total_steps=total, checkpointer=checkpointer,
+                        meta_fn=data_position_meta(batches), training=cfg.training, logging=cfg.logging,
+                        output_dir=out, desc="ppo", progress_keys=("score_raw_mean", "kl", "response_length"))
     checkpointer.close()
     result.raise_if_stopped(checkpointer)
     save_model(llama, result.state.actor.params, os.path.join(out, "final"), tokenizer=tokenizer)

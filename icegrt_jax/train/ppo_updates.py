@@ -62,7 +62,7 @@ def _actor_logprobs(graphdef, params, rows, cfg: PPOConfig):
                                      cfg.rollout.temperature, cfg.rollout.max_new_tokens)
 
 
-TOKEN_MEAN_METRICS = ("clip_frac", "approx_kl", "ratio_mean", "entropy")
+TOKEN_MEAN_METRICS = ("clip_frac", "approx_kl", "ratio_mean", "dual_clip_frac", "entropy")  # the third from last with ppo.dual_clip
 
 
 def _policy_loss_sums(logprobs, entropy, mb, p):
@@ -73,7 +73,7 @@ def _policy_loss_sums(logprobs, entropy, mb, p):
     mask = mb["mask"]
     loss, metrics = rl.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
                                        p.clip_eps, p.dual_clip, p.aggregate)
-    metrics = {**{k: metrics[k] for k in TOKEN_MEAN_METRICS[:-1]}, "entropy": rl.masked_mean(entropy, mask)}
+    metrics = {**{k: metrics[k] for k in TOKEN_MEAN_METRICS[:-1] if k in metrics}, "entropy": rl.masked_mean(entropy, mask)}
     weight, tokens = _token_weight(mask, p.aggregate), jnp.sum(mask).astype(jnp.float32)
     sums = {"policy_loss": loss * weight, "tokens": tokens, **{k: m * tokens for k, m in metrics.items()}}
     if p.entropy_coef:  # only then does the entropy enter the gradient (no backward pass for 0 x H)

@@ -176,17 +176,19 @@ def _score_std(metrics):
     return {**metrics, "score_std": jnp.sqrt(jnp.maximum(variance, 0.0))}
 
 
-def eval_sums(graphdef, params, batch):
-    """(metric sums, number of counted pairs) of one evaluation batch."""
+def eval_sums(graphdef, loss_type: str, margin: float, params, batch):
+    """(metric sums, number of counted pairs) of one evaluation batch; the loss as in training."""
     chosen, rejected = pair_scores(graphdef, params, batch)
-    return pair_metric_sums(chosen, rejected, batch["weight"]), jnp.sum(batch["weight"])
+    weight = batch["weight"]
+    losses = per_pair_loss(loss_type, margin, chosen, rejected)
+    return {"loss": jnp.sum(weight * losses), **pair_metric_sums(chosen, rejected, weight)}, jnp.sum(weight)
 
 
-def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id, partitioner: Partitioner | None = None,
-                 param_shardings=None, progress: bool = False):
-    """Held-out pairwise accuracy, mean margin and score mean/std of a state's params (sharded
-    with a ``partitioner``)."""
-    sums_fn = functools.partial(eval_sums, graphdef)
+def make_eval_fn(graphdef, loss_type: str, margin: float, examples, batch_size, buckets, pad_id,
+                 partitioner: Partitioner | None = None, param_shardings=None, progress: bool = False):
+    """Held-out pairwise loss, accuracy, mean margin and score mean/std of a state's params
+    (sharded with a ``partitioner``)."""
+    sums_fn = functools.partial(eval_sums, graphdef, loss_type, margin)
     if partitioner is None:
         sums, to_device = jax.jit(sums_fn), lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}
     else:
@@ -272,17 +274,18 @@ def run_reward(cfg: RewardConfig) -> dict:
     step_fn = make_train_step(graphdef, tx, learning_rate_schedule(cfg.optimizer, total_steps),
                               cfg.optimizer.grad_accum_steps, cfg.loss.type, cfg.loss.margin,
                               partitioner=partitioner, state_shardings=state_shardings)
-    stats_fn = make_eval_fn(graphdef, evaluation or train, cfg.data.batch_size, buckets, pad_id, partitioner,
-                            state_shardings.params, shows_progress(cfg.logging))
+    stats_fn = make_eval_fn(graphdef, cfg.loss.type, cfg.loss.margin, evaluation or train, cfg.data.batch_size,
+                            buckets, pad_id, partitioner, state_shardings.params, shows_progress(cfg.logging))
     result = train_loop(
         state=state, step_fn=lambda s, b: step_fn(s, partitioner.shard_batch(b)),
         batches=batches, total_steps=total_steps, checkpointer=checkpointer,
         meta_fn=data_position_meta(batches),
         training=cfg.training, logging=cfg.logging, output_dir=out,
-        eval_fn=stats_fn if evaluation else None, desc="reward")
+        eval_fn=stats_fn if evaluation else None, desc="reward",
+        tokens_fn=lambda b: int(b["attention_mask"][b["weight"] > 0].sum()))  # filler pairs not counted
     checkpointer.close()
     result.raise_if_stopped(checkpointer)
-    stats = stats_fn(result.state)
+    stats = result.final_eval or stats_fn(result.state)  # the loop evaluated the final state, or the train split
     reward_stats = {"score_mean": stats["score_mean"], "score_std": stats["score_std"],
                     "accuracy": stats["accuracy"], "split": "eval" if evaluation else "train",
                     **train_report.metrics()}

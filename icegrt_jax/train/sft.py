@@ -83,6 +83,11 @@ def make_train_step(graphdef, tx, schedule, accum_steps: int, *, partitioner: Pa
     return partitioner.jit_train_step(step, state_shardings)
 
 
+def counted_tokens(batch) -> int:
+    """A batch's tokens, filler rows (no loss tokens: ``batching``) not counted."""
+    return int(batch["attention_mask"][batch["loss_mask"].any(axis=1)].sum())
+
+
 def make_eval_fn(graphdef, examples, batch_size, buckets, pad_id, partitioner: Partitioner | None = None,
                  param_shardings=None, progress: bool = False):
     """Held-out token-mean NLL and perplexity of a state's params (sharded with a ``partitioner``;
@@ -174,7 +179,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         batches=batches, total_steps=total_steps, checkpointer=checkpointer,
         meta_fn=data_position_meta(batches),
         training=cfg.training, logging=cfg.logging, output_dir=cfg.training.output_dir, eval_fn=eval_fn,
-        tokens_fn=lambda b: int(b["attention_mask"].sum()), desc="sft")
+        tokens_fn=counted_tokens, desc="sft")
     checkpointer.close()
     result.raise_if_stopped(checkpointer)
     save_model(llama, result.state.params, os.path.join(cfg.training.output_dir, "final"), tokenizer=data.tokenizer)
