@@ -206,12 +206,14 @@ def test_a_parquet_table_mixing_pairs_and_rankings_loads_both(tmp_path, monkeypa
     assert report.pair_records == 1
 
 
-@pytest.mark.parametrize("make", ["corrupt parquet", "corrupt arrow", "folder of jsonl"])
-def test_unreadable_table_or_folder_is_a_one_line_error(tmp_path, make):
-    if make == "folder of jsonl":
+@pytest.mark.parametrize("make", ["corrupt parquet", "corrupt arrow", "folder without data files"])
+def test_unreadable_table_or_folder_is_a_one_line_error(tmp_path, make, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    if make == "folder without data files":
         path = tmp_path / "data"
         path.mkdir()
-        (path / "a.jsonl").write_text('{"prompt": "x", "response": "y"}\n')
     else:
         path = tmp_path / ("t.parquet" if "parquet" in make else "t.arrow")
         path.write_bytes(b"not a table at all" * 10)
