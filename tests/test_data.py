@@ -206,12 +206,14 @@ def test_a_parquet_table_mixing_pairs_and_rankings_loads_both(tmp_path, monkeypa
     assert report.pair_records == 1
 
 
-@pytest.mark.parametrize("make", ["corrupt parquet", "corrupt arrow", "folder of jsonl"])
-def test_unreadable_table_or_folder_is_a_one_line_error(tmp_path, make):
-    if make == "folder of jsonl":
+@pytest.mark.parametrize("make", ["corrupt parquet", "corrupt arrow", "folder without data files"])
+def test_unreadable_table_or_folder_is_a_one_line_error(tmp_path, make, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    if make == "folder without data files":
         path = tmp_path / "data"
         path.mkdir()
-        (path / "a.jsonl").write_text('{"prompt": "x", "response": "y"}\n')
     else:
         path = tmp_path / ("t.parquet" if "parquet" in make else "t.arrow")
         path.write_bytes(b"not a table at all" * 10)
@@ -292,12 +294,22 @@ def test_bad_batching_inputs_are_rejected():
         BatchIterator([], batch_size=2, buckets=(8,), pad_id=0, seed=0)
     with pytest.raises(DataError, match="x:0: 9 tokens exceed the largest bucket 8"):
         BatchIterator(fake_examples([9]), batch_size=2, buckets=(8,), pad_id=0, seed=0)
-    with pytest.raises(DataError, match="outside an epoch of 1 batches"):
+    with pytest.raises(DataError, match="now 1 batches, the checkpoint was at batch index 1 of epoch 0"):
         BatchIterator(fake_examples([3]), batch_size=2, buckets=(8,), pad_id=0, seed=0,
                       position=DataPosition(0, 1))
     iterator = BatchIterator(fake_examples([3, 4, 5]), batch_size=2, buckets=(8,), pad_id=0, seed=0)
-    with pytest.raises(DataError, match="outside an epoch of 2 batches"):
-        iterator.position = DataPosition(epoch=5, index=2)
+    with pytest.raises(DataError, match="is negative"):
+        iterator.position = DataPosition(epoch=0, index=-1)
+
+
+def test_resuming_past_the_end_of_shrunk_data_says_the_data_changed_and_what_to_do():
+    iterator = BatchIterator(fake_examples([3, 4, 5]), batch_size=2, buckets=(8,), pad_id=0, seed=0)
+    with pytest.raises(DataError) as error:
+        iterator.position = DataPosition(epoch=5, index=2)  # saved by a run whose data had 3+ batches
+    assert str(error.value) == (
+        "the training data (or batch size) changed since the checkpoint: an epoch is now 2 batches, the "
+        "checkpoint was at batch index 2 of epoch 5; resume with the run's data, or start a new run in a new "
+        "training.output_dir")
 
 
 def test_tokenising_and_eval_passes_show_progress_when_asked(tokenizer, capsys):

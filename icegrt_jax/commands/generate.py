@@ -15,7 +15,9 @@ the paper's data collection instead: per prompt ``{"prompt_id", "prompt", "respo
 a random order, seeded], "truncated": [n flags: the response hit the length limit before an end
 token], "sampling": {...settings, "model"}}``. Labelers add ``"rankings"`` (one
 best-first list of response indices each) and the file becomes ICE-Reward training data
-(``icegrt_jax.data.preferences``). ``prompt_id`` is the record's ``id`` field, else its index.
+(``icegrt_jax.data.preferences``). ``prompt_id`` is the record's ``id`` field, else where the
+record is, as errors name it: its JSONL line number (1-based, blank lines counted), its Parquet or
+Arrow row (0-based), or the ``--prompt``'s number (1-based).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def _add_arguments(parser, samples_flag: str, default_samples: int):
 
 
 def run(args) -> int:
-    records, responses, params = sample_responses(args)
+    records, _, responses, params = sample_responses(args)
     files.write_jsonl(args.out, ({**record, "responses": rows} for record, rows in zip(records, responses)),
                       ensure_ascii=False)
     print(f"wrote {len(records)} prompts x {params.num_samples} responses to {args.out}")
@@ -68,13 +70,13 @@ def run(args) -> int:
 def run_sample(args) -> int:
     import numpy as np
 
-    records, responses, params = sample_responses(args)
+    records, numbers, responses, params = sample_responses(args)
     settings = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
                 "max_new_tokens": params.max_new_tokens, "seed": params.seed, "model": args.model}
     lines = []
-    for i, (record, rows) in enumerate(zip(records, responses)):
+    for i, (record, number, rows) in enumerate(zip(records, numbers, responses)):
         order = np.random.default_rng((params.seed, i)).permutation(len(rows))
-        lines.append({"prompt_id": str(record.get("id", i)), "prompt": record["prompt"],
+        lines.append({"prompt_id": str(record.get("id", number)), "prompt": record["prompt"],
                       "responses": [rows[j]["text"] for j in order],
                       "truncated": [not rows[j]["finished_by_eos"] for j in order], "sampling": settings})
     files.write_jsonl(args.out, lines, ensure_ascii=False)
@@ -83,8 +85,8 @@ def run_sample(args) -> int:
 
 
 def sample_responses(args):
-    """(records, per-record lists of {text, num_tokens, finished_by_eos, logprob}, SamplingParams);
-    everything is checked before the weights are loaded."""
+    """(records, their line/row/--prompt numbers, per-record lists of {text, num_tokens,
+    finished_by_eos, logprob}, SamplingParams); everything is checked before the weights are loaded."""
     from icegrt_jax import checkpoint, hf
     from icegrt_jax.data.templates import ICEGRT, RAW
     from icegrt_jax.data.tokenize import decode_response, load_tokenizer, pad_token_id
@@ -101,7 +103,7 @@ def sample_responses(args):
     if os.path.isdir(args.out):
         raise UserInputError(f"--out {args.out}: is a directory; give the path of the JSONL file to write")
     files.check_writable(args.out)
-    records, places = _read_prompts(args)
+    records, places, numbers = _read_prompts(args)
     if not os.path.isdir(args.model):
         raise UserInputError(f"--model {args.model}: no such model directory")
     hf.read_config_kind(args.model)  # a run directory is named as one, before its tokenizer is looked for
@@ -134,20 +136,22 @@ def sample_responses(args):
     if cut:
         print(f"{cut} of {len(result.lengths)} responses ended at the length limit (--max-new-tokens "
               f"{params.max_new_tokens} or the model's context) before an end token", file=sys.stderr)
-    return records, responses, params
+    return records, numbers, responses, params
 
 
-def _read_prompts(args) -> tuple[list[dict], list[str]]:
-    """The prompt records and where each came from (``file:line`` or ``--prompt number N``)."""
-    from icegrt_jax.data.sources import DataError, iter_records, required_text
+def _read_prompts(args) -> tuple[list[dict], list[str], list[int]]:
+    """The prompt records, where each came from (``file:line``, ``file row i`` or ``--prompt number
+    N``) and that number."""
+    from icegrt_jax.data.sources import DataError, numbered_records, required_text
 
     if args.prompt is not None:
         for i, text in enumerate(args.prompt):
             if not text.strip():
                 raise UserInputError(f"--prompt number {i + 1} is empty")
-        return [{"prompt": text} for text in args.prompt], [f"--prompt number {i + 1}" for i in range(len(args.prompt))]
-    records, places = [], []
-    for where, record in iter_records(args.prompts):
+        numbers = list(range(1, len(args.prompt) + 1))
+        return [{"prompt": text} for text in args.prompt], [f"--prompt number {n}" for n in numbers], numbers
+    records, places, numbers = [], [], []
+    for number, where, record in numbered_records(args.prompts):
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected an object, got {type(record).__name__}")
         required_text(record, "prompt", where)
@@ -155,9 +159,10 @@ def _read_prompts(args) -> tuple[list[dict], list[str]]:
             raise DataError(f"{where}: the record already has a 'responses' field (an output of generate?)")
         records.append(dict(record))
         places.append(str(where))
+        numbers.append(number)
     if not records:
         raise DataError(f"{args.prompts}: no prompts")
-    return records, places
+    return records, places, numbers
 
 
 def _encode(tokenizer, template, text: str):

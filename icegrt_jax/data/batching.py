@@ -169,9 +169,13 @@ class BatchIterator:
 
     @position.setter
     def position(self, position: DataPosition) -> None:
-        if position.epoch < 0 or not 0 <= position.index < self.batches_per_epoch:
-            raise DataError(f"data position {position} is outside an epoch of "
-                            f"{self.batches_per_epoch} batches")
+        if position.epoch < 0 or position.index < 0:
+            raise DataError(f"data position {position} is negative")
+        if position.index >= self.batches_per_epoch:  # only a restored position can be past the end
+            raise DataError(f"the training data (or batch size) changed since the checkpoint: an epoch is now "
+                            f"{self.batches_per_epoch} batches, the checkpoint was at batch index {position.index} "
+                            f"of epoch {position.epoch}; resume with the run's data, or start a new run in a new "
+                            "training.output_dir")
         self._position = position
 
     def plan(self, epoch: int) -> list[PlannedBatch]:

@@ -16,13 +16,22 @@ Two JSONL record shapes are accepted, and may be mixed in one file:
   optional ``truncated`` list (one flag a response, as ``icegrt sample`` writes) marks responses
   cut at the maximum length, which are trained on without EOS, as PPO scores them. Pairs
   that carry no preference are dropped and counted in the report: two identical response texts
-  (sampling can repeat itself), and two responses the labelers tie on (as many Borda points and
-  no strict majority for either: with an even number of labelers; ``labelers_prefer``).
-- Pairs (HH-RLHF / UltraFeedback-binarised shape)::
+  (sampling can repeat itself), and two responses without a labeler majority for the order the
+  consensus gives them (``labelers_prefer``): a tie (as many Borda points and no strict majority
+  either way, e.g. an even number of labelers split evenly) or a cycle, with any number of
+  labelers: three who rank ``[0,1,2,3,4]``, ``[0,2,3,1,4]`` and ``[0,3,1,2,4]`` give 1, 2 and 3
+  the same points, a majority prefers 1 to 2, 2 to 3 and 3 to 1, and the consensus
+  ``[0,1,2,3,4]`` pairs 1 (top 2) against 3 (bottom 2) though 2 of 3 labelers prefer 3.
+- Pairs::
 
     {"prompt": "...", "chosen": "...", "rejected": "..."}
 
-  identical ``chosen`` and ``rejected`` is an error naming the line.
+  or UltraFeedback-binarised's shape, ``chosen`` and ``rejected`` as messages
+  ``[{"role": "user", "content": <the prompt>}, {"role": "assistant", "content": <the response>}]``
+  (a first message that is not the prompt's user turn, or more turns, is an error naming the
+  field). Identical ``chosen`` and ``rejected`` responses are dropped and counted, as above.
+
+Blank lines and records repeating an earlier one are counted in the report (``SourceReport``).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from icegrt_jax.data.rankings import (
     labelers_prefer,
     ranking_to_pairs,
 )
-from icegrt_jax.data.sources import DataError, iter_records, required_text
+from icegrt_jax.data.sources import DataError, SourceReport, iter_records, required_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +69,12 @@ class PreferenceReport:
     pair_records: int = 0
     pairs: int = 0
     identical_pairs_dropped: int = 0
-    tied_pairs_dropped: int = 0
+    tied_pairs_dropped: int = 0  # no labeler majority for the consensus order: ties or cycles
     responses_per_prompt: int | None = None
     labelers_per_prompt: int | None = None
     kendall_w_sum: float = 0.0
     kendall_tau_sum: float = 0.0
+    source: SourceReport = dataclasses.field(default_factory=SourceReport)
 
     @property
     def mean_kendall_w(self) -> float | None:
@@ -79,7 +89,7 @@ class PreferenceReport:
     def metrics(self) -> dict[str, float]:
         out = {"ranking_records": self.ranking_records, "pair_records": self.pair_records,
                "pairs": self.pairs, "identical_pairs_dropped": self.identical_pairs_dropped,
-               "tied_pairs_dropped": self.tied_pairs_dropped}
+               "tied_pairs_dropped": self.tied_pairs_dropped, **self.source.metrics()}
         for name in ("mean_kendall_w", "mean_kendall_tau"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
@@ -89,12 +99,15 @@ class PreferenceReport:
         text = (f"{self.pairs} pairs from {self.ranking_records} ranking records and "
                 f"{self.pair_records} pair records; {self.identical_pairs_dropped} identical pairs dropped")
         if self.tied_pairs_dropped:
-            text += f"; {self.tied_pairs_dropped} pairs the labelers tie on dropped"
+            text += (f"; {self.tied_pairs_dropped} pairs without a labeler majority for the consensus order "
+                     "(ties or cycles) dropped")
         if self.ranking_records:
             text += (f"; {self.responses_per_prompt} responses x {self.labelers_per_prompt} labelers a prompt, "
                      f"Kendall's W {self.mean_kendall_w:.3f}")
             if self.mean_kendall_tau is not None:
                 text += f", mean Kendall tau {self.mean_kendall_tau:.3f}"
+        if self.source.summary():
+            text += f"; {self.source.summary()}"
         return text
 
 
@@ -106,27 +119,43 @@ def load_preferences(specs: Sequence[str], top_k: int = 2, bottom_k: int = 2
     pairs: list[PreferencePair] = []
     report = PreferenceReport()
     for spec in specs:
-        for where, record in iter_records(spec):
+        for where, record in iter_records(spec, report.source):
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected an object, got {type(record).__name__}")
             # a null field counts as absent: a table mixing both shapes has every column in every row
             if record.get("rankings") is not None or record.get("responses") is not None:
                 pairs += _ranking_pairs(record, where, top_k, bottom_k, report)
             else:
-                pairs.append(_explicit_pair(record, where))
-                report.pair_records += 1
+                pairs += _explicit_pair(record, where, report)
     report.pairs = len(pairs)
     if not pairs:
-        raise DataError(f"{', '.join(specs)}: no preference pairs")
+        raise DataError(f"{', '.join(specs)}: no preference pairs ({report.summary()})")
     return pairs, report
 
 
-def _explicit_pair(record: dict, where: str) -> PreferencePair:
+def _explicit_pair(record: dict, where: str, report: PreferenceReport) -> list[PreferencePair]:
+    """The record's pair; none when ``chosen`` and ``rejected`` are identical (counted)."""
     prompt = required_text(record, "prompt", where)
-    chosen, rejected = required_text(record, "chosen", where), required_text(record, "rejected", where)
+    chosen, rejected = (_pair_response(record, key, prompt, where) for key in ("chosen", "rejected"))
+    report.pair_records += 1
     if chosen == rejected:
-        raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
-    return PreferencePair(prompt, chosen, rejected, where)
+        report.identical_pairs_dropped += 1
+        return []
+    return [PreferencePair(prompt, chosen, rejected, where)]
+
+
+def _pair_response(record: dict, key: str, prompt: str, where: str) -> str:
+    """Field ``key``: a string, or UltraFeedback-binarised's [prompt's user turn, response] messages."""
+    messages = record.get(key)
+    if not isinstance(messages, list):
+        return required_text(record, key, where)
+    if len(messages) != 2 or not all(isinstance(m, dict) for m in messages) or \
+            [m.get("role") for m in messages] != ["user", "assistant"]:
+        raise DataError(f"{where}: field '{key}' must be a string or two messages, the prompt's user turn "
+                        "and the assistant's response")
+    if messages[0].get("content") != prompt:
+        raise DataError(f"{where}: field '{key}[0].content' differs from field 'prompt'")
+    return required_text(messages[1], "content", where, name=f"{key}[1].content")
 
 
 def _ranking_pairs(record: dict, where: str, top_k: int, bottom_k: int,
@@ -143,9 +172,9 @@ def _ranking_pairs(record: dict, where: str, top_k: int, bottom_k: int,
         raise DataError(f"{where}: field 'rankings' must be a non-empty list of rankings (one per labeler)")
     _check_counts(report, len(texts), len(rankings), where)
     try:
-        for ranking in rankings:
+        for k, ranking in enumerate(rankings):
             if len(ranking) != len(texts):
-                raise InvalidRankingError(f"ranks {len(ranking)} responses, expected {len(texts)}")
+                raise InvalidRankingError(f"labeler {k} ranks {len(ranking)} responses, expected {len(texts)}")
         consensus = aggregate_rankings(rankings)
         index_pairs = ranking_to_pairs(consensus.order, top_k, bottom_k)
     except InvalidRankingError as e:

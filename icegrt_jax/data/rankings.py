@@ -132,8 +132,9 @@ def _head_to_head_wins(response: int, rivals: Sequence[int], positions) -> int:
 def labelers_prefer(rankings: Sequence[Sequence[int]], points: Sequence[int], better: int, worse: int) -> bool:
     """Whether the labelers prefer response ``better`` to ``worse``: more Borda ``points``, or as
     many and a strict majority of ``rankings`` placing it above. The consensus orders every two
-    responses; two it orders by index alone (tied in both, e.g. two labelers who disagree) carry
-    no preference."""
+    responses; two with as many points carry no preference for its order when no strict majority
+    backs it: a tie (e.g. two labelers who disagree) or a cycle (with any number of labelers: a
+    majority prefers 1 to 2, 2 to 3 and 3 to 1, and the consensus, by wins then index, puts 1 above 3)."""
     if points[better] != points[worse]:
         return points[better] > points[worse]
     positions = [{r: p for p, r in enumerate(ranking)} for ranking in rankings]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from icegrt_jax.data.sources import Conversation, DataError
+from icegrt_jax.data.sources import Conversation, Conversations, DataError, SourceReport
 from icegrt_jax.data.templates import Round, Template
 
 TRUNCATION_POLICIES = ("drop_example", "drop_earliest_rounds")
@@ -53,6 +53,7 @@ class TruncationReport:
     rounds_removed: int = 0
     dropped: int = 0
     dropped_sources: list[str] = field(default_factory=list)
+    source: SourceReport | None = None  # what reading the files skipped or found repeated
 
     def record(self, source: str, first_kept: int | None) -> None:
         """Count one example: kept from round ``first_kept`` on, or dropped when None."""
@@ -78,6 +79,8 @@ class TruncationReport:
         if self.dropped_sources:
             shown = ", ".join(self.dropped_sources[:3])
             text += f" (e.g. {shown}{', ...' if self.dropped > 3 else ''})"
+        if self.source is not None and self.source.summary():
+            text += f"; {self.source.summary()}"
         return text
 
 
@@ -129,11 +132,13 @@ def first_kept_round(head_length: int, round_lengths: Sequence[int], max_length:
 def tokenize_conversations(conversations: Sequence[Conversation], tokenizer: Any,
                            template: Template, *, max_length: int, truncation: str,
                            progress: bool = False) -> tuple[list[TokenizedExample], TruncationReport]:
-    """Tokenise, mask and truncate; returns the kept examples and the report of what was cut
-    (``progress``: a bar over the conversations)."""
+    """Tokenise, mask and truncate; returns the kept examples and the report of what was cut, with
+    ``load_conversations``' report of what reading them skipped or found repeated when
+    ``conversations`` are its result (``progress``: a bar over the conversations)."""
     check_segment_boundaries(tokenizer, template)
     head = _head_ids(tokenizer, template)
-    report = TruncationReport(max_length=max_length, head_tokens=len(head))
+    report = TruncationReport(max_length=max_length, head_tokens=len(head),
+                              source=conversations.source_report if isinstance(conversations, Conversations) else None)
     examples = []
     bar = tqdm(total=len(conversations), desc="tokenize", unit="example", leave=False, disable=not progress)
     for start in range(0, len(conversations), _ENCODE_CHUNK):
