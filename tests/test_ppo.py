@@ -74,8 +74,23 @@ def test_learns_from_a_programmatic_scorer_while_kl_stays_bounded(ppo_setup):
     assert tied_last < last - 0.05  # the KL penalty holds the policy near the reference
     for key in ("score_mean", "score_std", "kl", "kl_coef", "policy_loss", "value_loss", "clip_frac", "approx_kl",
                 "entropy", "value_clip_frac", "response_length", "truncation_rate", "advantage_mean", "return_mean",
-                "explained_variance", "time_generate_s", "time_score_s", "time_update_s", "tokens_per_s"):
+                "explained_variance", "time_generate_s", "time_score_s", "time_update_s", "tokens_per_s",
+                "rlhf_reward", "value_mean", "response_length_min", "response_length_max"):
         assert np.isfinite(free[-1][key]), key
+    assert free[-1]["actor_lr"] == free[-1]["critic_lr"] == pytest.approx(3e-3)  # constant schedules
+    assert "loss" not in free[-1]  # policy_loss and value_loss each keep one meaning
+    assert free[-1]["response_length_min"] <= free[-1]["response_length"] <= free[-1]["response_length_max"]
+
+
+def test_the_prompt_report_counts_blank_lines_and_repeated_prompts(ppo_setup):
+    tmp_path, config = ppo_setup
+    lines = [json.dumps({"prompt": p}) for p in ("a b", "c d", "a b")]
+    (tmp_path / "blank.jsonl").write_text(lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n")
+    cfg = load_config(PPOConfig, config, [f"data.prompt_files=[{tmp_path / 'blank.jsonl'}]"])
+    prompts, dropped, source = ppo.load_prompts(cfg, load_tokenizer(cfg.data.tokenizer_path))
+    assert len(prompts) == 3 and dropped == 0
+    assert source.summary() == "1 blank line skipped; 1 record repeats an earlier one (kept: " \
+        f"{tmp_path / 'blank.jsonl'}:4 repeats {tmp_path / 'blank.jsonl'}:1)"
 
 
 def _run(config, out, *overrides):

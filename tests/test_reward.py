@@ -115,7 +115,7 @@ BAD_RECORDS = {
     "truncated flags": ([_with(ranking_record(), truncated=[True, False])],
                         r"train\.jsonl:1: field 'truncated' must be a list of 5 true/false values, one a response"),
     "identical pair": ([{"prompt": "p", "chosen": "same", "rejected": "same"}],
-                       r"train\.jsonl:1: 'chosen' and 'rejected' are identical"),
+                       r"train\.jsonl: no preference pairs \(.*1 identical pairs dropped\)"),
 }
 
 
@@ -175,7 +175,7 @@ def test_pairs_the_labelers_tie_on_are_dropped_and_counted(tmp_path):
     # first record: every response 6 points, every head-to-head 1-1; second: 1 and 2 tied
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("q", "a", "c"), ("q", "a", "d"), ("q", "b", "d")]
     assert report.tied_pairs_dropped == 5 and report.metrics()["tied_pairs_dropped"] == 5
-    assert "; 5 pairs the labelers tie on dropped;" in report.summary()
+    assert "; 5 pairs without a labeler majority for the consensus order (ties or cycles) dropped;" in report.summary()
 
 
 def test_missing_backbone_or_data_is_one_line_exit_2(reward_setup, capsys):

@@ -53,7 +53,7 @@ from icegrt_jax import rl
 from icegrt_jax.checkpoint import load_model_dir, save_model
 from icegrt_jax.config import ConfigError, PPOConfig
 from icegrt_jax.data.batching import BatchIterator
-from icegrt_jax.data.sources import DataError, iter_records, required_text
+from icegrt_jax.data.sources import DataError, SourceReport, iter_records, required_text
 from icegrt_jax.data.templates import get_template
 from icegrt_jax.data.tokenize import (
     TokenizedExample,
@@ -118,15 +118,15 @@ class PPOState:
 
 # --- prompts -------------------------------------------------------------------------------------
 
-def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[TokenizedExample], int]:
+def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[TokenizedExample], int, SourceReport]:
     """Template-rendered prompt ids (source = the prompt text); too-long prompts are dropped and
-    counted."""
+    counted; the ``SourceReport`` counts blank lines and repeated records."""
     template = get_template(cfg.data.template)
     if not cfg.data.prompt_files:
         raise DataError("data.prompt_files: no prompt files given")
-    examples, dropped = [], 0
+    examples, dropped, source = [], 0, SourceReport()
     for spec in cfg.data.prompt_files:
-        for where, record in iter_records(spec):
+        for where, record in iter_records(spec, source):
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected an object, got {type(record).__name__}")
             text = required_text(record, "prompt", where)
@@ -139,7 +139,7 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[TokenizedExample], int
         raise DataError(f"data.prompt_files {', '.join(cfg.data.prompt_files)}: no prompts (the files are empty)")
     if not examples:
         raise DataError(f"data.max_prompt_length={cfg.data.max_prompt_length}: every prompt is longer")
-    return examples, dropped
+    return examples, dropped, source
 
 
 def check_prompt_room(prompts, context: int, max_new_tokens: int) -> None:
@@ -467,7 +467,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
         tokenizer = run_tokenizer(cfg)
         if cfg.reward.path is not None:
             existing_directory("reward.path", cfg.reward.path)
-        prompts, dropped = load_prompts(cfg, tokenizer)
+        prompts, dropped, source = load_prompts(cfg, tokenizer)
         score_function = rollout.load_score_function(cfg.reward.function) if cfg.reward.function else None
     llama, critic_cfg, actor_params, critic_params, roles, reward_tokenizer = build_roles(cfg, tokenizer, partitioner)
     if outside := [i for i in cfg.rollout.stop_token_ids or () if not 0 <= i < llama.vocab_size]:
@@ -489,7 +489,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
 
     state, checkpointer = open_run(cfg, "ppo", state, state_shardings, batches, [
         (f"{len(prompts)} prompts ({dropped} longer than data.max_prompt_length dropped; each epoch's last "
-         f"iteration repeats {-len(prompts) % cfg.data.prompts_per_iteration} to fill its batch); {total} iterations")])
+         f"iteration repeats {-len(prompts) % cfg.data.prompts_per_iteration} to fill its batch); {total} iterations"
+         + (f"; {source.summary()}" if source.summary() else ""))])
     out = cfg.training.output_dir
     iteration = make_train_step(cfg, roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,
                                 partitioner=partitioner, state_shardings=state_shardings)
