@@ -100,8 +100,7 @@ class OptimizerConfig:
         yield from _at_least(self, 1, "grad_accum_steps")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             yield "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            yield "max_grad_norm", f"must be > 0 or null, got {self.max_grad_norm}"
+        yield from _positive_or_null(self, "max_grad_norm")
 
 
 @dataclass
@@ -348,8 +347,7 @@ class RewardModelConfig:
             yield "", "set exactly one of 'path' and 'function'"
         if self.normalize == "stats" and self.path is None:
             yield "normalize", "'stats' needs a reward model checkpoint ('path')"
-        if self.clip is not None and self.clip <= 0:
-            yield "clip", f"must be > 0 or null, got {self.clip}"
+        yield from _positive_or_null(self, "clip")
 
 
 @dataclass
@@ -392,6 +390,7 @@ class PPOLossConfig:
             yield "clip_eps", f"must be in (0, 1), got {self.clip_eps}"
         if self.dual_clip is not None and self.dual_clip <= 1:
             yield "dual_clip", f"must be > 1 or null, got {self.dual_clip}"
+        yield from _positive_or_null(self, "value_clip", "kl_target")
 
 
 @dataclass
@@ -434,3 +433,9 @@ def _at_least(cfg: Any, minimum: int, *names: str) -> Problems:
     for name in names:
         if getattr(cfg, name) < minimum:
             yield name, f"must be >= {minimum}, got {getattr(cfg, name)}"
+
+
+def _positive_or_null(cfg: Any, *names: str) -> Problems:
+    for name in names:
+        if (value := getattr(cfg, name)) is not None and value <= 0:
+            yield name, f"must be > 0 or null, got {value}"

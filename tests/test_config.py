@@ -174,3 +174,17 @@ def test_demo_config_values_are_checked_when_it_loads(tmp_path):
         path = write_yaml(tmp_path, f"demo:\n  {line}\n")
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_run(str(tmp_path / "out"), path)
+
+
+@pytest.mark.parametrize("override, value", [("ppo.kl_target=0", 0), ("ppo.kl_target=-1.5", -1.5),
+                                             ("ppo.value_clip=0", 0), ("ppo.value_clip=-0.2", -0.2)])
+def test_ppo_kl_target_and_value_clip_must_be_positive_or_null(override, value):
+    from icegrt_jax.config import PPOConfig
+
+    minimal = ["model.preset=tiny", "data.tokenizer_path=tok", "reward.function=m:f"]
+    with pytest.raises(ConfigError) as error:
+        load_config(PPOConfig, None, [*minimal, override])
+    key = override.split("=")[0]
+    assert str(error.value) == f"{key}: must be > 0 or null, got {float(value)}"
+    cfg = load_config(PPOConfig, None, [*minimal, "ppo.kl_target=null", "ppo.value_clip=null"])
+    assert cfg.ppo.kl_target is None and cfg.ppo.value_clip is None
