@@ -233,17 +233,22 @@ class SFTConfig:
             yield "data.tokenizer_path", "required when model.hf_path is not set"
 
 
+DEFAULT_MARGINS = {"margin_ranking": 1.0, "bradley_terry": 0.0}  # RewardLossConfig.margin when null
+
+
 @dataclass
 class RewardLossConfig:
     """The reward model's pairwise loss and how rankings become pairs (paper section 3.2).
 
     ``margin_ranking``: max(0, margin - R(s, a_i) + R(s, a_j)) (the paper's); ``bradley_terry``:
-    -log sigmoid(R(s, a_i) - R(s, a_j) - margin) (set ``margin: 0`` for the standard form).
-    Rankings give the ``top_k`` best x ``bottom_k`` worst responses as (better, worse) pairs.
+    -log sigmoid(R(s, a_i) - R(s, a_j) - margin). ``margin`` null (the default) is the type's
+    ``DEFAULT_MARGINS`` value: 1 for margin ranking, 0 for Bradley-Terry (its standard form, as in
+    TRL and OpenRLHF); a given margin is used with either type. Rankings give the ``top_k`` best x
+    ``bottom_k`` worst responses as (better, worse) pairs.
     """
 
     type: str = choice("margin_ranking", "margin_ranking", "bradley_terry")
-    margin: float = 1.0
+    margin: float | None = None
     top_k: int = 2
     bottom_k: int = 2
 
@@ -267,6 +272,10 @@ class RewardConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):  # here, not in RewardLossConfig: OmegaConf builds the schema's default loss section
+        if self.loss.margin is None:  # the run's config (and its saved config.yaml) holds the margin it uses
+            self.loss.margin = DEFAULT_MARGINS[self.loss.type]
 
     def problems(self) -> Problems:
         yield from SFTConfig.problems(self)
