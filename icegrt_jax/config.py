@@ -369,7 +369,11 @@ class PPOLossConfig:
     keeps ``kl_coef`` fixed, else the adaptive controller of Ziegler et al. (2019) with
     ``kl_horizon``. ``critic_warmup_iterations``: the first iterations update the critic only.
     ``critic_init``: ``actor`` (ICE-Instruct backbone, fresh value head, as in the paper) or
-    ``reward`` (the reward model, head included).
+    ``reward`` (the reward model, head included; it must have the policy's tokenizer). ``gamma``
+    0.95 is the paper's, applied per token: the end-of-response score reaches a response's first
+    token scaled by gamma^length, a pull to shorter responses; OpenRLHF, TRL and DeepSpeed-Chat
+    default to 1.0, and docs/bench_demo.md ("PPO tuning") measured 0.95 harmful on the demo (which
+    sets 1.0).
     """
 
     epochs: int = 1
