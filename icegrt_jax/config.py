@@ -100,8 +100,7 @@ class OptimizerConfig:
         yield from _at_least(self, 1, "grad_accum_steps")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             yield "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            yield "max_grad_norm", f"must be > 0 or null, got {self.max_grad_norm}"
+        yield from _positive_or_null(self, "max_grad_norm")
 
 
 @dataclass
@@ -234,17 +233,22 @@ class SFTConfig:
             yield "data.tokenizer_path", "required when model.hf_path is not set"
 
 
+DEFAULT_MARGINS = {"margin_ranking": 1.0, "bradley_terry": 0.0}  # RewardLossConfig.margin when null
+
+
 @dataclass
 class RewardLossConfig:
     """The reward model's pairwise loss and how rankings become pairs (paper section 3.2).
 
     ``margin_ranking``: max(0, margin - R(s, a_i) + R(s, a_j)) (the paper's); ``bradley_terry``:
-    -log sigmoid(R(s, a_i) - R(s, a_j) - margin) (set ``margin: 0`` for the standard form).
-    Rankings give the ``top_k`` best x ``bottom_k`` worst responses as (better, worse) pairs.
+    -log sigmoid(R(s, a_i) - R(s, a_j) - margin). ``margin`` null (the default) is the type's
+    ``DEFAULT_MARGINS`` value: 1 for margin ranking, 0 for Bradley-Terry (its standard form, as in
+    TRL and OpenRLHF); a given margin is used with either type. Rankings give the ``top_k`` best x
+    ``bottom_k`` worst responses as (better, worse) pairs.
     """
 
     type: str = choice("margin_ranking", "margin_ranking", "bradley_terry")
-    margin: float = 1.0
+    margin: float | None = None
     top_k: int = 2
     bottom_k: int = 2
 
@@ -268,6 +272,10 @@ class RewardConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):  # here, not in RewardLossConfig: OmegaConf builds the schema's default loss section
+        if self.loss.margin is None:  # the run's config (and its saved config.yaml) holds the margin it uses
+            self.loss.margin = DEFAULT_MARGINS[self.loss.type]
 
     def problems(self) -> Problems:
         yield from SFTConfig.problems(self)
@@ -348,8 +356,7 @@ class RewardModelConfig:
             yield "", "set exactly one of 'path' and 'function'"
         if self.normalize == "stats" and self.path is None:
             yield "normalize", "'stats' needs a reward model checkpoint ('path')"
-        if self.clip is not None and self.clip <= 0:
-            yield "clip", f"must be > 0 or null, got {self.clip}"
+        yield from _positive_or_null(self, "clip")
 
 
 @dataclass
@@ -362,7 +369,11 @@ class PPOLossConfig:
     keeps ``kl_coef`` fixed, else the adaptive controller of Ziegler et al. (2019) with
     ``kl_horizon``. ``critic_warmup_iterations``: the first iterations update the critic only.
     ``critic_init``: ``actor`` (ICE-Instruct backbone, fresh value head, as in the paper) or
-    ``reward`` (the reward model, head included).
+    ``reward`` (the reward model, head included; it must have the policy's tokenizer). ``gamma``
+    0.95 is the paper's, applied per token: the end-of-response score reaches a response's first
+    token scaled by gamma^length, a pull to shorter responses; OpenRLHF, TRL and DeepSpeed-Chat
+    default to 1.0, and docs/bench_demo.md ("PPO tuning") measured 0.95 harmful on the demo (which
+    sets 1.0).
     """
 
     epochs: int = 1
@@ -392,6 +403,7 @@ class PPOLossConfig:
             yield "clip_eps", f"must be in (0, 1), got {self.clip_eps}"
         if self.dual_clip is not None and self.dual_clip <= 1:
             yield "dual_clip", f"must be > 1 or null, got {self.dual_clip}"
+        yield from _positive_or_null(self, "value_clip", "kl_target")
 
 
 @dataclass
@@ -434,3 +446,9 @@ def _at_least(cfg: Any, minimum: int, *names: str) -> Problems:
     for name in names:
         if getattr(cfg, name) < minimum:
             yield name, f"must be >= {minimum}, got {getattr(cfg, name)}"
+
+
+def _positive_or_null(cfg: Any, *names: str) -> Problems:
+    for name in names:
+        if (value := getattr(cfg, name)) is not None and value <= 0:
+            yield name, f"must be > 0 or null, got {value}"

@@ -174,3 +174,41 @@ def test_demo_config_values_are_checked_when_it_loads(tmp_path):
         path = write_yaml(tmp_path, f"demo:\n  {line}\n")
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_run(str(tmp_path / "out"), path)
+
+
+@pytest.mark.parametrize("override, value", [("ppo.kl_target=0", 0), ("ppo.kl_target=-1.5", -1.5),
+                                             ("ppo.value_clip=0", 0), ("ppo.value_clip=-0.2", -0.2)])
+def test_ppo_kl_target_and_value_clip_must_be_positive_or_null(override, value):
+    from icegrt_jax.config import PPOConfig
+
+    minimal = ["model.preset=tiny", "data.tokenizer_path=tok", "reward.function=m:f"]
+    with pytest.raises(ConfigError) as error:
+        load_config(PPOConfig, None, [*minimal, override])
+    key = override.split("=")[0]
+    assert str(error.value) == f"{key}: must be > 0 or null, got {float(value)}"
+    cfg = load_config(PPOConfig, None, [*minimal, "ppo.kl_target=null", "ppo.value_clip=null"])
+    assert cfg.ppo.kl_target is None and cfg.ppo.value_clip is None
+
+
+def test_reward_margin_defaults_by_loss_type_and_a_given_one_is_used(tmp_path):
+    """Margin ranking (the paper's) defaults to margin 1, Bradley-Terry to 0 (its standard form);
+    a given margin holds for either, whichever is set first, and the saved config keeps it."""
+    import jax.numpy as jnp
+
+    from icegrt_jax.config import RewardConfig
+    from icegrt_jax.train.reward import per_pair_loss
+
+    def loaded(*overrides):
+        cfg = load_config(RewardConfig, None, [*MINIMAL, *overrides])
+        assert load_config(RewardConfig, write_yaml(tmp_path, config_to_yaml(cfg))) == cfg
+        return cfg.loss
+
+    assert (loaded().type, loaded().margin) == ("margin_ranking", 1.0)
+    bradley_terry = loaded("loss.type=bradley_terry")
+    assert bradley_terry.margin == 0.0
+    chosen, rejected = jnp.array([0.5, -1.0]), jnp.array([0.25, 2.0])
+    assert jnp.allclose(per_pair_loss(bradley_terry.type, bradley_terry.margin, chosen, rejected),
+                        -jnp.log(jnp.array([1 / (1 + jnp.exp(-0.25)), 1 / (1 + jnp.exp(3.0))])))
+    assert loaded("loss.margin=0.5", "loss.type=bradley_terry").margin == 0.5
+    assert loaded("loss.type=margin_ranking", "loss.margin=0").margin == 0.0
+    assert loaded("loss.type=bradley_terry", "loss.margin=null").margin == 0.0

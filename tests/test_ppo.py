@@ -4,6 +4,7 @@ advantage normalisation, independent learning rates, exact resume mid-iteration,
 import functools
 import json
 import math
+import re
 import signal
 from collections import Counter
 
@@ -484,3 +485,63 @@ def test_micro_batched_rollouts_train_as_the_whole_batch(ppo_setup, monkeypatch)
         assert a["response_length"] == b["response_length"] and a["score_raw_mean"] == b["score_raw_mean"]
         for key in ("kl", "policy_loss", "value_loss", "advantage_mean", "return_mean", "rollout_entropy"):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def _save_reward_model(path, tokenizer, **overrides):
+    """A tiny random ICE-Reward checkpoint (vocabulary 400, the ``ppo_setup`` policy's) at ``path``."""
+    cfg = preset("tiny", vocab_size=400, **overrides)
+    save_model(cfg, nnx.split(ScoreModel(cfg, nnx.Rngs(1)))[1], str(path), tokenizer=tokenizer, kind="score")
+    return str(path)
+
+
+def _bad_run(config, capsys, tmp_path, *overrides):
+    """``icegrt ppo`` with ``overrides`` fails at the start: exit 2, one line, nothing written."""
+    assert cli.main(["ppo", "--config", config, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+    return err
+
+
+def test_a_critic_from_the_reward_model_reads_the_policys_tokens_within_its_context(ppo_setup, tiny_tokenizer_dir,
+                                                                                   capsys):
+    """``critic_init: reward`` feeds the reward model's weights the policy's token ids: another
+    tokenizer (here one more token) reads them as other text, and a shorter context than the
+    rollout's rows gives positions it never saw. Both stop the run at the start, naming the key."""
+    tmp_path, config = ppo_setup
+    other = load_tokenizer(tiny_tokenizer_dir)
+    other.add_tokens(["<extra>"])
+    rm = ["reward.function=null", "ppo.critic_init=reward"]
+    err = _bad_run(config, capsys, tmp_path, *rm, f"reward.path={_save_reward_model(tmp_path / 'other', other)}")
+    assert err.endswith(f"ppo.critic_init: 'reward' needs the reward model to read the policy's tokens, but "
+                        f"{tmp_path / 'other'}'s tokenizer differs from the policy's (use critic_init: actor)"), err
+    short = _save_reward_model(tmp_path / "short", load_tokenizer(tiny_tokenizer_dir), max_position_embeddings=8)
+    err = _bad_run(config, capsys, tmp_path, *rm, f"reward.path={short}")
+    assert "ppo.critic_init: the critic reads rollout rows of up to " in err and "but its context is 8;" in err, err
+
+
+def test_a_reward_model_reading_the_policys_tokens_is_checked_against_its_context(ppo_setup, tiny_tokenizer_dir):
+    """The rollout rows reach up to the longest prompt + rollout.max_new_tokens (8 here), within the
+    policy's context; a reward model they pass through to must hold them. Retokenised rows (another
+    stop token) have lengths not known in advance: not checked."""
+    from types import SimpleNamespace
+
+    _, config = ppo_setup
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    cfg = load_config(PPOConfig, config, ["reward.function=null", "reward.path=rm"])
+    policy = preset("tiny", vocab_size=400, max_position_embeddings=20)
+    prompts = [np.zeros(5, np.int32), np.zeros(10, np.int32)]  # rows up to 18 tokens
+
+    def check(reward_context, policy=policy, cfg=cfg):
+        roles = SimpleNamespace(reward_config=preset("tiny", max_position_embeddings=reward_context))
+        ppo.check_readers_context(cfg, prompts, policy, policy, roles, tokenizer, tokenizer)
+
+    check(18)
+    with pytest.raises(ConfigError, match=re.escape(
+            "reward.path: the reward model reads rollout rows of up to 18 tokens (the longest prompt, 10, + "
+            "rollout.max_new_tokens=8, within the policy's context of 20) but its context is 17; lower "
+            "data.max_prompt_length or rollout.max_new_tokens")):
+        check(17)
+    check(16, policy=policy.replace(max_position_embeddings=16))  # the sampler ends the responses there
+    check(17, cfg=load_config(PPOConfig, config, ["reward.function=null", "reward.path=rm",
+                                                  "rollout.stop_token_ids=[2,5]"]))  # retokenised

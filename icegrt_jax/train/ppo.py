@@ -64,6 +64,7 @@ from icegrt_jax.data.tokenize import (
 )
 from icegrt_jax.hf import abstract_model
 from icegrt_jax.models.heads import score_params_from_llama
+from icegrt_jax.models.llama import LlamaConfig
 from icegrt_jax.sampling import SamplingParams, generate
 from icegrt_jax.sharding import (
     Partitioner,
@@ -154,6 +155,34 @@ def check_prompt_room(prompts, context: int, max_new_tokens: int) -> None:
               f"the model's context of {context}: their responses end there, counted as truncated")
 
 
+def stop_ids(cfg: PPOConfig, tokenizer) -> tuple[int, ...]:
+    """The token ids that end a response: ``rollout.stop_token_ids``, by default the tokenizer's EOS."""
+    stop = cfg.rollout.stop_token_ids
+    return (tokenizer.eos_token_id,) if stop is None else tuple(stop)
+
+
+def check_readers_context(cfg: PPOConfig, prompts, llama, critic_cfg, roles: Roles, tokenizer, reward_tokenizer):
+    """At the start: a ``ConfigError`` when a model that reads the rollout's tokens as they are has
+    a context shorter than the longest rollout row (the longest prompt + ``rollout.max_new_tokens``,
+    within the policy's context): past its context its positions are ones it never saw, and its
+    values or scores would be silently wrong. The readers: the critic (from the reward model with
+    ``critic_init: reward``), and the reward model when the policy's tokens pass through to it
+    (retokenised rows have lengths not known before they are sampled)."""
+    longest_prompt, new = max(len(p) for p in prompts), cfg.rollout.max_new_tokens
+    longest = min(longest_prompt + new, llama.max_position_embeddings)
+    readers = [("ppo.critic_init", "the critic", critic_cfg)]
+    if roles.reward_config is not None and rollout.passes_tokens_through(tokenizer, reward_tokenizer,
+                                                                           stop_ids(cfg, tokenizer)):
+        readers.append(("reward.path", "the reward model", roles.reward_config))
+    for key, name, model in readers:
+        if model.max_position_embeddings < longest:
+            raise ConfigError(
+                f"{key}: {name} reads rollout rows of up to {longest} tokens (the longest prompt, {longest_prompt}, "
+                f"+ rollout.max_new_tokens={new}, within the policy's context of {llama.max_position_embeddings}) "
+                f"but its context is {model.max_position_embeddings}; lower data.max_prompt_length or "
+                "rollout.max_new_tokens")
+
+
 def collate_prompts(examples, buckets, pad_id, num_counted=None):
     """A prompt batch stays a list: the sampler buckets and pads it itself."""
     return list(examples)
@@ -175,7 +204,8 @@ def check_rollout_batch(partitioner: Partitioner, cfg: PPOConfig):
 
 @dataclasses.dataclass
 class Roles:
-    """Graph definitions and frozen parameters (placed on the mesh) of the four PPO roles."""
+    """Graph definitions and frozen parameters (placed on the mesh) of the four PPO roles, and the
+    reward model's config (None with a ``reward.function``)."""
 
     actor_graphdef: object
     critic_graphdef: object
@@ -183,6 +213,7 @@ class Roles:
     reward_graphdef: object | None
     reward_params: object | None
     reward_stats: dict | None
+    reward_config: LlamaConfig | None
 
 
 def rows_at_a_time(cfg: PPOConfig) -> int:
@@ -419,13 +450,16 @@ def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
     state), and the roles, with the frozen reference (ICE-Instruct) and reward model on the mesh
     in their compute dtype where it is narrower (``frozen_config``; otherwise they share the
     loaded arrays). The reward model runs with the run's numerics (``model.*``)."""
-    reward_graphdef = reward_params = reward_stats = reward_tokenizer = loaded_reward = None
+    reward_cfg = reward_graphdef = reward_params = reward_stats = reward_tokenizer = loaded_reward = None
     if cfg.reward.path is not None:
+        reward_tokenizer = load_tokenizer(cfg.reward.path)
+        if cfg.ppo.critic_init == "reward" and not rollout.same_tokenizer(tokenizer, reward_tokenizer):
+            raise ConfigError(f"ppo.critic_init: 'reward' needs the reward model to read the policy's tokens, but "
+                              f"{cfg.reward.path}'s tokenizer differs from the policy's (use critic_init: actor)")
         reward_cfg, loaded_reward = load_model_dir(cfg.reward.path, progress=shows_progress(cfg.logging), kind="score",
                                                    partitioner=partitioner, param_dtype=cfg.model.param_dtype)
         reward_cfg = with_numerics(reward_cfg, cfg.model)
         reward_graphdef, _ = abstract_model(reward_cfg, "score")
-        reward_tokenizer = load_tokenizer(cfg.reward.path)
         stats_path = os.path.join(cfg.reward.path, REWARD_STATS_FILE)
         if cfg.reward.normalize == "stats":
             if not os.path.exists(stats_path):
@@ -442,7 +476,7 @@ def build_roles(cfg: PPOConfig, tokenizer, partitioner: Partitioner):
         critic_cfg, critic_params = llama, score_params_from_llama(actor_params, cfg.training.seed + 1, llama)
     roles = Roles(actor_graphdef=abstract_model(llama)[0], critic_graphdef=abstract_model(critic_cfg, "score")[0],
                   reference_params=place_frozen(partitioner, actor_params, llama), reward_graphdef=reward_graphdef,
-                  reward_params=reward_params, reward_stats=reward_stats)
+                  reward_params=reward_params, reward_stats=reward_stats, reward_config=reward_cfg)
     return llama, critic_cfg, actor_params, critic_params, roles, reward_tokenizer
 
 
@@ -473,6 +507,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     if outside := [i for i in cfg.rollout.stop_token_ids or () if not 0 <= i < llama.vocab_size]:
         raise ConfigError(f"rollout.stop_token_ids: {outside} outside the model's vocabulary [0, {llama.vocab_size})")
     check_prompt_room(prompts, llama.max_position_embeddings, cfg.rollout.max_new_tokens)
+    check_readers_context(cfg, prompts, llama, critic_cfg, roles, tokenizer, reward_tokenizer)
     batches = BatchIterator(prompts, batch_size=cfg.data.prompts_per_iteration, buckets=(10**9,), pad_id=0,
                             seed=cfg.data.shuffle_seed, group_by_length=False, collate_fn=collate_prompts)
     total = cfg.training.steps or cfg.training.epochs * batches.batches_per_epoch
