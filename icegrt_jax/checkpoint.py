@@ -6,6 +6,7 @@ command that takes ``--model DIR`` works with both.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -33,9 +34,9 @@ def save_model(cfg: LlamaConfig, params: nnx.State, path: str, tokenizer=None, k
     (a temp dir renamed into place). A ``score`` model is marked as LlamaForSequenceClassification."""
 
     def write(tmp: str):
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, PARAMS_SUBDIR), nnx.to_pure_dict(params))
-        checkpointer.wait_until_finished()
+        with ocp.StandardCheckpointer() as checkpointer:  # closed, its threads done, even when a write fails
+            checkpointer.save(os.path.join(tmp, PARAMS_SUBDIR), nnx.to_pure_dict(params))
+            checkpointer.wait_until_finished()
         if not is_primary_process():  # the arrays are written by every process, the rest by one
             return
         hf.write_json(os.path.join(tmp, "config.json"), hf.hf_config_dict(cfg, kind))
@@ -53,9 +54,10 @@ def write_directory(path: str, write):
     syncs the tree to disk (on a shared filesystem only a file's writer can flush it), and process
     0 moves it into place and syncs the rename. Each phase ends in ``all_or_none``: a barrier at
     which a failure on any process (process 0's files, a full disk) stops every process."""
+    quiet_orbax_write_failures()
     if jax.process_count() == 1:
         return hf.atomic_directory(path, write)
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)
     hf.check_replaceable(path)
     tmp, old = f"{path}.tmp-shared", f"{path}.old-shared"
     primary = is_primary_process()
@@ -73,8 +75,24 @@ def write_directory(path: str, write):
             if os.path.exists(path):
                 os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            hf.remove_path(old)
             files.sync_path(os.path.dirname(path))
+
+
+def quiet_orbax_write_failures() -> None:
+    """Drop the logs of a failed Orbax write (a traceback from each background thread, and from
+    asyncio for each parallel write abandoned): the save or wait that follows raises the failure as
+    one line (``files.write_errors``)."""
+    for name in ("absl", "asyncio"):  # the same filter is added once
+        logging.getLogger(name).addFilter(_not_a_write_failure)
+
+
+def _not_a_write_failure(record: logging.LogRecord) -> bool:
+    """False for a log of Orbax's (absl's logger; asyncio's naming orbax) about a failed write."""
+    message = record.getMessage()
+    if record.name == "asyncio" and "orbax" not in message:
+        return True
+    return files.write_failure(record.exc_info[1] if record.exc_info else None) is None and "os_error_code=" not in message
 
 
 def load_model(path: str, sharding: jax.sharding.Sharding | Partitioner | None = None,
@@ -155,6 +173,7 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        quiet_orbax_write_failures()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -163,8 +182,11 @@ class TrainCheckpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
+        """Start saving ``step`` (asynchronously); a failed write, of this save or of the one before
+        (which it waits for), is one ``CheckpointError`` naming the directory."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        return self._manager.save(step, args=args, force=force)
+        with files.write_errors(self.directory, hf.CheckpointError):
+            return self._manager.save(step, args=args, force=force)
 
     def mismatch(self, abstract_state, step: int) -> str | None:
         """Which array shapes differ between the state saved at ``step`` and ``abstract_state``
@@ -204,10 +226,13 @@ class TrainCheckpointer:
         return restored["state"], restored["meta"]
 
     def wait(self):
-        self._manager.wait_until_finished()
+        """Wait for the save in flight; a failed write is one ``CheckpointError`` (as in ``save``)."""
+        with files.write_errors(self.directory, hf.CheckpointError):
+            self._manager.wait_until_finished()
 
     def close(self):
-        self._manager.close()
+        with files.write_errors(self.directory, hf.CheckpointError):
+            self._manager.close()
 
 
 class StateStructureError(ValueError):

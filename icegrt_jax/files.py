@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -75,18 +76,44 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     an OS error (no permission, a full disk) is one ``UserInputError`` naming ``path``."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
+    with write_errors(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The OS's reason when ``error``, or an error it was raised from, is a failed write: an
+    ``OSError``'s strerror, or the ``[os_error_code='N']`` of a TensorStore error (Orbax's
+    writer, e.g. "File too large"); None for any other error."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error.strerror or str(error)
+        if code := re.search(r"os_error_code='(\d+)'", str(error)):
+            return os.strerror(int(code.group(1)))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return None
+
+
+@contextlib.contextmanager
+def write_errors(path: str | os.PathLike, error: type[Exception] = UserInputError):
+    """Writing ``path`` inside: a failed write (``write_failure``: no permission, a full disk, a
+    file-size limit) becomes one ``error`` naming ``path``; a ``UserInputError`` passes as it is."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise UserInputError(f"{path}: cannot write ({e.strerror or e})") from None
+        yield
+    except UserInputError:
         raise
+    except Exception as e:
+        if (reason := write_failure(e)) is None:
+            raise
+        raise error(f"{os.fspath(path)}: cannot write ({reason})") from None
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -96,12 +123,10 @@ def check_writable(path: str | os.PathLike) -> None:
     while not os.path.isdir(os.path.dirname(target)):
         target = os.path.dirname(target)
     probe = f"{target}.tmp-{os.getpid()}"
-    try:
+    with write_errors(path):
         with open(probe, "wb"):
             pass
         os.remove(probe)
-    except OSError as e:
-        raise UserInputError(f"{os.fspath(path)}: cannot write ({e.strerror or e})") from None
 
 
 def sync_path(path: str | os.PathLike) -> None:

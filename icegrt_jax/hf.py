@@ -12,6 +12,7 @@ HF's q/k projections are already in the rotate-half RoPE layout we use, so no pe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -392,7 +393,9 @@ def _check_fast_tokenizer(path: str):
 
 def check_replaceable(path: str):
     """Raise unless ``path`` is absent, an empty directory or a model directory (has config.json):
-    a model is written over whole, and any other directory would be lost with it."""
+    a model is written over whole, and any other directory would be lost with it. A symbolic link
+    is followed (``atomic_directory`` writes where it points)."""
+    path = os.path.realpath(path)
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path):
@@ -443,7 +446,7 @@ def recover_replaced(path: str, old: str) -> None:
         os.replace(old, path)
         log.warning("restored %s from %s: an earlier write of it was interrupted", path, old)
     elif os.path.isfile(os.path.join(path, "config.json")):
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
         log.warning("removed %s, the model an interrupted earlier write replaced at %s", old, path)
     else:
         log.warning("%s holds the model an interrupted earlier write of %s replaced; left in place", old, path)
@@ -464,33 +467,43 @@ def remove_stale_temporaries(path: str) -> list[str]:
 
 def atomic_directory(path: str, write: Callable[[str], None]):
     """Run ``write(tmp_dir)`` then move tmp_dir to ``path`` (which ``check_replaceable`` must
-    allow); on failure nothing is left at ``path``. Everything written is synced to disk before
-    the rename, and the rename itself after it (``files.sync_tree``): a crash or power loss leaves
-    the old directory or the complete new one. Temporary directories of earlier writes to
-    ``path`` that were killed are removed first (``remove_stale_temporaries``)."""
-    path = os.path.abspath(path)
+    allow; a symbolic link is followed: the directory it names is replaced, the link stays); on
+    failure nothing is left at ``path``, and a failed write (a full disk, a file-size limit: see
+    ``files.write_failure``) is one ``CheckpointError`` naming it. Everything written is synced to
+    disk before the rename, and the rename itself after it (``files.sync_tree``): a crash or power
+    loss leaves the old directory or the complete new one. Temporary directories of earlier writes
+    to ``path`` that were killed are removed first (``remove_stale_temporaries``)."""
+    path = os.path.realpath(path)
     check_replaceable(path)
     remove_stale_temporaries(path)
     tmp = f"{_temporary_prefix(path)}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with files.write_errors(path, CheckpointError):
         os.makedirs(tmp)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot write ({e.strerror or e})") from None
-    try:
-        write(tmp)
-        files.sync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        old = f"{_temporary_prefix(path, 'old')}{os.getpid()}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            write(tmp)
+            files.sync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.exists(path):
+            old = f"{_temporary_prefix(path, 'old')}{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            remove_path(old)
+        else:
+            os.replace(tmp, path)
+        files.sync_path(os.path.dirname(path))
+
+
+def remove_path(path: str) -> None:
+    """Remove ``path``, whatever it is (a directory tree, a file, a symbolic link: the link, not
+    what it names); nothing when it is gone already."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        os.replace(tmp, path)
-    files.sync_path(os.path.dirname(path))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def save_hf(config: LlamaConfig, params, path: str, tokenizer=None, max_shard_size: int = 5 * 1024**3,

@@ -157,3 +157,57 @@ def test_a_figure_that_fails_to_render_leaves_no_png(tmp_path):
     assert list(tmp_path.iterdir()) == []
     save_figure(plt.figure(), str(tmp_path / "curve.png"))
     assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_setting_differences_name_each_changed_key():
+    recorded = {"demo": {"seed": 0, "vocab_size": 1024}, "sft": {"training": {"steps": 300, "seed": 0}}}
+    assert pipeline.setting_differences(recorded, json.loads(json.dumps(recorded))) == []
+    current = {"demo": {"seed": 1, "vocab_size": 1024, "new": "x"}, "sft": {"training": {"steps": 30, "seed": 0}}}
+    assert pipeline.setting_differences(recorded, current) == [
+        'demo.new: "(absent)" -> "x"', "demo.seed: 0 -> 1", "sft.training.steps: 300 -> 30"]
+    assert pipeline.setting_differences([1], {"a": 1}) == ['settings: [1] -> {"a": 1}']
+
+
+def test_run_settings_do_not_depend_on_how_out_is_spelled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert pipeline.run_settings(pipeline.load_run("d")) == pipeline.run_settings(pipeline.load_run("./d/"))
+    settings = pipeline.run_settings(pipeline.load_run(str(tmp_path / "d"), fast=True))
+    assert settings["sft"]["training"]["output_dir"] == "runs/demo/sft"
+
+
+def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path, capsys, monkeypatch):
+    """The first run records its settings; a rerun with another --seed or without --fast is one
+    line (exit 2) naming the differences, and runs nothing; the same settings resume."""
+    from icegrt_jax.demo import report
+
+    ran, reports = [], []
+    monkeypatch.setattr(pipeline, "STAGES", (("data", lambda run: ran.append(run.demo.seed), lambda run: bool(ran)),))
+    monkeypatch.setattr(report, "write_report", lambda run, timings: reports.append(run.demo.seed))
+    out = str(tmp_path / "d")
+    assert main(["demo", "--out", out, "--fast", "--seed", "3"]) == 0 and ran == reports == [3]
+    recorded = json.loads(read_text(os.path.join(out, pipeline.SETTINGS_FILE)))
+    assert recorded["demo"]["seed"] == 3 and recorded["sft"]["training"]["output_dir"] == "runs/demo/sft"
+    capsys.readouterr()
+    for argv, difference in ((["--fast", "--seed", "4"], "demo.seed: 3 -> 4"), (["--seed", "3"], "demo.")):
+        assert main(["demo", "--out", out, *argv]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"--out {out}: holds a demo run with other settings (" in err
+        assert difference in err and "rerun with its settings or choose a new --out" in err
+    assert ran == reports == [3]
+    assert main(["demo", "--out", out, "--fast", "--seed", "3"]) == 0 and ran == [3] and reports == [3, 3]  # resumed
+
+
+def test_the_tokenizer_is_written_synced_then_renamed(tmp_path, monkeypatch):
+    from icegrt_jax import files
+
+    out = str(tmp_path / "d")
+    run = pipeline.Run(out, pipeline.DemoConfig(vocab_size=300), {})
+    for name in ("pretrain", "sft_train"):
+        pipeline.write_jsonl(run.path("data", f"{name}.jsonl"), [{"prompt": "Say hi.", "response": "hi there 12"}])
+    synced = []
+    sync_tree = files.sync_tree
+    monkeypatch.setattr(files, "sync_tree", lambda path: (synced.append(os.path.basename(path)), sync_tree(path)))
+    pipeline.stage_tokenizer(run)
+    assert os.path.isfile(run.path("data", "tokenizer", "tokenizer.json"))
+    assert [name.split("-")[0] for name in synced] == ["tokenizer.tmp"]
+    assert sorted(os.listdir(run.path("data"))) == ["pretrain.jsonl", "sft_train.jsonl", "tokenizer"]

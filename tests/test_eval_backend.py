@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lm_eval.api.registry import get_model
 from icegrt_jax.cli import main
 from icegrt_jax.commands.eval import model_labels
 from icegrt_jax.data.tokenize import load_tokenizer
+from icegrt_jax.errors import UserInputError
 from icegrt_jax.eval import MissingExtraError, require_lm_eval
 from icegrt_jax.eval.lm_eval_backend import IceGRTLM, early_stop_ids, scoring_rows
 from icegrt_jax.eval.tasks import (
@@ -365,3 +367,45 @@ def test_missing_lm_eval_is_a_clear_error(monkeypatch, capsys):
         require_lm_eval()
     assert main(["eval", "--model", ".", "--tasks", "arc_e"]) == 2
     assert "pip install icegrt-jax[eval]" in capsys.readouterr().err
+
+
+def _no_model_loads(monkeypatch):
+    import icegrt_jax.eval.lm_eval_backend as backend
+
+    def refuse(**kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(backend, "IceGRTLM", refuse)
+
+
+def test_an_unwritable_output_fails_before_any_model_loads(model_dir, data_dir, monkeypatch, capsys):
+    """/proc exists but no file can be made in it (not even by root)."""
+    _no_model_loads(monkeypatch)
+    assert main(["eval", "--model", str(model_dir[0]), "--tasks", "arc_e", "--data-dir", str(data_dir),
+                 "--output", "/proc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("icegrt eval: error: /proc/results.json: cannot write (")
+
+
+def test_an_unwritable_task_directory_is_one_line(tmp_path):
+    from icegrt_jax.eval.tasks import write_local_overrides
+
+    with pytest.raises(UserInputError, match=r"^/proc/x/local_tasks.tmp-\d+: cannot create the directory of the "):
+        write_local_overrides({}, Path("/proc/x/local_tasks"))
+
+
+def test_no_connection_to_the_hub_is_one_line_before_any_model_loads(model_dir, tmp_path, monkeypatch, capsys):
+    """Without --data-dir the benchmark data comes from the hub: unreachable (simulated: datasets'
+    own ConnectionError after its retries), it is one line pointing to --data-dir."""
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    _no_model_loads(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(model_dir[0]), "--tasks", "arc_e", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("icegrt eval: error: Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError): "
+                          "the benchmark data cannot be downloaded; evaluate on local files with --data-dir")
+    assert not out.exists()

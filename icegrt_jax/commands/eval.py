@@ -67,6 +67,8 @@ def run(args) -> int:
     if not requested:
         raise UserInputError(f"--tasks {args.tasks!r}: no task names given (e.g. --tasks arc_e,gsm8k or table1)")
     names = resolve_names(requested, benchmarks)
+    out = Path(args.output)
+    files.check_writable(out / "results.json")  # an unwritable --output fails now, not after the first model
     for path in args.model:
         if not os.path.isdir(path):
             raise UserInputError(f"{path}: no such model directory")
@@ -82,7 +84,6 @@ def run(args) -> int:
             raise UserInputError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     if args.data_dir is not None:  # every data file is there before the first model loads
         check_local_data(names, benchmarks, args.data_dir, config_dir)
-    out = Path(args.output)
     created = files.outermost_missing(out)
     files.make_directory(out, "--output directory")
     try:
@@ -104,10 +105,10 @@ def evaluate(args, names: list[str], benchmarks: dict, config_dir, out: Path) ->
     from lm_eval.utils import handle_non_serializable
 
     from icegrt_jax.eval.lm_eval_backend import IceGRTLM
-    from icegrt_jax.eval.tasks import run_benchmarks
+    from icegrt_jax.eval.tasks import check_hub_data, run_benchmarks
 
     labels = model_labels(args.model)
-    all_results, truncated = {}, {}
+    all_results, truncated, hub_checked = {}, {}, args.data_dir is not None
     for label, path in zip(labels, args.model):
         model_args = {k: v for k, v in {"pretrained": path, "batch_size": args.batch_size, "max_length": args.max_length,
                                         "max_gen_toks": args.max_gen_toks, "dtype": args.dtype}.items() if v is not None}
@@ -117,10 +118,13 @@ def evaluate(args, names: list[str], benchmarks: dict, config_dir, out: Path) ->
             print(f"{label}: results of an earlier run with the same settings reused ({out / label})", file=sys.stderr)
             all_results[label], truncated[label] = earlier
             continue
+        if not hub_checked:  # the hub's data is there before the first model loads (then read from the HF cache)
+            check_hub_data(names, benchmarks, config_dir)
+            hub_checked = True
         lm = IceGRTLM(**model_args)
         results = run_benchmarks(lm, names, model_args, data_dir=args.data_dir, work_dir=out / label,
                                  limit=args.limit, config_dir=config_dir)  # model_args: recorded in the results
-        (out / label).mkdir(parents=True, exist_ok=True)
+        files.make_directory(out / label, "directory of a model's results")
         files.write_json(out / label / "lm_eval_results.json", results, default=handle_non_serializable)
         files.write_json(out / label / SETTINGS_FILE, {**settings, "truncated": dict(lm.truncated)})  # written last
         all_results[label], truncated[label] = results, dict(lm.truncated)

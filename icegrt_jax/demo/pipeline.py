@@ -5,7 +5,9 @@ language modelling from scratch), ``sft`` (ICE-Instruct), ``samples`` (5 respons
 ``annotate`` (3 simulated labelers rank them), ``reward`` (ICE-Reward), ``ppo`` (ICE-GRT),
 ``evaluate`` (rubric and general task) and ``export`` (HF format + transformers greedy check);
 then the report is (re)written. A stage whose output is complete is skipped on rerun; the trainers resume from their
-own checkpoints, so an interrupted run continues where it stopped.
+own checkpoints, so an interrupted run continues where it stopped. The first run records its
+resolved settings (``settings.json``); a rerun into the same directory with other settings is
+refused (``check_settings``).
 
 Configuration (``configs/demo.yaml``): the ``demo`` section (``DemoConfig``), one section per
 trainer (``pretrain`` and ``sft``: ``SFTConfig``; ``reward``; ``ppo``) and ``fast``: per section,
@@ -16,6 +18,7 @@ the dotted overrides ``--fast`` applies. Paths in the trainer sections start wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import re
@@ -89,8 +92,9 @@ def held_out_ad_prompts(cfg: DemoConfig) -> int:
 
 
 # What a demo writes at the top of its --out directory (``check_out``).
+SETTINGS_FILE = "settings.json"  # the resolved settings of the run that wrote the directory (check_settings)
 OUTPUTS = frozenset({"data", "pretrain", "sft", "rlhf", "reward", "ppo", "eval", "export", "xla-cache",
-                     "timings.json", "report.md", "report.json", "ppo_curves.png", "reward_curve.png"})
+                     SETTINGS_FILE, "timings.json", "report.md", "report.json", "ppo_curves.png", "reward_curve.png"})
 
 
 def check_out(out: str) -> None:
@@ -118,15 +122,19 @@ class Run:
 
 # --- configuration -----------------------------------------------------------------------------
 
-def relocate(value, root: str):
-    """``value`` (a config dataclass, list or string) with paths under ``runs/demo`` moved to ``root``."""
+def relocate(value, root: str, source: str = CONFIG_ROOT):
+    """``value`` (a config dataclass, dict, list or string) with paths under ``source`` (by default
+    ``runs/demo``) moved to ``root``."""
     if dataclasses.is_dataclass(value):
-        return dataclasses.replace(value, **{f.name: relocate(getattr(value, f.name), root)
+        return dataclasses.replace(value, **{f.name: relocate(getattr(value, f.name), root, source)
                                              for f in dataclasses.fields(value)})
+    if isinstance(value, dict):
+        return {key: relocate(v, root, source) for key, v in value.items()}
     if isinstance(value, list):
-        return [relocate(v, root) for v in value]
-    if isinstance(value, str) and (value == CONFIG_ROOT or value.startswith(CONFIG_ROOT + "/")):
-        return os.path.join(root, value[len(CONFIG_ROOT) + 1:])
+        return [relocate(v, root, source) for v in value]
+    prefix = os.path.join(source, "")
+    if isinstance(value, str) and (value == source or value.startswith(prefix)):
+        return os.path.join(root, value[len(prefix):])
     return value
 
 
@@ -146,6 +154,37 @@ def load_run(out: str, config_path: str | None = None, fast: bool = False, seed:
     trainers = {name: relocate(load_config(schema, path, overrides(name, "training.seed"), section=name), out)
                 for name, schema in SECTIONS.items()}
     return Run(out, demo, trainers)
+
+
+def run_settings(run: Run) -> dict:
+    """Every stage's resolved settings as JSON, with paths under ``run.out`` written as under
+    ``runs/demo`` (the same run named by another path has the same settings)."""
+    sections = {"demo": run.demo, **run.trainers}
+    return json.loads(json.dumps({name: dataclasses.asdict(relocate(cfg, CONFIG_ROOT, run.out))
+                                  for name, cfg in sections.items()}, default=str))
+
+
+def setting_differences(recorded, current, key: str = "") -> list[str]:
+    """``dotted.key: recorded -> current`` for each setting that differs (JSON values)."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return [line for name in sorted(recorded.keys() | current.keys())
+                for line in setting_differences(recorded.get(name, "(absent)"), current.get(name, "(absent)"),
+                                                f"{key}.{name}" if key else name)]
+    return [] if recorded == current else [f"{key or 'settings'}: {json.dumps(recorded)} -> {json.dumps(current)}"]
+
+
+def check_settings(run: Run) -> None:
+    """Record ``run_settings`` in ``OUT/settings.json`` on the first run into ``OUT``; a rerun with
+    other settings (``--seed``, ``--fast``, ``--config``), which would reuse the stages finished
+    with the recorded ones, is refused with a ``UserInputError`` naming the differences."""
+    path, current = run.path(SETTINGS_FILE), run_settings(run)
+    if not os.path.exists(path):
+        write_json(path, current)
+        return
+    if differences := setting_differences(read_json(path), current):
+        more = f"; and {len(differences) - 3} more" if len(differences) > 3 else ""
+        raise UserInputError(f"--out {run.out}: holds a demo run with other settings ({'; '.join(differences[:3])}{more}), "
+                             "whose finished stages would be reused; rerun with its settings or choose a new --out")
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -208,9 +247,9 @@ def stage_tokenizer(run: Run) -> None:
     texts = [r[k] for name in ("pretrain", "sft_train") for r in read_jsonl(run.path("data", f"{name}.jsonl"))
              for k in ("prompt", "response")]
     texts += [ICEGRT.preamble, ICEGRT.prompt(""), ICEGRT.response("")]
-    tmp = run.path("data", "tokenizer.tmp")
-    train_tokenizer(texts, run.demo.vocab_size, tmp)
-    os.replace(tmp, run.path("data", "tokenizer"))
+    from icegrt_jax.hf import atomic_directory
+
+    atomic_directory(run.path("data", "tokenizer"), lambda tmp: train_tokenizer(texts, run.demo.vocab_size, tmp))
 
 
 # --- generation --------------------------------------------------------------------------------
@@ -409,10 +448,11 @@ STAGES = (
 
 
 def run_demo(run: Run) -> dict[str, float]:
-    """Run every stage not yet complete, then write the report; returns and records
+    """Run every stage not yet complete (``check_settings`` first), then write the report; returns and records
     (``timings.json``) each stage's wall seconds."""
     from icegrt_jax.demo.report import write_report
 
+    check_settings(run)
     timings_path = run.path("timings.json")
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}
     for number, (name, stage, done) in enumerate(STAGES, 1):

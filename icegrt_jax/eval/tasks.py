@@ -42,6 +42,10 @@ class UnknownTaskError(UserInputError):
     """A task name that is not one of the paper's settings (or not in lm-eval)."""
 
 
+class HubDataError(UserInputError):
+    """The benchmark data cannot be downloaded from the HF hub (no network)."""
+
+
 class LocalDataError(UserInputError):
     """Missing or unusable local data files."""
 
@@ -224,11 +228,36 @@ def write_local_overrides(overrides: dict[str, dict], out_dir: Path) -> None:
 
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    files.make_directory(tmp, "directory of the local task configs")
     for name, override in overrides.items():
         files.write_text(tmp / f"{name}.yaml", yaml.safe_dump(override, sort_keys=False))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+
+
+@contextlib.contextmanager
+def task_errors():
+    """Loading lm-eval's tasks (and their data) inside: a task's missing extra (e.g. MATH needs
+    lm-eval[math]) is a ``MissingExtraError``, no connection to the HF hub (``datasets`` raises
+    ``ConnectionError`` after its retries) a ``HubDataError`` that points to local data."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        raise MissingExtraError(str(e).splitlines()[0]) from None
+    except ConnectionError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HubDataError(f"{reason}: the benchmark data cannot be downloaded; evaluate on local files with "
+                           "--data-dir (docs/eval.md), or set HF_HUB_OFFLINE=1 to use datasets already in the "
+                           "HF cache") from None
+
+
+def check_hub_data(names: Sequence[str], benchmarks: dict[str, Benchmark], config_dir: str | Path = CONFIG_DIR) -> None:
+    """Load the hub datasets of the benchmarks ``names`` (resolved) now, before any model loads:
+    no connection is a ``HubDataError`` at once, and the run then reads them from the HF cache."""
+    from lm_eval.tasks import get_task_dict
+
+    with task_errors():
+        get_task_dict(list(names), _stock_task_manager(names, benchmarks, config_dir))
 
 
 def check_local_data(names: Sequence[str], benchmarks: dict[str, Benchmark], data_dir: str | Path,
@@ -275,8 +304,6 @@ def run_benchmarks(model, names: Sequence[str], model_args: dict | None = None, 
         if work_dir is None and data_dir is not None:
             work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="icegrt_eval_"))
         manager = build_task_manager(resolved, benchmarks, data_dir, work_dir, config_dir)
-        try:
+        with task_errors():
             return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=resolved, task_manager=manager,
                                            limit=limit, log_samples=False)
-        except ModuleNotFoundError as e:  # a task's own extra, e.g. MATH needs lm-eval[math]
-            raise MissingExtraError(str(e).splitlines()[0]) from None
