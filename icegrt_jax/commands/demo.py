@@ -2,8 +2,8 @@
 
 Generates the data and a tokenizer, pretrains a tiny LLaMA, trains ICE-Instruct, samples and ranks
 responses with simulated labelers, trains ICE-Reward and ICE-GRT, evaluates, exports the policy to
-HF format and writes ``DIR/report.md``. Rerunning skips finished stages and resumes the rest
-(docs/demo.md).
+HF format and writes ``DIR/report.md``. Rerunning skips finished stages and resumes the rest;
+a rerun with other settings than ``DIR/settings.json`` records is refused (docs/demo.md).
 """
 
 from __future__ import annotations

@@ -163,12 +163,15 @@ class MetricsLogger:
                                               filename_suffix=f".from{resume_step}.{os.getpid()}")
 
     def log(self, step: int, metrics: dict[str, float]):
+        """Append one row (a full disk is one line naming the file)."""
         if self._jsonl:
-            self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-            self._jsonl.flush()
+            with files.write_errors(self._jsonl.name):
+                self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+                self._jsonl.flush()
         if self._tensorboard:
-            for name, value in metrics.items():
-                self._tensorboard.add_scalar(name, value, step)
+            with files.write_errors(self._tensorboard.logdir):
+                for name, value in metrics.items():
+                    self._tensorboard.add_scalar(name, value, step)
 
     def close(self):
         for sink in (self._jsonl, self._tensorboard):

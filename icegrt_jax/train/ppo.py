@@ -259,8 +259,7 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
     minibatch_fn = partitioner.jit(take_rows, in_shardings=(rows_sh, replicated), out_shardings=rows_sh)
     updates = update_programs(cfg, roles, actor_tx, critic_tx, experience, partitioner, state_shardings)
     template = get_template(cfg.data.template)
-    stop = cfg.rollout.stop_token_ids
-    eos_ids = (tokenizer.eos_token_id,) if stop is None else tuple(stop)
+    eos_ids = stop_ids(cfg, tokenizer)
     pass_through = rollout.passes_tokens_through(tokenizer, reward_tokenizer, eos_ids)
 
     def score(prompts, result, tokens, attention_mask):
