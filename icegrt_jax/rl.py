@@ -156,7 +156,8 @@ def gae(
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` and
     ``A_t = delta_t + gamma * lam * A_{t+1}``, where ``V_{t+1}`` and ``A_{t+1}`` are 0 after
     the last response token (the episode ends there) and every step off the mask yields 0,
-    so variable response lengths are handled by the mask alone. ``returns = A + V`` are the
+    so variable response lengths are handled by the mask alone (a step off the mask ends the
+    episode before it: a mask with a gap would be two episodes, not one bootstrapped across it). ``returns = A + V`` are the
     critic's targets. Both outputs are ``[B, T]`` and zero outside the mask.
     """
     chex.assert_rank(rewards, 2)

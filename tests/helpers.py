@@ -8,12 +8,12 @@ import transformers
 
 
 def make_hf_llama(path, *, vocab=96, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=112,
-                  tied=False, seed=0, dtype=torch.float32) -> transformers.LlamaForCausalLM:
+                  tied=False, seed=0, dtype=torch.float32, rope_theta=10000.0) -> transformers.LlamaForCausalLM:
     """A random tiny ``LlamaForCausalLM`` saved with ``save_pretrained`` (safetensors) to ``path``."""
     config = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        tie_word_embeddings=tied, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=tied, rms_norm_eps=1e-5, rope_theta=rope_theta, bos_token_id=1, eos_token_id=2,
         pad_token_id=0,
     )
     torch.manual_seed(seed)

@@ -73,6 +73,20 @@ def test_bf16_checkpoint_keeps_dtype(tmp_path):
         assert np.array_equal(original.get(name).view(np.uint16), exported.get(name).view(np.uint16)), name
 
 
+def test_a_rope_base_other_than_the_default_survives_the_export(tmp_path):
+    """transformers keeps rope_theta in rope_parameters: the exported model has the same base,
+    so its logits equal the source's (a base read or written as 1e4 moves them by O(1))."""
+    source = make_hf_llama(tmp_path / "src", rope_theta=1e6)
+    cfg, params = load_hf(str(tmp_path / "src"))
+    assert cfg.rope_theta == 1e6
+    save_hf(cfg, params, str(tmp_path / "out"))
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids, mask = left_padded_batch([6, 3], total=6, vocab=cfg.vocab_size, seed=2)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(hf_logits(exported, ids, mask)[valid], hf_logits(source, ids, mask)[valid],
+                               atol=1e-5, rtol=0)
+
+
 def test_project_checkpoint_roundtrip_and_cli_convert(hf_dir, tmp_path, capsys):
     assert cli.main(["convert", str(hf_dir), str(tmp_path / "ours")]) == 0
     assert "has no tokenizer files and no --tokenizer was given" in capsys.readouterr().err  # said, not silent

@@ -25,6 +25,9 @@ from icegrt_jax.sharding import Partitioner
 VARIANTS = {
     "mha-untied": {"heads": 4, "kv_heads": 4, "tied": False},
     "gqa-tied": {"heads": 4, "kv_heads": 2, "tied": True},
+    # transformers 5 saves rope_theta inside rope_parameters only: a base other than the default
+    # (CodeLlama's 1e6) must be read from there (measured: theta 5e5 read as 1e4 moves logits by ~5)
+    "gqa-theta-1e6": {"heads": 4, "kv_heads": 2, "tied": False, "rope_theta": 1e6},
 }
 
 

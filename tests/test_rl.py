@@ -163,11 +163,15 @@ def test_last_token_mask_marks_last_one_and_nothing_for_empty_rows():
 
 
 def loop_gae(rewards, values, mask, gamma, lam):
+    """GAE backwards over each row; a step off the mask ends the episode before it (V and A
+    after it are 0), so a row whose mask has a gap is two episodes."""
     advantages, returns = np.zeros(rewards.shape), np.zeros(rewards.shape)
     for i in range(rewards.shape[0]):
-        positions = response_positions(mask[i])
         next_value, next_advantage = 0.0, 0.0
-        for t in reversed(positions):
+        for t in reversed(range(rewards.shape[1])):
+            if not mask[i, t]:
+                next_value, next_advantage = 0.0, 0.0
+                continue
             delta = rewards[i, t] + gamma * next_value - values[i, t]
             next_advantage = delta + gamma * lam * next_advantage
             next_value = float(values[i, t])
@@ -183,6 +187,16 @@ def test_gae_matches_loop(batch, gamma, lam):
     expected_advantages, expected_returns = loop_gae(rewards, values, mask, gamma, lam)
     np.testing.assert_allclose(advantages, expected_advantages, **TOL)
     np.testing.assert_allclose(returns, expected_returns, **TOL)
+
+
+def test_gae_ends_the_episode_at_a_gap_in_the_mask(rng):
+    """Masks are one contiguous run (the module docstring); a gap, if given, splits the row into
+    two episodes rather than bootstrapping across it: [1, 1, 0, 1, 1] with gamma = lam = 1."""
+    rewards, values = np.array([[0.0, 1.0, 5.0, 0.0, 1.0]]), np.array([[0.2, 0.3, 7.0, 0.4, 0.1]])
+    mask = np.array([[1, 1, 0, 1, 1]])
+    advantages, _ = rl.gae(rewards, values, mask, 1.0, 1.0)
+    np.testing.assert_allclose(advantages, [[0.8, 0.7, 0.0, 0.6, 0.9]], **TOL)
+    np.testing.assert_allclose(advantages, loop_gae(rewards, values, mask, 1.0, 1.0)[0], **TOL)
 
 
 # ----------------------------------------------------------------------------- PPO losses
