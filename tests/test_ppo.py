@@ -7,6 +7,7 @@ import math
 import re
 import signal
 from collections import Counter
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,8 @@ def test_learns_from_a_programmatic_scorer_while_kl_stays_bounded(ppo_setup):
         assert np.isfinite(free[-1][key]), key
     assert free[-1]["actor_lr"] == free[-1]["critic_lr"] == pytest.approx(3e-3)  # constant schedules
     assert "loss" not in free[-1]  # policy_loss and value_loss each keep one meaning
+    documented = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    assert [key for key in free[-1] if key != "step" and f"`{key}`" not in documented] == []
     assert free[-1]["response_length_min"] <= free[-1]["response_length"] <= free[-1]["response_length_max"]
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -81,6 +82,12 @@ def test_learns_a_preference_to_95_percent_held_out(reward_setup, loss):
     stats = json.loads((final / "reward_stats.json").read_text())
     assert stats["split"] == "eval" and stats["score_std"] > 0
     load_model(str(final))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final_eval = {k.removeprefix("eval/"): v for k, v in rows[-1].items() if k.startswith("eval/")}
+    assert final_eval == {k.removeprefix("final/"): v for k, v in metrics.items() if k.startswith("final/")}
+    documented = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    assert {key for row in rows for key in row if key != "step" and f"`{key.removeprefix('eval/')}`" not in documented} \
+        == set()
 
 
 def test_exact_resume_after_sigkill(reward_setup):

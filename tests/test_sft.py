@@ -4,6 +4,7 @@ import gc
 import json
 import os
 import signal
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,8 @@ def test_tiny_model_overfits_small_batch(sft_setup):
     first = next(m for m in lines if "loss" in m)
     assert first["loss"] > 2.0
     assert any("eval/loss" in m for m in lines)
+    documented = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    assert {key for m in lines for key in m if key != "step" and f"`{key}`" not in documented} == set()
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert os.path.isdir(tmp_path / "run" / "final" / "params")
     assert (tmp_path / "run" / "data_report.txt").read_text().startswith("train data: ")  # the counts, kept
