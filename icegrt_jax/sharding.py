@@ -142,10 +142,16 @@ def with_logical_constraint(x: jax.Array, names: tuple[str | None, ...]) -> jax.
     rules = spmd.get_logical_axis_rules()
     if mesh.empty or not rules:
         return x
-    spec = logical_to_spec(names, _rules_dict(rules), "activation")
-    uneven = spec_divides(x.shape, spec, dict(mesh.shape))
-    spec = PartitionSpec(*(None if i in uneven else e for i, e in enumerate(spec)))
-    return jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, activation_spec(x.shape, names, _rules_dict(rules), dict(mesh.shape)))
+
+
+def activation_spec(shape: tuple[int, ...], names: tuple[str | None, ...], rules: Rules,
+                    mesh_sizes: Mapping[str, int]) -> PartitionSpec:
+    """``logical_to_spec`` for an activation, with ``UNCONSTRAINED`` (the compiler's choice) for
+    each dimension the mesh does not split evenly."""
+    spec = logical_to_spec(names, rules, "activation")
+    uneven = spec_divides(shape, spec, mesh_sizes)
+    return PartitionSpec(*(PartitionSpec.UNCONSTRAINED if i in uneven else e for i, e in enumerate(spec)))
 
 
 def shards_alike(*names: str) -> bool:

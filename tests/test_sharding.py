@@ -46,6 +46,7 @@ from icegrt_jax.models.llama import Llama, preset
 from icegrt_jax.sharding import (
     Partitioner,
     ShardingError,
+    activation_spec,
     initialize_distributed,
     logical_rules,
     logical_to_spec,
@@ -236,6 +237,16 @@ def test_logical_to_spec_follows_the_rules_and_rejects_reused_mesh_axes():
         logical_to_spec(("batch", "embed"), rules, "activation")
     with pytest.raises(ShardingError, match="logical axis 'experts' has no rule"):
         logical_to_spec(("experts",), rules)
+
+
+def test_an_activation_dimension_the_mesh_does_not_split_evenly_is_left_to_the_compiler():
+    """A batch of 1 while sampling on 8 data-parallel devices: UNCONSTRAINED, not None (which
+    would force a replicated copy on every device)."""
+    rules, sizes = logical_rules(MeshConfig()), {"data": 8, "fsdp": 1, "tensor": 2}
+    P = jax.sharding.PartitionSpec
+    assert activation_spec((1, 16, 64), ("batch", "length", "heads"), rules, sizes) == P(P.UNCONSTRAINED, None, "tensor")
+    assert activation_spec((8, 16, 3), ("batch", "length", "heads"), rules, sizes) == P(("data", "fsdp"), None,
+                                                                                        P.UNCONSTRAINED)
 
 
 def test_state_shardings_keep_the_tree_and_follow_the_logical_names():
