@@ -49,9 +49,11 @@ def _add_arguments(parser, samples_flag: str, default_samples: int):
     parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     parser.add_argument("--no-template", action="store_true", help="do not wrap prompts in the paper's template")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 disables it")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="0 means greedy (the model's generation_config.json is not read: these flags decide)")
+    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k (transformers' default is 50)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus mass in (0, 1]; 1 disables it; tokens tied with the last kept one are kept")
     parser.add_argument(samples_flag, dest="num_samples", type=int, default=default_samples,
                         help=f"responses per prompt (default {default_samples}; the paper ranks 5)")
     parser.add_argument("--seed", type=int, default=0)
