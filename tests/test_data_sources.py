@@ -8,7 +8,12 @@ import pytest
 
 from icegrt_jax.data import sources
 from icegrt_jax.data.preferences import load_preferences
-from icegrt_jax.data.sources import DataError, is_hub_name, load_conversations
+from icegrt_jax.data.sources import (
+    DataError,
+    SourceReport,
+    is_hub_name,
+    load_conversations,
+)
 from icegrt_jax.data.templates import ICEGRT, Round
 from icegrt_jax.data.tokenize import load_tokenizer, tokenize_conversations
 
@@ -95,17 +100,19 @@ def test_sft_report_counts_blank_lines_and_repeated_records(tmp_path, tiny_token
     a, b = {"prompt": "p", "response": "r"}, {"prompt": "q", "response": "s"}
     first = write_jsonl(tmp_path / "a.jsonl", [a, "", b, "", a])
     second = write_jsonl(tmp_path / "b.jsonl", [b])
-    conversations = load_conversations([first, second])
+    source = SourceReport()
+    conversations = load_conversations([first, second], source)
     assert len(conversations) == 4  # repeats are kept
-    assert conversations.source_report.metrics() == {"blank_lines": 2, "repeated_records": 2}
+    assert source.metrics() == {"blank_lines": 2, "repeated_records": 2}
     _, report = tokenize_conversations(conversations, load_tokenizer(tiny_tokenizer_dir), ICEGRT,
-                                       max_length=64, truncation="drop_example")
+                                       max_length=64, truncation="drop_example", source=source)
     assert report.summary().endswith(f"; 2 blank lines skipped; 2 records repeat an earlier one (kept: {first}:5 "
                                      f"repeats {first}:1, {second}:1 repeats {first}:3)")
 
 
 def test_a_load_without_blank_lines_or_repeats_reports_neither(tmp_path):
-    report = load_conversations([write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "r"}])]).source_report
+    report = SourceReport()
+    load_conversations([write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "r"}])], report)
     assert report.summary() == ""
     report.add("x:1", {"k": 1})
     report.add("x:2", {"k": 1})

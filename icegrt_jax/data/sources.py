@@ -88,22 +88,12 @@ class SourceReport:
         return "; ".join(parts)
 
 
-class Conversations(list):
-    """``load_conversations``' result: the conversations, and ``source_report`` (what reading them
-    skipped or found repeated; ``tokenize_conversations`` adds it to its report)."""
-
-    def __init__(self, conversations: Iterable[Conversation], source_report: SourceReport):
-        super().__init__(conversations)
-        self.source_report = source_report
-
-
-def load_conversations(specs: Sequence[str]) -> Conversations:
-    """All conversations of the given files (or hub datasets), in file order."""
+def load_conversations(specs: Sequence[str], report: SourceReport | None = None) -> list[Conversation]:
+    """All conversations of the given files (or hub datasets), in file order; ``report`` counts
+    blank lines and repeated records."""
     if not specs:
         raise DataError("no data files given")
-    report = SourceReport()
-    return Conversations((parse_record(record, where) for spec in specs
-                          for where, record in iter_records(spec, report)), report)
+    return [parse_record(record, where) for spec in specs for where, record in iter_records(spec, report)]
 
 
 def parse_record(record: Any, where: str) -> Conversation:

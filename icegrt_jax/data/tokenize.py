@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from icegrt_jax.data.sources import Conversation, Conversations, DataError, SourceReport
+from icegrt_jax.data.sources import Conversation, DataError, SourceReport
 from icegrt_jax.data.templates import Round, Template
 
 TRUNCATION_POLICIES = ("drop_example", "drop_earliest_rounds")
@@ -131,14 +131,14 @@ def first_kept_round(head_length: int, round_lengths: Sequence[int], max_length:
 
 def tokenize_conversations(conversations: Sequence[Conversation], tokenizer: Any,
                            template: Template, *, max_length: int, truncation: str,
-                           progress: bool = False) -> tuple[list[TokenizedExample], TruncationReport]:
+                           progress: bool = False, source: SourceReport | None = None
+                           ) -> tuple[list[TokenizedExample], TruncationReport]:
     """Tokenise, mask and truncate; returns the kept examples and the report of what was cut, with
-    ``load_conversations``' report of what reading them skipped or found repeated when
-    ``conversations`` are its result (``progress``: a bar over the conversations)."""
+    ``source`` (what reading the conversations skipped or found repeated) in it (``progress``: a
+    bar over the conversations)."""
     check_segment_boundaries(tokenizer, template)
     head = _head_ids(tokenizer, template)
-    report = TruncationReport(max_length=max_length, head_tokens=len(head),
-                              source=conversations.source_report if isinstance(conversations, Conversations) else None)
+    report = TruncationReport(max_length=max_length, head_tokens=len(head), source=source)
     examples = []
     bar = tqdm(total=len(conversations), desc="tokenize", unit="example", leave=False, disable=not progress)
     for start in range(0, len(conversations), _ENCODE_CHUNK):

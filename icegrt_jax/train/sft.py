@@ -25,7 +25,7 @@ from icegrt_jax.data.batching import (
     bucket_lengths,
     eval_batches,
 )
-from icegrt_jax.data.sources import DataError, load_conversations
+from icegrt_jax.data.sources import DataError, SourceReport, load_conversations
 from icegrt_jax.data.templates import get_template
 from icegrt_jax.data.tokenize import (
     pad_token_id,
@@ -127,8 +127,10 @@ def prepare_data(cfg: SFTConfig) -> PreparedData:
     def tokenized(files):
         if not files:
             return [], None
-        return tokenize_conversations(load_conversations(files), tokenizer, template, max_length=cfg.data.max_length,
-                                      truncation=cfg.data.truncation, progress=shows_progress(cfg.logging))
+        source = SourceReport()
+        return tokenize_conversations(load_conversations(files, source), tokenizer, template,
+                                      max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+                                      progress=shows_progress(cfg.logging), source=source)
 
     train, train_report = tokenized(cfg.data.train_files)
     evaluation, eval_report = tokenized(cfg.data.eval_files)
