@@ -24,9 +24,10 @@ from icegrt_jax.train.ppo_eval import filled_pieces
 
 
 def numbered_e_share(prompts, responses):
-    """``letter_e_share`` + the number in the prompt: the tiny model's greedy responses are alike,
-    so this score also tells which prompt a response was scored with (order, fillers)."""
-    return [int(re.search(r"\d+", p).group()) + e for p, e in zip(prompts, letter_e_share(prompts, responses))]
+    """``letter_e_share`` + the number in the prompt (0 if none): the tiny model's greedy responses
+    are alike, so this score also tells which prompt a response was scored with (order, fillers)."""
+    numbers = [int(m.group()) if (m := re.search(r"\d+", p)) else 0 for p in prompts]
+    return [n + e for n, e in zip(numbers, letter_e_share(prompts, responses), strict=True)]
 
 
 EVAL_KEYS = {"eval/score_raw_mean", "eval/score_raw_std", "eval/response_length", "eval/truncation_rate"}
@@ -128,3 +129,22 @@ def test_bad_eval_prompts_are_one_line_exit_2_nothing_written(ppo_setup, capsys,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message.format(tmp=tmp_path) in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_evaluate_like_one(tmp_path, tiny_tokenizer_dir):
+    """Process 0 scores the held-out responses for both (``rollout.primary_scores``), the rows
+    split over both processes' devices (3 prompts and a filler): the eval rows equal one process's."""
+    from test_multihost import finish, launch, metrics, ppo_config
+
+    runs = {}
+    for name, processes in (("multi", 2), ("single", 1)):
+        config = ppo_config(tmp_path, tiny_tokenizer_dir, name)
+        with open(tmp_path / "eval.jsonl", "w") as f:
+            f.writelines(json.dumps({"prompt": p}) + "\n" for p in EVAL_PROMPTS[:3])
+        finish(launch(config, steps=1, num_processes=processes, command="ppo",
+                      overrides=(f"data.eval_prompt_files=[{tmp_path / 'eval.jsonl'}]",
+                                 "reward.function=test_ppo_eval:numbered_e_share")))
+        runs[name] = [row for row in metrics(tmp_path / name) if "eval/score_raw_mean" in row]
+    assert [row["step"] for row in runs["multi"]] == [1]
+    for key in EVAL_KEYS:
+        assert runs["multi"][0][key] == pytest.approx(runs["single"][0][key], abs=1e-7), key
