@@ -285,9 +285,12 @@ class RewardConfig:
 class PromptDataConfig:
     """PPO prompts: records with a ``prompt`` field (other fields are ignored), rendered with the
     training template's prompt segment; prompts longer than ``max_prompt_length`` tokens are
-    dropped and counted. ``prompts_per_iteration`` prompts are sampled per PPO iteration."""
+    dropped and counted. ``prompts_per_iteration`` prompts are sampled per PPO iteration.
+    ``eval_prompt_files`` (same format): held-out prompts whose greedy responses are scored every
+    ``training.eval_every`` iterations and at the last (none: no evaluation)."""
 
     prompt_files: list[str] = list_of()
+    eval_prompt_files: list[str] = list_of()
     tokenizer_path: str | None = None
     template: str = choice("icegrt", "icegrt", "raw")
     max_prompt_length: int = 512

@@ -72,7 +72,7 @@ from icegrt_jax.sharding import (
     initialize_distributed,
     is_primary_process,
 )
-from icegrt_jax.train import rollout
+from icegrt_jax.train import ppo_eval, rollout
 from icegrt_jax.train.loop import (
     check_output_dir,
     data_position_meta,
@@ -119,14 +119,16 @@ class PPOState:
 
 # --- prompts -------------------------------------------------------------------------------------
 
-def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[TokenizedExample], int, SourceReport]:
-    """Template-rendered prompt ids (source = the prompt text); too-long prompts are dropped and
-    counted; the ``SourceReport`` counts blank lines and repeated records."""
-    template = get_template(cfg.data.template)
-    if not cfg.data.prompt_files:
-        raise DataError("data.prompt_files: no prompt files given")
+def load_prompts(cfg: PPOConfig, tokenizer, key: str = "prompt_files"
+                 ) -> tuple[list[TokenizedExample], int, SourceReport]:
+    """Template-rendered prompt ids (source = the prompt text) of the files ``data.<key>``;
+    too-long prompts are dropped and counted; the ``SourceReport`` counts blank lines and
+    repeated records."""
+    template, specs = get_template(cfg.data.template), getattr(cfg.data, key)
+    if not specs:
+        raise DataError(f"data.{key}: no prompt files given")
     examples, dropped, source = [], 0, SourceReport()
-    for spec in cfg.data.prompt_files:
+    for spec in specs:
         for where, record in iter_records(spec, source):
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected an object, got {type(record).__name__}")
@@ -137,9 +139,9 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[TokenizedExample], int
                 continue
             examples.append(TokenizedExample(ids, np.zeros(len(ids), bool), text))
     if not examples and not dropped:
-        raise DataError(f"data.prompt_files {', '.join(cfg.data.prompt_files)}: no prompts (the files are empty)")
+        raise DataError(f"data.{key} {', '.join(specs)}: no prompts (the files are empty)")
     if not examples:
-        raise DataError(f"data.max_prompt_length={cfg.data.max_prompt_length}: every prompt is longer")
+        raise DataError(f"data.max_prompt_length={cfg.data.max_prompt_length}: every prompt of data.{key} is longer")
     return examples, dropped, source
 
 
@@ -222,45 +224,36 @@ def rows_at_a_time(cfg: PPOConfig) -> int:
     return cfg.rollout.micro_batch_size or cfg.data.prompts_per_iteration
 
 
-def scoring_forward(fn, graphdef, cfg: PPOConfig):
-    """A rollout forward ``fn(graphdef, params, tokens, attention_mask, *static)`` over the
-    iteration's rows ``rows_at_a_time`` at a time (``rollout.in_row_chunks``)."""
-    chunks = cfg.data.prompts_per_iteration // rows_at_a_time(cfg)
+def scoring_forward(fn, graphdef, cfg: PPOConfig, rows: int | None = None):
+    """A rollout forward ``fn(graphdef, params, tokens, attention_mask, *static)`` over ``rows``
+    rows (default: the iteration's) ``rows_at_a_time`` at a time (``rollout.in_row_chunks``)."""
+    chunks = (rows or cfg.data.prompts_per_iteration) // rows_at_a_time(cfg)
     return rollout.in_row_chunks(functools.partial(fn, graphdef), chunks)
 
 
-def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,
-                    *, partitioner: Partitioner, state_shardings):
-    """The PPO iteration ``(PPOState, prompt_batch) -> (PPOState, metrics)`` (host orchestration
-    of jitted pieces; the data flow is the module docstring's), sharded by ``partitioner`` with the
-    ``PPOState`` laid out by ``state_shardings``."""
-    p, temperature = cfg.ppo, cfg.rollout.temperature
-    rows_sh, replicated = partitioner.batch_sharding, partitioner.replicated
+def scoring_program(fn, graphdef, param_shardings, cfg: PPOConfig, partitioner: Partitioner, rows: int | None = None,
+                    **static):
+    """``scoring_forward`` jitted with its rows split over the data-parallel shards (``static``:
+    ``partitioner.jit``'s options)."""
+    rows_sh = partitioner.batch_sharding
+    return partitioner.jit(scoring_forward(fn, graphdef, cfg, rows), in_shardings=(param_shardings, rows_sh, rows_sh),
+                           out_shardings=rows_sh, **static)
 
-    def forward(fn, graphdef, param_shardings, **static):
-        chunked = scoring_forward(fn, graphdef, cfg)
-        return partitioner.jit(chunked, in_shardings=(param_shardings, rows_sh, rows_sh), out_shardings=rows_sh, **static)
 
-    logprob_fn = forward(rollout.sequence_logprobs, roles.actor_graphdef, state_shardings.actor.params,
-                         static_argnums=(3, 4))
-    reference_fn = forward(rollout.sequence_logprobs_without_entropy, roles.actor_graphdef,
-                           state_shardings.actor.params, static_argnums=(3, 4))
-    fused = fuses_value_forward(cfg)
-    value_fn = (forward(rollout.critic_values, roles.critic_graphdef, state_shardings.critic.params)
-                if not fused else None)
-    reward_fn = (forward(rollout.reward_model_scores, roles.reward_graphdef, partitioner.shardings(roles.reward_params))
-                 if roles.reward_graphdef is not None else None)
-    experience = functools.partial(rollout.experience_from_scores, reward_cfg=cfg.reward,
-                                   reward_stats=roles.reward_stats, loss_cfg=p)
-    experience_fn = partitioner.jit(
-        experience,
-        in_shardings=(rows_sh,) * 6 + (replicated, replicated),
-        out_shardings=(rows_sh, rows_sh, rows_sh, replicated, replicated))
-    minibatch_fn = partitioner.jit(take_rows, in_shardings=(rows_sh, replicated), out_shardings=rows_sh)
-    updates = update_programs(cfg, roles, actor_tx, critic_tx, experience, partitioner, state_shardings)
+def make_scorer(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, score_function, partitioner: Partitioner,
+                rows: int | None = None):
+    """``score(prompts, result, tokens, attention_mask)``: the raw scores [rows] (split over the
+    data-parallel shards) of a ``GenerationResult``'s ``rows`` rows (default: the iteration's),
+    ``tokens`` and ``attention_mask`` its rows as sharded arrays. A ``reward.function`` gets the
+    decoded responses (on process 0: ``rollout.primary_scores``); the reward model reads the
+    policy's tokens as they are or, where it cannot (``rollout.passes_tokens_through``), the
+    responses retokenised."""
     template = get_template(cfg.data.template)
     eos_ids = stop_ids(cfg, tokenizer)
     pass_through = rollout.passes_tokens_through(tokenizer, reward_tokenizer, eos_ids)
+    reward_fn = (scoring_program(rollout.reward_model_scores, roles.reward_graphdef,
+                                 partitioner.shardings(roles.reward_params), cfg, partitioner, rows)
+                 if roles.reward_graphdef is not None else None)
 
     def score(prompts, result, tokens, attention_mask):
         if score_function is not None or not pass_through:
@@ -274,6 +267,36 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                 reward_tokenizer, template, prompts, responses, result.finished_by_eos,
                 pad_token_id(reward_tokenizer)))
         return reward_fn(roles.reward_params, tokens, attention_mask)
+
+    return score
+
+
+def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,
+                    *, partitioner: Partitioner, state_shardings):
+    """The PPO iteration ``(PPOState, prompt_batch) -> (PPOState, metrics)`` (host orchestration
+    of jitted pieces; the data flow is the module docstring's), sharded by ``partitioner`` with the
+    ``PPOState`` laid out by ``state_shardings``."""
+    p, temperature = cfg.ppo, cfg.rollout.temperature
+    rows_sh, replicated = partitioner.batch_sharding, partitioner.replicated
+
+    forward = functools.partial(scoring_program, cfg=cfg, partitioner=partitioner)
+    logprob_fn = forward(rollout.sequence_logprobs, roles.actor_graphdef, state_shardings.actor.params,
+                         static_argnums=(3, 4))
+    reference_fn = forward(rollout.sequence_logprobs_without_entropy, roles.actor_graphdef,
+                           state_shardings.actor.params, static_argnums=(3, 4))
+    fused = fuses_value_forward(cfg)
+    value_fn = (forward(rollout.critic_values, roles.critic_graphdef, state_shardings.critic.params)
+                if not fused else None)
+    experience = functools.partial(rollout.experience_from_scores, reward_cfg=cfg.reward,
+                                   reward_stats=roles.reward_stats, loss_cfg=p)
+    experience_fn = partitioner.jit(
+        experience,
+        in_shardings=(rows_sh,) * 6 + (replicated, replicated),
+        out_shardings=(rows_sh, rows_sh, rows_sh, replicated, replicated))
+    minibatch_fn = partitioner.jit(take_rows, in_shardings=(rows_sh, replicated), out_shardings=rows_sh)
+    updates = update_programs(cfg, roles, actor_tx, critic_tx, experience, partitioner, state_shardings)
+    eos_ids = stop_ids(cfg, tokenizer)
+    score = make_scorer(cfg, roles, tokenizer, reward_tokenizer, score_function, partitioner)
 
     warned = set()
 
@@ -491,7 +514,8 @@ def init_ppo_state(cfg: PPOConfig, actor_tx, critic_tx, actor_params, critic_par
 def run_ppo(cfg: PPOConfig) -> dict:
     """Train (or resume) ICE-GRT; writes config.yaml, metrics.jsonl, checkpoints/, final/ (the
     actor, an HF-exportable project checkpoint) and final-critic/. Runs sharded over ``cfg.mesh``,
-    in one process or several (see the module docstring)."""
+    in one process or several (see the module docstring). With ``data.eval_prompt_files`` the
+    actor is evaluated on them (``ppo_eval``) every ``training.eval_every`` iterations and at the last."""
     initialize_distributed()
     check_output_dir(cfg.training.output_dir)  # before any model loads
     partitioner = Partitioner.from_config(cfg.mesh)
@@ -501,12 +525,14 @@ def run_ppo(cfg: PPOConfig) -> dict:
         if cfg.reward.path is not None:
             existing_directory("reward.path", cfg.reward.path)
         prompts, dropped, source = load_prompts(cfg, tokenizer)
+        evaluation = load_prompts(cfg, tokenizer, "eval_prompt_files") if cfg.data.eval_prompt_files else None
         score_function = rollout.load_score_function(cfg.reward.function) if cfg.reward.function else None
     llama, critic_cfg, actor_params, critic_params, roles, reward_tokenizer = build_roles(cfg, tokenizer, partitioner)
     if outside := [i for i in cfg.rollout.stop_token_ids or () if not 0 <= i < llama.vocab_size]:
         raise ConfigError(f"rollout.stop_token_ids: {outside} outside the model's vocabulary [0, {llama.vocab_size})")
-    check_prompt_room(prompts, llama.max_position_embeddings, cfg.rollout.max_new_tokens)
-    check_readers_context(cfg, prompts, llama, critic_cfg, roles, tokenizer, reward_tokenizer)
+    eval_prompts = evaluation[0] if evaluation else []
+    check_prompt_room(prompts + eval_prompts, llama.max_position_embeddings, cfg.rollout.max_new_tokens)
+    check_readers_context(cfg, prompts + eval_prompts, llama, critic_cfg, roles, tokenizer, reward_tokenizer)
     batches = BatchIterator(prompts, batch_size=cfg.data.prompts_per_iteration, buckets=(10**9,), pad_id=0,
                             seed=cfg.data.shuffle_seed, group_by_length=False, collate_fn=collate_prompts)
     total = cfg.training.steps or cfg.training.epochs * batches.batches_per_epoch
@@ -524,14 +550,21 @@ def run_ppo(cfg: PPOConfig) -> dict:
     state, checkpointer = open_run(cfg, "ppo", state, state_shardings, batches, [
         (f"{len(prompts)} prompts ({dropped} longer than data.max_prompt_length dropped; each epoch's last "
          f"iteration repeats {-len(prompts) % cfg.data.prompts_per_iteration} to fill its batch); {total} iterations"
-         + (f"; {source.summary()}" if source.summary() else ""))])
+         + (f"; {source.summary()}" if source.summary() else ""))]
+        + ([ppo_eval.eval_report_line(len(eval_prompts), *evaluation[1:])] if evaluation else []))
     out = cfg.training.output_dir
     iteration = make_train_step(cfg, roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,
                                 partitioner=partitioner, state_shardings=state_shardings)
+    eval_fn = (ppo_eval.make_eval_fn(
+        eval_prompts, roles.actor_graphdef,
+        make_scorer(cfg, roles, tokenizer, reward_tokenizer, score_function, partitioner, rows_at_a_time(cfg)),
+        rows=rows_at_a_time(cfg), max_new_tokens=cfg.rollout.max_new_tokens, stop_ids=stop_ids(cfg, tokenizer),
+        pad_id=pad_token_id(tokenizer), partitioner=partitioner) if eval_prompts else None)
     result = train_loop(state=state, step_fn=with_learning_rates(iteration, cfg, total * updates_per_iteration),
                         batches=batches, total_steps=total, checkpointer=checkpointer,
                         meta_fn=data_position_meta(batches), training=cfg.training, logging=cfg.logging,
-                        output_dir=out, desc="ppo", progress_keys=("score_raw_mean", "kl", "response_length"))
+                        output_dir=out, eval_fn=eval_fn, desc="ppo",
+                        progress_keys=("score_raw_mean", "kl", "response_length"))
     checkpointer.close()
     result.raise_if_stopped(checkpointer)
     save_model(llama, result.state.actor.params, os.path.join(out, "final"), tokenizer=tokenizer)
