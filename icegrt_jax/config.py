@@ -143,7 +143,9 @@ class TrainingConfig:
     """Run length, seeds and cadences (in optimizer steps).
 
     The run lasts ``epochs`` passes over the training data unless ``steps`` is set, in which case
-    it lasts exactly ``steps`` optimizer steps. Evaluation runs only when ``data.eval_files`` is set.
+    it lasts exactly ``steps`` optimizer steps (PPO: iterations). Evaluation runs every ``eval_every``
+    steps and at the last only with held-out data: ``data.eval_files`` (SFT, reward) or
+    ``data.eval_prompt_files`` (PPO).
     """
 
     epochs: int = 1
