@@ -600,3 +600,16 @@ def test_convert_keeps_the_sampling_defaults_of_generation_config_both_ways(tmp_
     assert (back.do_sample, back.temperature, back.top_p, back.max_length) == (True, 0.6, 0.9, 4096)
     assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (1, [2, 5], 0)
 
+
+def test_the_demo_export_check_stops_transformers_at_every_eos_id(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """transformers generates with every id the exported config ends a response at, as our sampler."""
+    from icegrt_jax.demo import pipeline
+
+    make_hf_llama(tmp_path / "src", vocab=400)
+    cfg, params = load_hf(str(tmp_path / "src"))
+    save_hf(cfg.replace(extra_eos_token_ids=(7,)), params, str(tmp_path / "hf"), tokenizer=tiny_tokenizer_dir)
+    seen, generate = [], transformers.LlamaForCausalLM.generate
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "generate",
+                        lambda self, *a, **kw: seen.append(kw["eos_token_id"]) or generate(self, *a, **kw))
+    assert len(pipeline.transformers_greedy(str(tmp_path / "hf"), ["hi"], 2)) == 1
+    assert seen == [[2, 7]]
