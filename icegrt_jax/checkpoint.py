@@ -1,4 +1,5 @@
-"""Project checkpoints (Orbax) of a model: ``DIR/config.json`` (HF-style) + ``DIR/params/`` (OCDBT).
+"""Project checkpoints (Orbax) of a model: ``DIR/config.json`` (HF-style) + ``DIR/params/`` (OCDBT),
+and ``extra_json`` files (e.g. the generation_config.json ``convert`` keeps from an HF model).
 
 ``load_model_dir`` accepts either a project checkpoint or an HF safetensors directory, so every
 command that takes ``--model DIR`` works with both.

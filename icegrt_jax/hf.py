@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,17 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from icegrt_jax import files
-from icegrt_jax.errors import UserInputError
+from icegrt_jax.hf_files import (
+    GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    CheckpointError,
+    generation_config_dict,
+    read_generation_config,
+    save_tokenizer_files,
+    set_pad_token,
+    tokenizer_files,
+    write_json,
+)
 from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import Llama
 from icegrt_jax.models.llama_config import (
@@ -49,14 +60,8 @@ FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, j
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 # Buffers some LLaMA-1 conversions saved; they are recomputed, never loaded.
 IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
-
-class CheckpointError(UserInputError):
-    """An HF checkpoint directory we cannot load (missing files, tensors or wrong shapes)."""
 
 
 @dataclass(frozen=True)
@@ -259,16 +264,13 @@ def load_hf_config(path: str, **overrides) -> LlamaConfig:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
     cfg = LlamaConfig.from_json_file(os.path.join(path, "config.json"), **overrides)
-    generation = os.path.join(path, "generation_config.json")
-    if not os.path.isfile(generation):
-        return cfg
-    config = files.read_json(generation, CheckpointError, "a generation config")
-    eos = config.get("eos_token_id") if isinstance(config, dict) else None
+    eos = (read_generation_config(path) or {}).get("eos_token_id")
     ids = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
     if ids is None:
         return cfg
     if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
-        raise CheckpointError(f"{generation}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        raise CheckpointError(f"{os.path.join(path, GENERATION_CONFIG)}: eos_token_id must be a token id or a "
+                              f"list of them, got {eos!r}")
     return cfg.replace(extra_eos_token_ids=cfg.extra_eos_token_ids + tuple(ids))
 
 
@@ -330,21 +332,25 @@ def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def scoring_config(cfg: LlamaConfig, tokenizer=None) -> LlamaConfig:
-    """The config a score model is exported with. transformers' LlamaForSequenceClassification
-    scores the last token that is not ``pad_token_id`` (it ignores the attention mask), so the
-    export names the id the reward trainer padded with: the ``tokenizer``'s (a directory or a
-    tokenizer: its pad, else unk, else eos), else the config's when it is a token id (LLaMA-1's
-    -1 is none: transformers would score the last padding slot). A note on stderr when that id
-    is the EOS (transformers then scores the token before a final EOS, where we score the EOS)
-    or when there is none (transformers refuses batches of more than one)."""
-    import sys
-
+def scoring_config(cfg: LlamaConfig, tokenizer=None) -> tuple[LlamaConfig, str | None]:
+    """(config, pad token) a score model is exported with. transformers'
+    LlamaForSequenceClassification scores the last token that is not ``pad_token_id`` (it ignores
+    the attention mask), so the export names the id the reward trainer padded with: the
+    ``tokenizer``'s (a directory or a tokenizer: its pad, else unk, else eos), else the config's
+    when it is a token id (LLaMA-1's -1 is none: transformers would score the last padding slot).
+    The pad token is that id's token where the tokenizer pads with another or none (the exported
+    tokenizer must pad with the id the model skips: padding with EOS, the usual fix for a
+    tokenizer without one, would have it score a padding slot), else None. A note on stderr when
+    that id is the EOS (transformers then scores the token before a final EOS, where we score the
+    EOS) or when there is none (transformers refuses batches of more than one)."""
     from icegrt_jax.data.tokenize import load_tokenizer, pad_token_id
 
+    pad_token = None
     if tokenizer is not None:
         loaded = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         cfg = cfg.replace(pad_token_id=pad_token_id(loaded))
+        if loaded.pad_token_id != cfg.pad_token_id:
+            pad_token = loaded.convert_ids_to_tokens(cfg.pad_token_id)
     elif cfg.pad_token_id is not None and cfg.pad_token_id < 0:
         cfg = cfg.replace(pad_token_id=None)
     if cfg.pad_token_id is None:
@@ -353,42 +359,7 @@ def scoring_config(cfg: LlamaConfig, tokenizer=None) -> LlamaConfig:
     elif cfg.pad_token_id == cfg.eos_token_id:
         print("note: the pad id is the EOS id: transformers' LlamaForSequenceClassification scores the token "
               "before a final EOS, icegrt scores the EOS", file=sys.stderr)
-    return cfg
-
-
-def save_tokenizer_files(tokenizer, directory: str):
-    """Copy the ``TOKENIZER_FILES`` a tokenizer directory has (at least one) or save a tokenizer object."""
-    if not isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer.save_pretrained(directory)
-        return
-    for src in tokenizer_files(tokenizer, required=True):
-        shutil.copy(src, directory)
-
-
-def tokenizer_files(directory: str, required: bool = False) -> list[str]:
-    """The ``TOKENIZER_FILES`` present in ``directory``; with ``required``, none is an error. A JSON
-    one that does not parse, or a tokenizer.json the ``tokenizers`` library cannot load, is a
-    ``CheckpointError`` naming the file, so a broken tokenizer is not copied into a converted model
-    and found only by a later command."""
-    found = [os.path.join(directory, file) for file in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, file))]
-    if required and not found:
-        raise CheckpointError(f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
-    for file in (f for f in found if f.endswith(".json")):
-        files.read_json(file, CheckpointError)
-        if os.path.basename(file) == "tokenizer.json":
-            _check_fast_tokenizer(file)
-    return found
-
-
-def _check_fast_tokenizer(path: str):
-    """Load ``path`` with ``tokenizers`` (as transformers' fast tokenizers do); a failure is one line."""
-    from tokenizers import Tokenizer
-
-    try:
-        Tokenizer.from_file(path)
-    except Exception as e:  # noqa: BLE001 - the Rust library raises a plain Exception
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: not a tokenizer the tokenizers library can load ({reason})") from None
+    return cfg, pad_token
 
 
 def check_replaceable(path: str):
@@ -507,18 +478,21 @@ def remove_path(path: str) -> None:
 
 
 def save_hf(config: LlamaConfig, params, path: str, tokenizer=None, max_shard_size: int = 5 * 1024**3,
-            progress: bool = False, kind: str | None = None):
+            progress: bool = False, kind: str | None = None, generation: dict | None = None):
     """Write an HF ``LlamaForCausalLM`` directory (``LlamaForSequenceClassification`` for a score
     model: ``kind`` "score", by default when ``params`` hold a score head): safetensors (sharded
     + index when larger than ``max_shard_size`` bytes), config.json (a score model's with
-    ``scoring_config``), generation_config.json (causal LM), tokenizer files when given (a
-    directory or a tokenizer)."""
+    ``scoring_config``, whose pad token its tokenizer files name), generation_config.json (a
+    causal LM's, or any model's given ``generation``: a source's settings that it keeps, with the
+    config's token ids: ``generation_config_dict``), tokenizer files when given (a directory or a
+    tokenizer)."""
     holds_score = "score" in (nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params)
     kind = kind or ("score" if holds_score else "causal_lm")
     if holds_score != (kind == "score"):
         raise CheckpointError(f"{path}: kind {kind!r} does not match the parameters (a score head: {holds_score})")
+    pad_token = None
     if kind == "score":
-        config = scoring_config(config, tokenizer)
+        config, pad_token = scoring_config(config, tokenizer)
     tensors = hf_tensors(config, params, kind)
     dtypes = {str(t.dtype) for t in tensors.values()}
     stored_dtype = dtypes.pop() if len(dtypes) == 1 else None
@@ -535,35 +509,34 @@ def save_hf(config: LlamaConfig, params, path: str, tokenizer=None, max_shard_si
             total = sum(t.nbytes for t in tensors.values())
             write_json(os.path.join(tmp, SAFE_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
         write_json(os.path.join(tmp, "config.json"), hf_config_dict(saved_cfg, kind))
-        if kind == "causal_lm":
-            write_json(os.path.join(tmp, "generation_config.json"), {
-                "bos_token_id": config.bos_token_id, "eos_token_id": config.hf_eos_token_id,
-                "pad_token_id": config.pad_token_id, "_from_model_config": True,
-            })
+        if kind == "causal_lm" or generation is not None:
+            write_json(os.path.join(tmp, GENERATION_CONFIG), generation_config_dict(config, generation))
         if tokenizer is not None:
-            save_tokenizer_files(tokenizer, tmp)
+            save_tokenizer_files(tokenizer, tmp, pad_token=pad_token)
 
     atomic_directory(path, write)
 
 
-def write_json(path: str, obj):
-    """HF's JSON files: indented, keys sorted (``files.write_json``)."""
-    files.write_json(path, obj, sort_keys=True)
-
-
 __all__ = [
+    "GENERATION_CONFIG",
     "NAME_TABLE",
+    "TOKENIZER_FILES",
     "CheckpointError",
     "ModelConfigError",
     "SafetensorsError",
     "abstract_model",
     "atomic_directory",
     "check_replaceable",
+    "generation_config_dict",
     "hf_tensors",
     "load_hf",
     "load_hf_config",
     "model_from_params",
     "params_from_pure_dict",
+    "read_generation_config",
     "save_hf",
+    "save_tokenizer_files",
+    "set_pad_token",
     "tokenizer_files",
+    "write_json",
 ]

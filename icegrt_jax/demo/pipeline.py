@@ -398,16 +398,18 @@ def transformers_greedy(hf_dir: str, prompts: list[str], max_new_tokens: int) ->
 
     from icegrt_jax.data.templates import ICEGRT
     from icegrt_jax.data.tokenize import tokenize_prompt
+    from icegrt_jax.hf import load_hf_config
 
     local = {"local_files_only": True, "trust_remote_code": False}
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, **local)
-    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, use_safetensors=True, **local).eval()
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True, **local).eval()
+    eos_ids = list(load_hf_config(hf_dir).eos_token_ids)  # every id our sampler stops at
     texts = []
     for prompt in prompts:
         ids = torch.tensor([tokenize_prompt(tokenizer, ICEGRT, prompt).tolist()])
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                                  pad_token_id=tokenizer.pad_token_id)
         texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return texts
