@@ -51,6 +51,13 @@ def generation_config_dict(cfg: LlamaConfig, source: dict | None = None) -> dict
     return {**source, **{key: value for key, value in ids.items() if value is not None}}
 
 
+def carried_generation_config(source_dir: str | None, cfg: LlamaConfig) -> dict | None:
+    """``save_model``'s ``extra_json`` for a model made from ``source_dir`` (an HF directory or a
+    project checkpoint): its generation_config.json (``generation_config_dict``), None without one."""
+    source = read_generation_config(source_dir) if source_dir is not None else None
+    return {GENERATION_CONFIG: generation_config_dict(cfg, source)} if source is not None else None
+
+
 # --- tokenizer files -----------------------------------------------------------------------
 
 def save_tokenizer_files(tokenizer, directory: str, pad_token: str | None = None):

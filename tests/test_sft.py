@@ -372,3 +372,22 @@ def test_resuming_keeps_the_metrics_rows_up_to_the_checkpoint_and_counts_unreada
     assert capsys.readouterr().err.strip().endswith("metrics.jsonl: dropped 1 line(s) that are not JSON objects")
     drop_rows_after(str(path), 2)  # a clean file: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_a_model_fine_tuned_from_an_hf_directory_keeps_its_generation_defaults(sft_setup):
+    """final/ carries the source's generation_config.json sampling defaults (with the model's ids),
+    which an export writes back."""
+    from helpers import make_hf_llama
+
+    from icegrt_jax.hf import read_generation_config
+
+    tmp_path, config = sft_setup
+    make_hf_llama(tmp_path / "base", vocab=512)
+    (tmp_path / "base" / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": 2}))
+    run_sft(load_config(SFTConfig, config, ["model.preset=null", f"model.hf_path={tmp_path / 'base'}",
+                                            "model.vocab_size=null", "model.hidden_size=null", "model.num_layers=null",
+                                            "training.steps=1"]))
+    carried = read_generation_config(str(tmp_path / "run" / "final"))
+    assert {k: carried[k] for k in ("do_sample", "temperature", "top_p", "eos_token_id")} == {
+        "do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": 2}

@@ -40,16 +40,15 @@ def run(args) -> int:
     overrides = {"param_dtype": args.dtype} if args.dtype else {}
     tokenizer = args.tokenizer or (args.src if hf.tokenizer_files(args.src) else None)
     model_kind = hf.read_config_kind(args.src)  # a missing directory or config.json, a run directory: one line
-    generation = hf.read_generation_config(args.src)  # sampling defaults: kept both ways, ids from the config
-    if checkpoint.is_project_checkpoint(args.src):
+    if checkpoint.is_project_checkpoint(args.src):  # generation_config.json's sampling defaults are kept both ways
         cfg, params = checkpoint.load_model(args.src, **overrides)
-        hf.save_hf(cfg, params, args.out, tokenizer=tokenizer, progress=True,
-                   max_shard_size=int(args.max_shard_gb * 1024**3), kind=model_kind, generation=generation)
+        hf.save_hf(cfg, params, args.out, tokenizer=tokenizer, progress=True, max_shard_size=int(args.max_shard_gb * 1024**3),
+                   kind=model_kind, generation=hf.read_generation_config(args.src))
         kind = "HF"
     else:
         cfg, params = hf.load_hf(args.src, progress=True, **overrides)
-        carried = {hf.GENERATION_CONFIG: hf.generation_config_dict(cfg, generation)} if generation else None
-        checkpoint.save_model(cfg, params, args.out, tokenizer=tokenizer, kind=model_kind, extra_json=carried)
+        checkpoint.save_model(cfg, params, args.out, tokenizer=tokenizer, kind=model_kind,
+                              extra_json=hf.carried_generation_config(args.src, cfg))
         kind = "project"
     print(f"wrote {kind} checkpoint {args.out} ({hf.HF_ARCHITECTURES[model_kind]}, {sum(x.size for x in jax.tree.leaves(params)):,} "
           f"parameters, {cfg.param_dtype})")

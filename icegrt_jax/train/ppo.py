@@ -62,7 +62,7 @@ from icegrt_jax.data.tokenize import (
     pad_token_id,
     tokenize_prompt,
 )
-from icegrt_jax.hf import abstract_model
+from icegrt_jax.hf import abstract_model, carried_generation_config
 from icegrt_jax.models.heads import score_params_from_llama
 from icegrt_jax.models.llama import LlamaConfig
 from icegrt_jax.sampling import SamplingParams, generate
@@ -567,6 +567,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
                         progress_keys=("score_raw_mean", "kl", "response_length"))
     checkpointer.close()
     result.raise_if_stopped(checkpointer)
-    save_model(llama, result.state.actor.params, os.path.join(out, "final"), tokenizer=tokenizer)
+    save_model(llama, result.state.actor.params, os.path.join(out, "final"), tokenizer=tokenizer,
+               extra_json=carried_generation_config(cfg.model.hf_path, llama))
     save_model(critic_cfg, result.state.critic.params, os.path.join(out, "final-critic"), tokenizer=tokenizer, kind="score")
     return result.last_metrics

@@ -31,7 +31,7 @@ from icegrt_jax.data.tokenize import (
     pad_token_id,
     tokenize_conversations,
 )
-from icegrt_jax.hf import abstract_model
+from icegrt_jax.hf import abstract_model, carried_generation_config
 from icegrt_jax.losses import chunked_token_logprobs, masked_nll_sum
 from icegrt_jax.sharding import Partitioner, all_or_none, initialize_distributed
 from icegrt_jax.train.loop import (
@@ -184,5 +184,6 @@ def run_sft(cfg: SFTConfig) -> dict:
         tokens_fn=counted_tokens, desc="sft")
     checkpointer.close()
     result.raise_if_stopped(checkpointer)
-    save_model(llama, result.state.params, os.path.join(cfg.training.output_dir, "final"), tokenizer=data.tokenizer)
+    save_model(llama, result.state.params, os.path.join(cfg.training.output_dir, "final"), tokenizer=data.tokenizer,
+               extra_json=carried_generation_config(cfg.model.hf_path, llama))
     return result.last_metrics
