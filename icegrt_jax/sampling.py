@@ -583,4 +583,4 @@ def _progress_bar(total: int, enabled: bool):
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="prompt", desc="generate")
+    return tqdm(total=total, unit="prompt", desc="generate", leave=False)  # also under a trainer's bar

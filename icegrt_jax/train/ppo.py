@@ -314,7 +314,7 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
                                   pad_id=pad_token_id(tokenizer))
         with partitioner.activate():
             result = generate((roles.actor_graphdef, state.actor.params), [e.input_ids for e in prompt_batch],
-                              sampling, batch_size=rows_at_a_time(cfg))
+                              sampling, batch_size=rows_at_a_time(cfg), progress=shows_progress(cfg.logging))
         generated = time.perf_counter()
 
         rollout_rows = partitioner.shard_batch({"tokens": result.tokens, "attention_mask": result.attention_mask,
@@ -559,7 +559,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         eval_prompts, roles.actor_graphdef,
         make_scorer(cfg, roles, tokenizer, reward_tokenizer, score_function, partitioner, rows_at_a_time(cfg)),
         rows=rows_at_a_time(cfg), max_new_tokens=cfg.rollout.max_new_tokens, stop_ids=stop_ids(cfg, tokenizer),
-        pad_id=pad_token_id(tokenizer), partitioner=partitioner) if eval_prompts else None)
+        pad_id=pad_token_id(tokenizer), partitioner=partitioner, progress=shows_progress(cfg.logging))
+        if eval_prompts else None)
     result = train_loop(state=state, step_fn=with_learning_rates(iteration, cfg, total * updates_per_iteration),
                         batches=batches, total_steps=total, checkpointer=checkpointer,
                         meta_fn=data_position_meta(batches), training=cfg.training, logging=cfg.logging,

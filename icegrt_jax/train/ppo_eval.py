@@ -48,16 +48,16 @@ def eval_metrics(scores: np.ndarray, result: GenerationResult) -> dict[str, floa
 
 
 def make_eval_fn(prompts: list, actor_graphdef, score: Callable, *, rows: int, max_new_tokens: int,
-                 stop_ids: tuple[int, ...], pad_id: int, partitioner: Partitioner) -> Callable:
+                 stop_ids: tuple[int, ...], pad_id: int, partitioner: Partitioner, progress: bool = False) -> Callable:
     """``evaluate(state) -> metrics`` of the ``PPOState``'s actor on ``prompts`` (tokenised
-    examples; their ``source`` is the prompt text)."""
+    examples; their ``source`` is the prompt text); ``progress``: the sampler's bar."""
     texts = [e.source for e in prompts]
     sampling = SamplingParams(greedy=True, max_new_tokens=max_new_tokens, eos_token_ids=stop_ids, pad_id=pad_id)
 
     def evaluate(state) -> dict[str, float]:
         with partitioner.activate():
             result = generate((actor_graphdef, state.actor.params), [e.input_ids for e in prompts], sampling,
-                              batch_size=rows)
+                              batch_size=rows, progress=progress)
         scores = []
         for piece in filled_pieces(len(prompts), rows):
             piece_result = take_rows(result, piece)
