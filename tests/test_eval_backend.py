@@ -2,6 +2,7 @@
 same weights, simple_evaluate end to end on local data in the upstream schemas, and bad input."""
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -399,6 +400,8 @@ def test_no_connection_to_the_hub_is_one_line_before_any_model_loads(model_dir, 
     import datasets
 
     def offline(*args, **kwargs):
+        hub_logs = logging.getLogger("huggingface_hub")  # its retries would print ~10 warning lines
+        assert not hub_logs.isEnabledFor(logging.WARNING) and not logging.getLogger("datasets").isEnabledFor(logging.WARNING)
         raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, "load_dataset", offline)
     _no_model_loads(monkeypatch)

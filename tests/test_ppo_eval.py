@@ -4,6 +4,7 @@ the last; the prompts' report; bad eval input."""
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,8 @@ def test_eval_rows_at_eval_every_and_the_last_step_score_the_final_actors_greedy
     evals = [row for row in rows if any(k.startswith("eval/") for k in row)]
     assert [row["step"] for row in evals] == [2, 3] and all(set(row) == EVAL_KEYS | {"step"} for row in evals)
     assert all(not any(k.startswith("eval/") for k in row) for row in rows if row not in evals)
+    documented = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    assert all(f"`{key}`" in documented for key in EVAL_KEYS)
     assert (out / "data_report.txt").read_text().splitlines()[1] == \
         "eval: 10 prompts (1 longer than data.max_prompt_length dropped)"
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)

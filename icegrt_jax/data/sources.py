@@ -31,7 +31,6 @@ from typing import Any
 from icegrt_jax.data.templates import Round
 from icegrt_jax.errors import UserInputError
 
-TABLE_SUFFIXES = (".parquet", ".arrow")
 # a spec ending in one of these names a file, never a hub dataset (hub names may hold dots: "org/set-2.5")
 FILE_SUFFIXES = frozenset((".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".gz", ".bz2",
                            ".xz", ".zst", ".zip", ".tar", ".yaml", ".yml", ".md", ".xml", ".html", ".pkl"))
@@ -207,7 +206,7 @@ def _rows(spec: str, dataset: Iterable[dict]) -> Iterator[tuple[int, str, Any]]:
 
 
 @contextlib.contextmanager
-def _quiet_libraries():
+def quiet_hub_libraries():
     """``datasets`` and ``huggingface_hub`` log the failures (and retries) we report as one line."""
     loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub")]
     levels = [logger.level for logger in loggers]
@@ -227,7 +226,7 @@ def _open_local_dataset(path: Path) -> Iterable[dict]:
     if not path.is_dir() and path.suffix not in readers:
         raise DataError(f"{path}: unsupported file type; expected .jsonl, .parquet, .arrow "
                         "or a dataset directory")
-    with _quiet_libraries():
+    with quiet_hub_libraries():
         try:
             if not path.is_dir():
                 loaded = readers[path.suffix](str(path))
@@ -248,7 +247,7 @@ def _open_hub_dataset(spec: str) -> Iterable[dict]:
     import datasets
 
     name, _, split = spec.partition(":")
-    with _quiet_libraries():
+    with quiet_hub_libraries():
         try:
             return datasets.load_dataset(name, split=split or "train")
         except Exception as e:  # any hub, network or format failure: report it on one line

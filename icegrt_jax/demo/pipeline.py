@@ -165,11 +165,11 @@ def run_settings(run: Run) -> dict:
 
 
 def setting_differences(recorded, current, key: str = "") -> list[str]:
-    """``dotted.key: recorded -> current`` for each setting that differs (JSON values)."""
+    """``dotted.key: recorded -> current`` for each setting both have that differs (JSON values); a
+    setting on one side only (a field a later version added or removed) is not a difference."""
     if isinstance(recorded, dict) and isinstance(current, dict):
-        return [line for name in sorted(recorded.keys() | current.keys())
-                for line in setting_differences(recorded.get(name, "(absent)"), current.get(name, "(absent)"),
-                                                f"{key}.{name}" if key else name)]
+        return [line for name in sorted(recorded.keys() & current.keys())
+                for line in setting_differences(recorded[name], current[name], f"{key}.{name}" if key else name)]
     return [] if recorded == current else [f"{key or 'settings'}: {json.dumps(recorded)} -> {json.dumps(current)}"]
 
 

@@ -239,9 +239,13 @@ def write_local_overrides(overrides: dict[str, dict], out_dir: Path) -> None:
 def task_errors():
     """Loading lm-eval's tasks (and their data) inside: a task's missing extra (e.g. MATH needs
     lm-eval[math]) is a ``MissingExtraError``, no connection to the HF hub (``datasets`` raises
-    ``ConnectionError`` after its retries) a ``HubDataError`` that points to local data."""
+    ``ConnectionError`` after its retries, whose logs are silenced) a ``HubDataError`` that points
+    to local data."""
+    from icegrt_jax.data.sources import quiet_hub_libraries
+
     try:
-        yield
+        with quiet_hub_libraries():
+            yield
     except ModuleNotFoundError as e:
         raise MissingExtraError(str(e).splitlines()[0]) from None
     except ConnectionError as e:

@@ -242,15 +242,25 @@ def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {name: float(np.asarray(value)) for name, value in jax.device_get(metrics).items()}
 
 
+RATES = {"tokens": ("tokens_per_s", "step_time_s"), "generated_tokens": ("generate_tokens_per_s", "time_generate_s")}
+
+
 def interval_means(rows: list[dict[str, float]]) -> dict[str, float]:
     """One metrics row for the steps since the last logged one: each metric's mean over the steps
     that report it (a metric absent from some steps, as PPO's policy loss during the critic
-    warm-up, averages the others), and ``tokens_per_s = sum(tokens) / sum(step_time_s)``."""
-    names = list(dict.fromkeys(name for row in rows for name in row))
-    means = {name: float(np.mean([row[name] for row in rows if name in row])) for name in names if name != "tokens"}
-    if "tokens" in names:
-        means["tokens_per_s"] = sum(row["tokens"] for row in rows) / sum(row["step_time_s"] for row in rows)
-    return means
+    warm-up, averages the others), the extremes of ``*_min`` and ``*_max`` metrics, and for a
+    count in ``RATES`` its rate over the interval, ``sum(count) / sum(time)`` (not the mean of
+    per-step rates)."""
+    out = {}
+    for name in dict.fromkeys(name for row in rows for name in row):
+        values = [row[name] for row in rows if name in row]
+        if name in RATES:
+            rate, time_name = RATES[name]
+            out[rate] = sum(values) / sum(row[time_name] for row in rows if name in row)
+        else:
+            reduce = min if name.endswith("_min") else max if name.endswith("_max") else np.mean
+            out[name] = float(reduce(values))
+    return out
 
 
 def non_finite_message(step: int, metrics: dict[str, float], checkpointer) -> str:
@@ -282,8 +292,10 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
                progress_keys: tuple[str, ...] = ("loss",)) -> LoopResult:
     """Run ``step_fn`` from ``state.step`` up to ``total_steps``; see the module docstring.
 
-    Every ``log_every`` steps, at the last step and when a signal stops the loop, one metrics row
-    is logged: ``interval_means`` of the steps since the previous row. ``meta_fn()`` returns the
+    Every ``log_every`` steps and at every checkpoint (``save_every`` steps, the last step, a
+    signal), one metrics row is logged: ``interval_means`` of the steps since the previous row, so
+    a resumed run logs the rows an uninterrupted one would; before a ``NonFiniteError``, the good
+    steps' row. ``meta_fn()`` returns the
     JSON-able resume information saved with each checkpoint (the data position after the last
     consumed batch). ``tokens_fn(batch)`` counts a batch's tokens for ``tokens_per_s``. The
     progress bar shows the step's ``progress_keys`` metrics.
@@ -307,6 +319,9 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
                 state, device_metrics = step_fn(state, batch)
                 metrics = to_floats(device_metrics)
                 if metrics.pop("finite", 1.0) != 1.0:
+                    with all_or_none(f"step {step - 1}: logging metrics"):  # the good steps' row first
+                        if pending:
+                            logger.log(step - 1, interval_means(pending))
                     raise NonFiniteError(non_finite_message(step, metrics, checkpointer))
                 metrics["step_time_s"] = time.perf_counter() - began
                 if tokens_fn is not None:
@@ -317,8 +332,9 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
                 if step == total_steps:
                     final_eval = evaluated
                 stopped = stop.agreed()
+                checkpoint_due = step % training.save_every == 0 or step == total_steps or stopped is not None
                 with all_or_none(f"step {step}: logging metrics"):  # process 0 writes, all agree it did
-                    if step % training.log_every == 0 or step == total_steps or stopped is not None:
+                    if step % training.log_every == 0 or checkpoint_due:  # a resume starts after a row
                         logged = interval_means(pending)
                         logger.log(step, logged)
                         pending.clear()
@@ -326,7 +342,7 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
                         logger.log(step, {f"eval/{k}": v for k, v in evaluated.items()})
                     bar.set_postfix({k: f"{metrics[k]:.4g}" for k in progress_keys if k in metrics})
                     bar.update(1)
-                if step % training.save_every == 0 or step == total_steps or stopped is not None:
+                if checkpoint_due:
                     checkpointer.save(step, state, meta_fn(), force=True)
                 if stopped is not None:
                     break

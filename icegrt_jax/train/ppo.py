@@ -366,10 +366,9 @@ def make_train_step(cfg: PPOConfig, roles: Roles, tokenizer, reward_tokenizer, s
         new_state = PPOState(step=state.step + 1, actor=actor, critic=critic, kl=kl, reward_moments=moments)
         metrics = _iteration_metrics(result, raw_scores, scores, sequence_kl, state.kl, adv, values, mask, entropy,
                                      update_metrics)
-        generated_tokens = float(result.lengths.sum())
         metrics.update(time_generate_s=generated - began, time_score_s=scored - generated,
-                       time_update_s=updated - scored, generate_tokens_per_s=generated_tokens / (generated - began),
-                       tokens_per_s=float(result.attention_mask.sum()) / (updated - began))
+                       time_update_s=updated - scored, generated_tokens=float(result.lengths.sum()),
+                       tokens=float(result.attention_mask.sum()))  # rates over a logging interval: loop.RATES
         warn_once(rollout.large_score_warning(metrics["score_abs_max"], cfg.reward, roles.reward_stats))
         return new_state, metrics
 

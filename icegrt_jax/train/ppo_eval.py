@@ -28,7 +28,7 @@ def eval_report_line(prompts: int, dropped: int, source: SourceReport) -> str:
             + (f"; {summary}" if summary else ""))
 
 
-def take_rows(result: GenerationResult, rows: np.ndarray) -> GenerationResult:
+def result_rows(result: GenerationResult, rows: np.ndarray) -> GenerationResult:
     """``result`` restricted to ``rows`` (indices, repeats allowed)."""
     return GenerationResult(*(getattr(result, f.name)[rows] for f in dataclasses.fields(result)))
 
@@ -60,7 +60,7 @@ def make_eval_fn(prompts: list, actor_graphdef, score: Callable, *, rows: int, m
                               batch_size=rows, progress=progress)
         scores = []
         for piece in filled_pieces(len(prompts), rows):
-            piece_result = take_rows(result, piece)
+            piece_result = result_rows(result, piece)
             tokens, attention_mask = partitioner.shard_batch((piece_result.tokens, piece_result.attention_mask))
             scores.append(to_host(score([texts[i] for i in piece], piece_result, tokens, attention_mask)))
         return eval_metrics(np.concatenate(scores)[:len(prompts)], result)  # the fillers come last

@@ -152,10 +152,8 @@ def make_train_step(graphdef, tx, schedule, accum_steps: int, loss_type: str, ma
     With a ``partitioner`` the step runs sharded (state laid out by ``state_shardings``)."""
 
     def sum_loss(params, micro_batch):
-        chosen, rejected = pair_scores(graphdef, params, micro_batch)
-        weight = micro_batch["weight"]
-        losses = per_pair_loss(loss_type, margin, chosen, rejected)
-        return jnp.sum(weight * losses), (jnp.sum(weight), pair_metric_sums(chosen, rejected, weight))
+        loss_sum, weight, metric_sums = weighted_pair_sums(graphdef, loss_type, margin, params, micro_batch)
+        return loss_sum, (weight, metric_sums)
 
     def step(state, batch):
         micro = split_micro_batches(batch, accum_steps)
@@ -176,12 +174,19 @@ def _score_std(metrics):
     return {**metrics, "score_std": jnp.sqrt(jnp.maximum(variance, 0.0))}
 
 
-def eval_sums(graphdef, loss_type: str, margin: float, params, batch):
-    """(metric sums, number of counted pairs) of one evaluation batch; the loss as in training."""
+def weighted_pair_sums(graphdef, loss_type: str, margin: float, params, batch):
+    """(sum of the pairs' losses, number of counted pairs, ``pair_metric_sums``) of a batch, each
+    pair weighted by ``batch["weight"]`` (0 for filler pairs)."""
     chosen, rejected = pair_scores(graphdef, params, batch)
     weight = batch["weight"]
     losses = per_pair_loss(loss_type, margin, chosen, rejected)
-    return {"loss": jnp.sum(weight * losses), **pair_metric_sums(chosen, rejected, weight)}, jnp.sum(weight)
+    return jnp.sum(weight * losses), jnp.sum(weight), pair_metric_sums(chosen, rejected, weight)
+
+
+def eval_sums(graphdef, loss_type: str, margin: float, params, batch):
+    """(metric sums, the loss's included; number of counted pairs) of one evaluation batch."""
+    loss_sum, weight, metric_sums = weighted_pair_sums(graphdef, loss_type, margin, params, batch)
+    return {"loss": loss_sum, **metric_sums}, weight
 
 
 def make_eval_fn(graphdef, loss_type: str, margin: float, examples, batch_size, buckets, pad_id,
