@@ -295,10 +295,9 @@ def train_loop(*, state, step_fn: Callable, batches: Iterator, total_steps: int,
     Every ``log_every`` steps and at every checkpoint (``save_every`` steps, the last step, a
     signal), one metrics row is logged: ``interval_means`` of the steps since the previous row, so
     a resumed run logs the rows an uninterrupted one would; before a ``NonFiniteError``, the good
-    steps' row. ``meta_fn()`` returns the
-    JSON-able resume information saved with each checkpoint (the data position after the last
-    consumed batch). ``tokens_fn(batch)`` counts a batch's tokens for ``tokens_per_s``. The
-    progress bar shows the step's ``progress_keys`` metrics.
+    steps' row. ``meta_fn()`` returns the JSON-able resume information saved with each checkpoint
+    (the data position after the last consumed batch). ``tokens_fn(batch)`` counts a batch's tokens
+    for ``tokens_per_s``. The progress bar shows the step's ``progress_keys`` metrics.
     """
     start = int(state.step)
     if start > total_steps:
