@@ -1,4 +1,5 @@
-"""Shared fixtures, and a persistent XLA compilation cache for the whole run.
+"""Shared fixtures, deterministic hypothesis settings, and a persistent XLA compilation cache for
+the whole run.
 
 The trainers' tests compile the same programs several times (a straight run, a killed run in a
 subprocess, its resumption); the cache, shared through the environment with subprocesses and with
@@ -10,6 +11,12 @@ import shutil
 import tempfile
 
 import pytest
+from hypothesis import settings
+
+# Every run draws the same examples (a failure reproduces); no deadline (the first example compiles).
+# The property tests set only their number of examples.
+settings.register_profile("icegrt", derandomize=True, deadline=None)
+settings.load_profile("icegrt")
 
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # else a user's, or the xdist controller's
 if _OWN_CACHE:

@@ -344,15 +344,37 @@ def check_placed_loading(directory: str) -> dict:
 
 
 def error_before_compiling(fn) -> dict:
-    """Run ``fn``; report its error message and whether anything was compiled first."""
+    """Run ``fn`` from empty in-memory compile caches (a cached program compiles without an
+    event); report its error message and how many compile events fired first."""
     compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, *_, **__: compiles.append(event) if "compil" in event else None)
+
+    def listener(event, *_, **__):
+        if "compil" in event:
+            compiles.append(event)
+
+    jax.clear_caches()
+    jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         fn()
         return {"error": None, "compiles": len(compiles)}
     except ShardingError as e:
         return {"error": str(e), "compiles": len(compiles)}
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+DOUBLE = jax.jit(lambda x: 2 * x)
+
+
+def double_on_mesh():
+    """A tiny program on the (2,2,2) mesh."""
+    return DOUBLE(jax.device_put(np.ones((8, 4), np.float32), partitioner(MESHES["2x2x2"]).batch_sharding))
+
+
+def compile_then_fail():
+    """``error_before_compiling``'s control: the error after a compile."""
+    double_on_mesh()
+    raise ShardingError("after compiling")
 
 
 def write_config(directory: str, name: str, config: dict) -> str:
@@ -393,6 +415,8 @@ def check_bad_input(directory: str) -> dict:
     no_mlp_rule = MeshConfig(data=8, rules=[r for r in MeshConfig().rules if r[0] != "mlp"])
     _, abstract = nnx.split(nnx.eval_shape(lambda: Llama(MODEL, nnx.Rngs(0))))
     results["missing_rule"] = error_before_compiling(lambda: Partitioner.from_config(no_mlp_rule).shardings(abstract))
+    double_on_mesh()  # cached: the control counts its compile only from empty caches
+    results["control_compile_then_fail"] = error_before_compiling(compile_then_fail)
     return results
 
 

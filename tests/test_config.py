@@ -120,7 +120,7 @@ def test_shipped_configs_load(name):
 def test_shipped_configs_load_with_the_papers_ppo_hyperparameters():
     from icegrt_jax.config import PPOConfig
 
-    cfg = load_config(PPOConfig, "configs/vicuna-13b-ppo.yaml", section="ppo")  # as `icegrt ppo` reads it
+    cfg = load_config(PPOConfig, str(CONFIGS / "vicuna-13b-ppo.yaml"), section="ppo")  # as `icegrt ppo` reads it
     assert (cfg.actor_optimizer.lr, cfg.critic_optimizer.lr) == (5e-6, 5e-7)
     assert (cfg.ppo.clip_eps, cfg.ppo.gamma, cfg.model.dtype) == (0.2, 0.95, "bfloat16")
     # bf16 weights would round those steps away (a weight near 0.02 moves only by steps > ~6e-5)

@@ -75,6 +75,13 @@ def launch(config: str, steps: int, num_processes: int, command: str = "sft",
     return procs
 
 
+def kill_and_fail(procs, message: str):
+    for p in procs:
+        p.kill()
+        p.wait()
+    pytest.fail(message)
+
+
 def wait_all(procs, hung: str = "a training process hung") -> list[tuple[str, str]]:
     """Each process's (stdout, stderr); the test fails with ``hung`` (all killed) if one does not end."""
     outputs = []
@@ -82,9 +89,7 @@ def wait_all(procs, hung: str = "a training process hung") -> list[tuple[str, st
         try:
             outputs.append(proc.communicate(timeout=300))
         except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(hung)
+            kill_and_fail(procs, hung)
     return outputs
 
 
@@ -129,7 +134,9 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, tiny_toke
     procs = launch(config, steps=100_000, num_processes=2)
     log = tmp_path / "preempted" / "metrics.jsonl"
     deadline = time.monotonic() + 240
-    while not (log.exists() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+    while not (log.exists() and log.read_text().count("\n") >= 2) and all(p.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+            kill_and_fail(procs, "no 2 steps logged within 240 s")
         time.sleep(0.2)  # until both processes are inside the loop
     assert all(p.poll() is None for p in procs), wait_all(procs)[0][1][-2000:]  # neither ended early
     procs[1].send_signal(signal.SIGTERM)

@@ -50,7 +50,9 @@ def test_five_way_rankings_give_the_papers_four_pairs(tmp_path):
     assert [(p.chosen[:2], p.rejected[:2]) for p in pairs] == [("r3", "r1"), ("r3", "r2"), ("r0", "r1"), ("r0", "r2")]
     assert {p.prompt for p in pairs} == {"Write a short poem about the sea."}
     assert report.labelers_per_prompt == 3 and report.responses_per_prompt == 5
-    assert 0.0 < report.mean_kendall_w <= 1.0
+    # Kendall's W = 12 S / (m^2 (n^3 - n)), m = 3 labelers, n = 5 responses: rank sums (1 = best)
+    # r0..r4 = 6, 13, 14, 4, 8 about their mean 9, so S = 9 + 16 + 25 + 25 + 1 = 76
+    assert report.mean_kendall_w == pytest.approx(12 * 76 / (9 * 120))
 
 
 @pytest.fixture
@@ -131,11 +133,11 @@ def test_bad_preference_data_is_one_line_exit_2_nothing_written(reward_setup, ca
     tmp_path, config = reward_setup
     records, message = BAD_RECORDS[case]
     write_jsonl(tmp_path / "train.jsonl", records)
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError, match=message) as error:
         load_preferences([str(tmp_path / "train.jsonl")])
     assert cli.main(["reward", "--config", config]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    assert capsys.readouterr().err == f"icegrt reward: error: {error.value}\n"
+    assert str(tmp_path / "train.jsonl") in str(error.value)
     assert not os.path.exists(tmp_path / "run")
 
 

@@ -4,6 +4,7 @@ import gc
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import jax
@@ -238,16 +239,18 @@ def test_gradients_of_bf16_parameters_accumulate_in_fp32():
     assert float(jnp.max(jnp.abs(grads["w"] - exact))) <= 2 * single_rounding
 
 
-def test_a_quick_resume_keeps_the_earlier_runs_tensorboard_events(tmp_path):
-    """tensorboardX names event files by the second: a resume in the same second had overwritten them."""
-    from icegrt_jax.config import LoggingConfig
+def test_a_quick_resume_keeps_the_earlier_runs_tensorboard_events(tmp_path, monkeypatch):
+    """tensorboardX names event files by the second (``time.time()`` when the writer starts): a
+    resume in the same second had overwritten them. Both writers start at the same clock here."""
     from icegrt_jax.train.loop import MetricsLogger
 
     for start in (0, 1):
-        logger = MetricsLogger(str(tmp_path), LoggingConfig(tensorboard=True), resume_step=start)
+        with monkeypatch.context() as m:
+            m.setattr(time, "time", lambda: 1700000000.5)
+            logger = MetricsLogger(str(tmp_path), LoggingConfig(tensorboard=True), resume_step=start)
         logger.log(start + 1, {"loss": 1.0})
         logger.close()
-    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.1700000000.*"))) == 2
 
 
 def test_non_finite_update_is_skipped_and_loop_stops(tmp_path):
@@ -314,8 +317,8 @@ def test_a_diverged_run_is_one_line_and_exit_1(sft_setup, capsys, monkeypatch):
 
 BAD_DATA = {
     "malformed line": ('{"prompt": "a", "response": "b"}\n{"prompt": "c",\n', r"train\.jsonl:2"),
-    "missing field": ('{"prompt": "a"}\n', "response"),
-    "empty response": ('{"prompt": "a", "response": ""}\n', "response"),
+    "missing field": ('{"prompt": "a"}\n', r"error: /.*/train\.jsonl:1: missing field 'response'$"),
+    "empty response": ('{"prompt": "a", "response": ""}\n', r"error: /.*/train\.jsonl:1: field 'response' is empty$"),
     "empty file": ("", r"data.train_files .*train\.jsonl: no training examples \(the files are empty\)"),
     "every example too long": ('{"prompt": "a", "response": "' + "waves " * 200 + '"}\n',
                                r"no training examples \(1 examples \(max_length 128\): .* 1 dropped as too long .*; "

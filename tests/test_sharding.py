@@ -21,8 +21,11 @@ subprocess (``sharded_checks.py``) that reports measured differences; the tolera
   (one coordinate in 10^4 by up to 6e-5, ~5% of lr), which moves the step-2 metrics by up to
   ~3e-6. So the parameters are compared as norms: |theta - theta_1dev| / |theta_1dev - theta_0|
   within 1e-2 (measured <= 1.2e-4) and |moments - moments_1dev| / |moments_1dev| within 1e-3
-  (measured <= 1e-5). A sharding mistake (a shard's rows lost or counted twice, a wrong
-  reduction) shows up at the 1e-1 level in all of them.
+  (measured <= 1e-5); entry-wise, as SFT's, each parameter within lr = 1e-3 absolute (measured
+  <= 6.9e-5) and Adam's moments within 1e-3 of each leaf's largest entry (measured <= 9.5e-5).
+  A sharding mistake (a shard's rows lost or counted twice, a wrong reduction) shows up at the
+  1e-1 level in the metrics and moments, and as lr-sized steps in the opposite direction on the
+  parameters whose gradients it flips.
 - A two-iteration PPO run on (2,2,2) (sampling, scoring, both updates sharded): each program
   (prefill, decode, log-probs, values, experience, minibatch selection) compiles once, the actor
   and critic updates once each.
@@ -100,6 +103,12 @@ def assert_steps_match(result: dict, curves: tuple[str, ...]):
         assert result[f"{curve}_rel"] < 1e-4, curve
     assert result["update_rel"] < 1e-2
     assert result["moments_rel"] < 1e-3
+    # Largest entry-wise differences, measured (reward / PPO actor / critic): Adam's moments
+    # 2.1e-5 / 9.5e-5 / 9e-6 of each leaf's largest entry, parameters 3.3e-5 / 6.9e-5 / 1.9e-5
+    # absolute. A shard lost or counted twice moves a moment by O(1) of its leaf's largest, and
+    # flips the sign of Adam's first step (lr = 1e-3 a coordinate) wherever it flips a gradient's.
+    assert result["adam_moments_rel"] < 1e-3
+    assert result["params_abs"] < 1e-3
 
 
 @pytest.mark.parametrize("mesh", ["2x4x1", "2x2x2"])
@@ -207,6 +216,9 @@ def test_bad_input_fails_before_compiling(sharded, case, message):
     result = sharded["bad_input"][case]
     assert message in result["error"]
     assert result["compiles"] == 0
+    # The control (a cached program on the mesh, then the error): the count sees its compile.
+    control = sharded["bad_input"]["control_compile_then_fail"]
+    assert control["error"] == "after compiling" and control["compiles"] > 0
     assert not sharded["bad_input"]["run_dir_created"]
 
 
