@@ -154,7 +154,7 @@ class TrainingConfig:
     eval_every: int = 500
     save_every: int = 1000
     keep_checkpoints: int = 3
-    output_dir: str = "runs/sft"
+    output_dir: str = "runs/sft"  # the reward and PPO configs default to runs/reward and runs/ppo
     log_every: int = 10
 
     def problems(self) -> Problems:
@@ -271,7 +271,7 @@ class RewardConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(output_dir="runs/reward"))
     mesh: MeshConfig = field(default_factory=MeshConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -426,7 +426,7 @@ class PPOConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardModelConfig = field(default_factory=RewardModelConfig)
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(output_dir="runs/ppo"))
     mesh: MeshConfig = field(default_factory=MeshConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from icegrt_jax.config import ConfigError, DataConfig, ModelConfig, SFTConfig
+from icegrt_jax.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+)
 from icegrt_jax.config_loader import config_to_yaml, load_config
 from icegrt_jax.data.templates import TEMPLATES
 from icegrt_jax.data.tokenize import TRUNCATION_POLICIES
@@ -212,3 +219,19 @@ def test_reward_margin_defaults_by_loss_type_and_a_given_one_is_used(tmp_path):
     assert loaded("loss.margin=0.5", "loss.type=bradley_terry").margin == 0.5
     assert loaded("loss.type=margin_ranking", "loss.margin=0").margin == 0.0
     assert loaded("loss.type=bradley_terry", "loss.margin=null").margin == 0.0
+
+
+def test_each_trainer_defaults_to_its_own_run_directory():
+    """An sft run then a reward run, neither naming training.output_dir, must not collide."""
+    common = ["model.preset=tiny", "data.tokenizer_path=tok"]
+    dirs = [load_config(cls, None, common + extra).training.output_dir for cls, extra in (
+        (SFTConfig, []), (RewardConfig, []), (PPOConfig, ["reward.function=m:f"]))]
+    assert dirs == ["runs/sft", "runs/reward", "runs/ppo"]
+
+
+def test_a_trainer_without_any_config_says_what_to_give(capsys):
+    from icegrt_jax import cli
+
+    assert cli.main(["reward"]) == 2
+    assert capsys.readouterr().err.strip() == ("icegrt reward: error: give a config: --config FILE (configs/) and/or "
+                                               "dotted overrides (see icegrt reward --help)")

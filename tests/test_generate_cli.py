@@ -113,6 +113,8 @@ def test_a_raw_prompt_is_bos_and_its_text_tokenised_as_in_training(model_dir):
     (["--tokenizer", "{folder}"], "; the directory needs tokenizer files (tokenizer.json"),
     (["--model", "{folder}/nowhere"], "/nowhere: no such model directory"),  # the last --model counts
     (["--model", "{run}"], "run: a training run, not a model; its trained model is "),
+    (["--greedy", "--temperature", "0.7", "--top-k", "5"], "--greedy decodes by argmax and ignores --temperature, --top-k"),
+    (["--temperature", "0", "--num-samples", "3"], "greedy decoding (--temperature 0) gives 3 identical responses"),
 ])
 def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, argv, message):
     bad, empty = tmp_path / "bad.jsonl", tmp_path / "empty.jsonl"
@@ -137,12 +139,13 @@ def test_sample_writes_the_annotation_file_that_becomes_ranking_data(model_dir, 
     from icegrt_jax.data.preferences import load_preferences
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    prompts.write_text("".join(json.dumps({"id" if i else "prompt_id": f"p{i}", "prompt": p, "topic": i}) + "\n"
+                               for i, p in enumerate(PROMPTS)))  # prompt_id or id; other fields kept
     out = tmp_path / "annotate.jsonl"
     assert cli.main(["sample", "--model", model_dir, "--prompts", str(prompts), "--n", "5", "--out", str(out),
                      "--max-new-tokens", "6", "--seed", "3"]) == 0
     records = read_jsonl(out)
-    assert [(r["prompt_id"], r["prompt"]) for r in records] == [("p0", PROMPTS[0]), ("p1", PROMPTS[1])]
+    assert [(r["prompt_id"], r["prompt"], r["topic"]) for r in records] == [("p0", PROMPTS[0], 0), ("p1", PROMPTS[1], 1)]
     assert all(len(r["responses"]) == 5 for r in records)
     assert records[0]["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 6,
                                       "seed": 3, "model": model_dir}

@@ -83,6 +83,7 @@ def test_learns_a_preference_to_95_percent_held_out(reward_setup, loss):
     assert read_config_kind(str(final)) == "score"
     stats = json.loads((final / "reward_stats.json").read_text())
     assert stats["split"] == "eval" and stats["score_std"] > 0
+    assert stats["ranking_records"] + stats["pair_records"] == 32  # the eval split's counts, as its statistics
     load_model(str(final))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final_eval = {k.removeprefix("eval/"): v for k, v in rows[-1].items() if k.startswith("eval/")}

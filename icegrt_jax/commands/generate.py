@@ -15,9 +15,10 @@ the paper's data collection instead: per prompt ``{"prompt_id", "prompt", "respo
 a random order, seeded], "truncated": [n flags: the response hit the length limit before an end
 token], "sampling": {...settings, "model"}}``. Labelers add ``"rankings"`` (one
 best-first list of response indices each) and the file becomes ICE-Reward training data
-(``icegrt_jax.data.preferences``). ``prompt_id`` is the record's ``id`` field, else where the
-record is, as errors name it: its JSONL line number (1-based, blank lines counted), its Parquet or
-Arrow row (0-based), or the ``--prompt``'s number (1-based).
+(``icegrt_jax.data.preferences``); the input record's other fields are kept. ``prompt_id`` is the
+record's ``prompt_id`` or ``id`` field, else where the record is, as errors name it: its JSONL line
+number (1-based, blank lines counted), its Parquet or Arrow row (0-based), or the ``--prompt``'s
+number (1-based).
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ from icegrt_jax.errors import UserInputError
 
 
 def register(subparsers):
-    generate = subparsers.add_parser("generate", help="sample responses from a model")
+    import argparse
+
+    generate = subparsers.add_parser("generate", help="sample responses from a model",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_arguments(generate, samples_flag="--num-samples", default_samples=1)
     generate.add_argument("--greedy", action="store_true", help="argmax decoding")
     generate.set_defaults(func=run)
-    sample = subparsers.add_parser("sample", help="n responses a prompt in random order, for annotators to rank")
+    sample = subparsers.add_parser("sample", help="n responses a prompt in random order, for annotators to rank",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_arguments(sample, samples_flag="--n", default_samples=5)
     sample.set_defaults(func=run_sample, greedy=False)
 
@@ -78,12 +83,24 @@ def run_sample(args) -> int:
     lines = []
     for i, (record, number, rows) in enumerate(zip(records, numbers, responses)):
         order = np.random.default_rng((params.seed, i)).permutation(len(rows))
-        lines.append({"prompt_id": str(record.get("id", number)), "prompt": record["prompt"],
+        prompt_id = record.get("prompt_id", record.get("id", number))
+        lines.append({**record, "prompt_id": str(prompt_id), "prompt": record["prompt"],
                       "responses": [rows[j]["text"] for j in order],
                       "truncated": [not rows[j]["finished_by_eos"] for j in order], "sampling": settings})
     files.write_jsonl(args.out, lines, ensure_ascii=False)
     print(f"wrote {len(records)} prompts x {params.num_samples} responses (random order) to {args.out}")
     return 0
+
+
+def check_flags(args) -> None:
+    """Flags that contradict each other are an error, not one of them silently ignored."""
+    sampling = [f for f, given in (("--temperature", args.temperature != 1.0), ("--top-k", args.top_k != 0),
+                                   ("--top-p", args.top_p != 1.0)) if given]
+    if args.greedy and sampling:
+        raise UserInputError(f"--greedy decodes by argmax and ignores {', '.join(sampling)}: give one or the other")
+    if (args.greedy or args.temperature == 0) and args.num_samples > 1:
+        raise UserInputError(f"greedy decoding ({'--greedy' if args.greedy else '--temperature 0'}) gives "
+                             f"{args.num_samples} identical responses a prompt: sample (temperature > 0) or ask for 1")
 
 
 def sample_responses(args):
@@ -94,6 +111,7 @@ def sample_responses(args):
     from icegrt_jax.data.tokenize import decode_response, load_tokenizer, pad_token_id
     from icegrt_jax.sampling import SamplingParams, check_prompts, generate
 
+    check_flags(args)
     params = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
         max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, seed=args.seed)

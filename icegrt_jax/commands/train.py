@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+from icegrt_jax.errors import UserInputError
+
 # name -> (help, config class in icegrt_jax.config, "module:function", metrics printed at the end)
 TRAINERS = {
     "sft": ("ICE-Instruct supervised fine-tuning", "SFTConfig", "icegrt_jax.train.sft:run_sft", ("loss",)),
@@ -30,6 +32,8 @@ def run(args) -> int:
     from icegrt_jax import config
     from icegrt_jax.config_loader import load_config
 
+    if args.config is None and not args.overrides:
+        raise UserInputError(f"give a config: --config FILE (configs/) and/or dotted overrides (see icegrt {args.command} --help)")
     _, schema, target, shown = TRAINERS[args.command]
     module, function = target.split(":")
     cfg = load_config(getattr(config, schema), args.config, args.overrides, section=args.command)

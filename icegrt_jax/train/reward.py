@@ -293,7 +293,7 @@ def run_reward(cfg: RewardConfig) -> dict:
     stats = result.final_eval or stats_fn(result.state)  # the loop evaluated the final state, or the train split
     reward_stats = {"score_mean": stats["score_mean"], "score_std": stats["score_std"],
                     "accuracy": stats["accuracy"], "split": "eval" if evaluation else "train",
-                    **train_report.metrics()}
+                    **(eval_report if evaluation else train_report).metrics()}  # the counts of that split
     save_model(llama, result.state.params, os.path.join(out, "final"), tokenizer=tokenizer, kind="score",
                extra_json={REWARD_STATS_FILE: reward_stats})
     return {**result.last_metrics, **{f"final/{k}": v for k, v in stats.items()}}
