@@ -140,6 +140,8 @@ def test_resume_names_a_changed_config_and_refuses_a_state_that_no_longer_fits(s
     assert "[sft] resumed from step 3" in out
     assert "[sft] done: no step left to run (training.steps reached); see metrics.jsonl" in out  # not an empty summary
     assert "[sft] note: resuming with a config that differs from the run's: optimizer.lr: 0.003 -> 0.001\n" in out
+    assert "lr: 0.003" in (tmp_path / "run" / "config.until-step-3.yaml").read_text()  # what steps 1-3 ran on
+    assert "lr: 0.001" in (tmp_path / "run" / "config.yaml").read_text()
     assert cli.main([*run, "training.steps=5", "optimizer.lr=1e-3", "model.hidden_size=32"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "step 3 does not fit this run's model and optimizer state" in err

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -60,7 +61,8 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
     printed as ``[name] ...`` and written to data_report.txt (process 0), and the checkpointer. When the directory holds a
     checkpoint the run resumes from it: the state (restored onto ``state_shardings``) and the
     data position of ``batches``; a config that differs from the saved config.yaml is named (what
-    changes the run's course makes it differ from an uninterrupted one), and a state that no longer fits the
+    changes the run's course makes it differ from an uninterrupted one) and the saved one kept as
+    config.until-step-N.yaml, and a state that no longer fits the
     checkpoint is a one-line ``CheckpointError``. Returns (state, checkpointer)."""
     out = cfg.training.output_dir  # the trainers ran check_output_dir before loading their models
     files.make_directory(out, "training.output_dir")
@@ -90,6 +92,8 @@ def open_run(cfg, name: str, state, state_shardings, batches, report: list[str])
             data_changed = f"now {batches.fingerprint}, was {meta['data']}"
     with all_or_none(f"{out}: config.yaml and data_report.txt"):  # process 0 writes, all agree it did
         if is_primary_process():
+            if changes:  # the steps so far ran on the saved config: kept beside the new one
+                files.write_text(os.path.join(out, f"config.until-step-{step}.yaml"), Path(config_path).read_text())
             files.write_text(config_path, config_to_yaml(cfg))
             files.write_text(os.path.join(out, "data_report.txt"), "".join(f"{line}\n" for line in report))
             for line in report:
