@@ -2,7 +2,8 @@
 
 Run by ``tests/test_sharding.py`` in a subprocess (the device count is fixed when jax starts):
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_checks.py OUT_DIR TOKENIZER_DIR``.
-Each check reports measured differences; the test module holds the tolerances. XLA's backend
+Each check reports measured differences; the test module holds the tolerances (shared setup:
+``sharded_setup``; the checks that rows stay on their devices: ``sharded_rows``). XLA's backend
 optimisation is turned down: compiling is 7x faster and the checks are about values, not speed.
 """
 
@@ -20,7 +21,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import collections
 import contextlib
-import functools
 import io
 import json
 import logging
@@ -30,8 +30,29 @@ import sys
 import jax
 import numpy as np
 from flax import nnx
+from sharded_rows import (
+    check_chunked_logprobs_gathers,
+    check_chunked_scoring,
+    micro_batch_row_moves,
+)
+from sharded_setup import (
+    ACCUM,
+    BATCH,
+    LENGTH,
+    MESHES,
+    MODEL,
+    MODEL_MESHES,
+    OPTIMIZER,
+    PPO,
+    SCORER,
+    STEPS,
+    max_difference,
+    max_relative,
+    norm_of_difference,
+    partitioner,
+)
 
-from icegrt_jax import cli, losses
+from icegrt_jax import cli
 from icegrt_jax.checkpoint import (
     TrainCheckpointer,
     load_model,
@@ -40,9 +61,7 @@ from icegrt_jax.checkpoint import (
 )
 from icegrt_jax.config import (
     MeshConfig,
-    OptimizerConfig,
     PPOConfig,
-    RolloutConfig,
     SFTConfig,
 )
 from icegrt_jax.config_loader import load_config
@@ -51,27 +70,13 @@ from icegrt_jax.models.heads import ScoreModel
 from icegrt_jax.models.llama import Llama, LlamaConfig, preset
 from icegrt_jax.sampling import SamplingParams, _inference_weights, _prefill, generate
 from icegrt_jax.sharding import Partitioner, ShardingError
-from icegrt_jax.train import ppo, ppo_updates, reward, rollout, sft
+from icegrt_jax.train import ppo, ppo_updates, reward, sft
 from icegrt_jax.train.model_init import init_model, model_config, place_frozen
 from icegrt_jax.train.state import (
     init_train_state,
     learning_rate_schedule,
     make_optimizer,
-    split_micro_batches,
 )
-
-MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
-MODEL_MESHES = ("2x4x1", "2x2x2")  # the reward and PPO update checks' meshes
-MODEL = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4,
-                    num_kv_heads=2, max_position_embeddings=128)
-BATCH, LENGTH, ACCUM, STEPS = 16, 32, 2, 2
-OPTIMIZER = OptimizerConfig(lr=1e-3, warmup_steps=0, schedule="constant", grad_accum_steps=ACCUM)
-PPO = PPOConfig(actor_optimizer=OPTIMIZER, critic_optimizer=OPTIMIZER, rollout=RolloutConfig(temperature=0.9))
-SCORER = "ppo_scorers:letter_e_share"  # tests/ppo_scorers.py
-
-
-def partitioner(shape) -> Partitioner:
-    return Partitioner.from_config(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]))
 
 
 def sft_batches(seed=0):
@@ -140,27 +145,6 @@ def run_sft_steps(cfg: LlamaConfig, shape=None):
     schedule = learning_rate_schedule(OPTIMIZER, STEPS)
     return run_steps(lambda: Llama(cfg, nnx.Rngs(0)),
                      lambda g, tx, **kw: sft.make_train_step(g, tx, schedule, ACCUM, **kw), sft_batches(), shape)
-
-
-def max_difference(a, b, relative=False) -> float:
-    """max |a - b| over all leaves; relative: each leaf's divided by its max |b|."""
-    def leaf(x, y):
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
-        scale = max(float(np.max(np.abs(y))), 1e-30) if relative else 1.0
-        return float(np.max(np.abs(x - y))) / scale
-
-    return max(jax.tree.leaves(jax.tree.map(leaf, a, b)))
-
-
-def max_relative(values, reference) -> float:
-    return max(abs(a - b) / abs(b) for a, b in zip(values, reference))
-
-
-def norm_of_difference(a, b) -> float:
-    """Global L2 norm of a - b over the arrays of two trees (scalars such as step counts left out)."""
-    squares = [np.sum(np.square(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)) if np.ndim(x)]
-    return float(np.sqrt(sum(squares)))
 
 
 def compare_steps(run, curve_names, initial_params=None, meshes=tuple(MESHES)) -> tuple[dict, dict]:
@@ -522,75 +506,6 @@ def check_plan(directory: str) -> dict:
         cli.main([*args, "--json", "rollout.micro_batch_size=4"])
     return {"code": code, "plan": json.loads(stdout.getvalue()), "progress": progress.getvalue(), "bad_code": bad_code,
             "bad_error": stderr.getvalue(), "micro_plan": json.loads(micro.getvalue())}
-
-
-def check_chunked_scoring() -> dict:
-    """The trainer's scoring forwards on (2,2,2) over 16 rows, 4 at a time (each piece: one row
-    of each of the 4 data-parallel blocks), against all rows at once on one device; and how many
-    all-to-alls and collective-permutes the critic forward compiles to: over all rows, in strided
-    pieces (``in_row_chunks``), and (a control) in contiguous pieces."""
-    graphdef, params = nnx.split(Llama(MODEL, nnx.Rngs(4)))
-    critic_graphdef, critic_params = nnx.split(ScoreModel(MODEL, nnx.Rngs(5)))
-    rng = np.random.default_rng(6)
-    tokens = rng.integers(3, MODEL.vocab_size, (16, 24)).astype(np.int32)
-    mask = (np.arange(24)[None] >= rng.integers(0, 12, 16)[:, None]).astype(np.int32)  # left padding
-    cfg = dataclasses.replace(PPO, rollout=RolloutConfig(micro_batch_size=4))
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompts_per_iteration=16))
-    p = partitioner((2, 2, 2))
-    results = {}
-    for name, fn, g, prm, static in (("logprobs", rollout.sequence_logprobs_without_entropy, graphdef, params, (0.9, 12)),
-                                     ("values", rollout.critic_values, critic_graphdef, critic_params, ())):
-        single = fn(g, prm, tokens, mask, *static)
-        chunked = p.jit(ppo.scoring_forward(fn, g, cfg), in_shardings=(
-            p.shardings(prm), p.batch_sharding, p.batch_sharding), out_shardings=p.batch_sharding,
-            static_argnums=tuple(range(3, 3 + len(static))))
-        with p.activate():
-            out = chunked(p.put(prm), *p.shard_batch((tokens, mask)), *static)
-        results[name] = max_difference(out, single)
-    values = functools.partial(rollout.critic_values, critic_graphdef)
-    for name, forward in (("permutes_whole", values), ("permutes_chunked", rollout.in_row_chunks(values, 4)),
-                          ("permutes_contiguous", contiguous_pieces(values, 4))):  # the last a control
-        program = p.jit(forward, in_shardings=(p.shardings(critic_params), p.batch_sharding, p.batch_sharding),
-                        out_shardings=p.batch_sharding)
-        with p.activate():
-            hlo = program.lower(p.put(critic_params), *p.shard_batch((tokens, mask))).compile().as_text()
-        results[name] = len(re.findall(r"\b(all-to-all|collective-permute)(-start)?\(", hlo))
-    return results
-
-
-def contiguous_pieces(forward, chunks: int):
-    """``in_row_chunks`` with piece i the i-th contiguous R / chunks rows (a control)."""
-    def chunked(params, tokens, attention_mask):
-        split = lambda x: x.reshape(chunks, -1, *x.shape[1:])
-        out = jax.lax.map(lambda piece: forward(params, *piece), (split(tokens), split(attention_mask)))
-        return out.reshape(-1, *out.shape[2:])
-
-    return chunked
-
-
-def check_chunked_logprobs_gathers() -> dict:
-    """All-gathers in the chunked LM-head log-probs of 16 x 512 tokens laid out over 8
-    data-parallel devices, forward and gradient (contiguous chunks of the flattened rows had put
-    the row sharding on the loop axis: 6 and 3, each device computing every row's logits)."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
-    rows, whole = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s)) for s in (("data",), ()))
-    args = (jax.ShapeDtypeStruct((16, 512, 64), np.float32, sharding=rows),
-            jax.ShapeDtypeStruct((64, 256), np.float32, sharding=whole),
-            jax.ShapeDtypeStruct((16, 512), np.int32, sharding=rows))
-    forward = functools.partial(losses.chunked_token_logprobs, chunk_size=1024)
-    programs = {"forward": forward, "gradient": jax.grad(lambda *a: forward(*a).sum(), argnums=(0, 1))}
-    return {name: len(re.findall(r"\ball-gather(-start)?\(", jax.jit(fn).lower(*args).compile().as_text()))
-            for name, fn in programs.items()}
-
-
-def micro_batch_row_moves() -> int:
-    """All-to-alls and collective-permutes of splitting 64 rows over 8 data-parallel devices into
-    4 micro-batches (contiguous micro-batches compiled 2: rows moved between devices)."""
-    p = partitioner((8, 1, 1))
-    split = jax.jit(lambda x: split_micro_batches({"x": x}, 4)["x"] * 2, in_shardings=p.batch_sharding)
-    with p.activate():
-        hlo = split.lower(jax.ShapeDtypeStruct((64, 8), np.float32, sharding=p.batch_sharding)).compile().as_text()
-    return len(re.findall(r"\b(all-to-all|collective-permute)(-start)?\(", hlo))
 
 
 def main(directory: str, tokenizer_dir: str):
