@@ -335,10 +335,20 @@ def local_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> np.ndarray:
 
 def wants_distributed(env: Mapping[str, str]) -> bool:
     """A multi-process launch: ``JAX_COORDINATOR_ADDRESS`` set, ``ICEGRT_DISTRIBUTED=1``, or a
-    SLURM / Open MPI job with more than one task."""
+    SLURM / Open MPI job with more than one task (``ICEGRT_DISTRIBUTED=0``: never). A SLURM job
+    of several tasks whose process srun did not start (the batch script itself, a salloc shell:
+    no ``SLURM_STEP_NODELIST``, which JAX's SLURM detection reads) is a ``ShardingError``."""
+    if env.get("ICEGRT_DISTRIBUTED") == "0":
+        return False
     if env.get("JAX_COORDINATOR_ADDRESS") or env.get("ICEGRT_DISTRIBUTED") == "1":
         return True
-    return any(int(env.get(name, "1")) > 1 for name in CLUSTER_SIZE_VARIABLES)
+    if not any(int(env.get(name, "1")) > 1 for name in CLUSTER_SIZE_VARIABLES):
+        return False
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" not in env:
+        raise ShardingError(f"SLURM_NTASKS={env['SLURM_NTASKS']} but this process was not started by srun (no "
+                            "SLURM_STEP_NODELIST): launch through srun (scripts/launch_slurm.sh), or set "
+                            "ICEGRT_DISTRIBUTED=0 to run one process")
+    return True
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -9,6 +9,12 @@
 # runs the same command on the global mesh; process 0 writes logs and progress, all processes write
 # checkpoints (Orbax), and a rerun of the same command resumes from the newest one.
 # Plan the mesh first: icegrt plan --config FILE --devices 64 --device-memory 80 (docs/bench_plan.md).
+# The shipped configs' batches fit the data-parallel size they divide: 64 GPUs on SFT need e.g.
+#   sbatch scripts/launch_slurm.sh sft --config configs/vicuna-13b.yaml mesh.data=8 mesh.fsdp=8 optimizer.grad_accum_steps=2
+# training.output_dir must be on a filesystem every node shares (every process writes checkpoints;
+# a 13B PPO checkpoint, actor + critic with fp32 Adam moments, is ~312 GB). At the time limit SLURM
+# sends SIGTERM 15 minutes early (--signal): the trainer saves a checkpoint after its current step
+# and exits 143; resubmitting the same command resumes.
 #
 #SBATCH --job-name=icegrt
 #SBATCH --nodes=8
@@ -18,6 +24,7 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --signal=TERM@900
 set -euo pipefail
 # (the job's log is written in the submit directory: SLURM would not create a logs/ directory for it)
 
@@ -36,4 +43,5 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 # Without SLURM (or to override detection) set these instead on every process:
 #   JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i
 
-srun --kill-on-bad-exit=1 icegrt "$@"
+# srun does not inherit --cpus-per-task from sbatch on SLURM 22.05+: the host-side work needs the cores
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-32}" icegrt "$@"

@@ -310,7 +310,10 @@ def test_init_state_never_returns_an_argument_s_buffers():
 def test_distributed_start_is_recognised_from_the_environment():
     assert not wants_distributed({})
     assert not wants_distributed({"SLURM_NTASKS": "1"})
-    assert wants_distributed({"SLURM_NTASKS": "16"})
+    assert wants_distributed({"SLURM_NTASKS": "16", "SLURM_STEP_NODELIST": "node[1-2]"})  # an srun task
+    with pytest.raises(ShardingError, match="SLURM_NTASKS=16 but this process was not started by srun"):
+        wants_distributed({"SLURM_NTASKS": "16"})  # the sbatch script itself: JAX's detection would fail
+    assert not wants_distributed({"SLURM_NTASKS": "16", "ICEGRT_DISTRIBUTED": "0"})
     assert wants_distributed({"OMPI_COMM_WORLD_SIZE": "2"})
     assert wants_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
     assert not initialize_distributed(env={})  # a single process needs no runtime
