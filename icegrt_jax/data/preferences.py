@@ -106,9 +106,7 @@ class PreferenceReport:
                      f"Kendall's W {self.mean_kendall_w:.3f}")
             if self.mean_kendall_tau is not None:
                 text += f", mean Kendall tau {self.mean_kendall_tau:.3f}"
-        if self.source.summary():
-            text += f"; {self.source.summary()}"
-        return text
+        return self.source.appended_to(text)
 
 
 def load_preferences(specs: Sequence[str], top_k: int = 2, bottom_k: int = 2

@@ -74,6 +74,10 @@ class SourceReport:
     def metrics(self) -> dict[str, int]:
         return {"blank_lines": self.blank_lines, "repeated_records": self.repeated_records}
 
+    def appended_to(self, text: str) -> str:
+        """``text; summary()``, or ``text`` when there is nothing to say."""
+        return f"{text}; {self.summary()}" if self.summary() else text
+
     def summary(self) -> str:
         """``"2 blank lines skipped; 1 record repeats an earlier one (kept: f:5 repeats f:2)"``; the
         parts with a count of 0 are left out ("" when both are)."""

@@ -79,9 +79,7 @@ class TruncationReport:
         if self.dropped_sources:
             shown = ", ".join(self.dropped_sources[:3])
             text += f" (e.g. {shown}{', ...' if self.dropped > 3 else ''})"
-        if self.source is not None and self.source.summary():
-            text += f"; {self.source.summary()}"
-        return text
+        return text if self.source is None else self.source.appended_to(text)
 
 
 def load_tokenizer(path: str) -> Any:

@@ -546,10 +546,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
     del actor_params, critic_params  # what the roles do not share is freed
     state_shardings = partitioner.shardings(state)
 
-    state, checkpointer = open_run(cfg, "ppo", state, state_shardings, batches, [
-        (f"{len(prompts)} prompts ({dropped} longer than data.max_prompt_length dropped; each epoch's last "
-         f"iteration repeats {-len(prompts) % cfg.data.prompts_per_iteration} to fill its batch); {total} iterations"
-         + (f"; {source.summary()}" if source.summary() else ""))]
+    state, checkpointer = open_run(cfg, "ppo", state, state_shardings, batches, [source.appended_to(
+        f"{len(prompts)} prompts ({dropped} longer than data.max_prompt_length dropped; each epoch's last "
+        f"iteration repeats {-len(prompts) % cfg.data.prompts_per_iteration} to fill its batch); {total} iterations")]
         + ([ppo_eval.eval_report_line(len(eval_prompts), *evaluation[1:])] if evaluation else []))
     out = cfg.training.output_dir
     iteration = make_train_step(cfg, roles, tokenizer, reward_tokenizer, score_function, actor_tx, critic_tx,

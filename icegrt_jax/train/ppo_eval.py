@@ -23,9 +23,7 @@ from icegrt_jax.sharding import Partitioner
 
 def eval_report_line(prompts: int, dropped: int, source: SourceReport) -> str:
     """The data report's line for the held-out prompts."""
-    summary = source.summary()
-    return (f"eval: {prompts} prompts ({dropped} longer than data.max_prompt_length dropped)"
-            + (f"; {summary}" if summary else ""))
+    return source.appended_to(f"eval: {prompts} prompts ({dropped} longer than data.max_prompt_length dropped)")
 
 
 def result_rows(result: GenerationResult, rows: np.ndarray) -> GenerationResult:
