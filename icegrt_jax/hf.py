@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -456,7 +457,7 @@ def atomic_directory(path: str, write: Callable[[str], None]):
             write(tmp)
             files.sync_tree(tmp)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_abandoned(tmp)
             raise
         if os.path.exists(path):
             old = f"{_temporary_prefix(path, 'old')}{os.getpid()}"
@@ -466,6 +467,21 @@ def atomic_directory(path: str, write: Callable[[str], None]):
         else:
             os.replace(tmp, path)
         files.sync_path(os.path.dirname(path))
+
+
+ABANDONED_WRITES_SETTLE_S = 0.5
+
+
+def remove_abandoned(tmp: str) -> None:
+    """Remove the temporary directory of a failed write, again whenever it reappears within
+    ``ABANDONED_WRITES_SETTLE_S``: after one array write fails, Orbax's other writes in flight can
+    still create files in it (seen in CI: the directory back after its removal)."""
+    deadline = time.monotonic() + ABANDONED_WRITES_SETTLE_S
+    while True:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def remove_path(path: str) -> None:
